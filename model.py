@@ -1,0 +1,369 @@
+"""
+GPT with a pluggable residual operator: the standard residual stream, or the Ledger Residual
+(Vemula 2026, "Massive Activations Are Architecturally Robust", arXiv 2606.20743).
+
+Everything except the residual operator is shared, so a vanilla and a ledger model differ only
+in the two small classes `Vanilla` and `Ledger` below (see ../shared/SPEC.md §1).
+
+The network is a flat sequence of 2L sublayers attn_0, mlp_0, attn_1, mlp_1, ...; a sublayer asks
+its residual operator what to read, runs attention or the MLP on it, and hands the output back to
+the operator, which updates the stream(s). The LM head reads whatever the operator decodes.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257            # GPT-2 BPE; 50304 (a multiple of 64) is faster on GPUs
+    dropout: float = 0.0
+    residual: str = 'vanilla'          # 'vanilla' | 'ledger'
+    qk_norm: bool = False              # RMSNorm on q and k per head (the paper's "suppress" baseline)
+    norm: str = 'rmsnorm'              # 'rmsnorm' | 'layernorm'
+    norm_position: str = 'pre'         # 'pre' | 'post' (post-norm ablation, vanilla only)
+    ledger_rank: int = 64              # rank r of the ledger's gate/projection maps; <=0 or >=d: full rank
+    commit_bias_first: float = -4.0    # commit-gate bias of the first sublayer ...
+    commit_bias_last: float = 4.0      # ... linearly to this at the last one (gates open late)
+    commit_read: str = 'learned'       # 'learned': blocks read D + lam*C; 'off': strict ledger, lam = 0
+    decode_mix: float = 0.0            # gamma: the head decodes C + gamma*D
+    tie_embeddings: bool = False
+    scaled_init: bool = False          # nanoGPT's N(0, 0.02/sqrt(2L)) for output projections
+
+    def __post_init__(self):
+        choices = dict(residual=('vanilla', 'ledger'), norm=('rmsnorm', 'layernorm'),
+                       norm_position=('pre', 'post'), commit_read=('learned', 'off'))
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.residual == 'ledger' and self.norm_position == 'post':
+            raise ValueError("the ledger residual is pre-norm only; use norm_position='pre'")
+        for key in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+
+
+def make_norm(config, dim=None):
+    dim = dim or config.n_embd
+    if config.norm == 'rmsnorm':
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, eps=1e-6, bias=False)
+
+
+class LowRank(nn.Module):
+    """A d -> r -> d map (Linear(d, r, no bias) then Linear(r, d)); one full Linear if r is 0 or >= d."""
+
+    def __init__(self, d, r, bias):
+        super().__init__()
+        self.down = nn.Linear(d, r, bias=False) if 0 < r < d else nn.Identity()
+        self.up = nn.Linear(r if 0 < r < d else d, d, bias=bias)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The residual operators. A sublayer does:   u = op.read(state); y = F(u); state = op.write(state, u, y)
+# `state` is a tuple of streams of shape (B, T, d); `write` also returns the commit gate (or None).
+
+class Vanilla(nn.Module):
+    """The standard residual stream h. Pre-norm: h <- h + F(N(h)). Post-norm: h <- N(h + F(h))."""
+    streams = ('h',)
+
+    def __init__(self, config, s):
+        super().__init__()
+        self.norm = make_norm(config)
+        self.post = config.norm_position == 'post'
+
+    @staticmethod
+    def start(x):
+        return (x,)
+
+    def stream_read(self, state):
+        return state[0]
+
+    def read(self, state):
+        return state[0] if self.post else self.norm(state[0])
+
+    def write(self, state, u, y):
+        h = state[0] + y
+        return (self.norm(h) if self.post else h,), None
+
+    @staticmethod
+    def decode(state, config):
+        return state[0]
+
+
+class Ledger(nn.Module):
+    """Deliberation D (mutable scratch) and Commitment C (append-only, the only thing decoded).
+
+    u = N(D + lam*C);  D <- D - be*(k.D)k + bw*(y + G y);  C <- C + c*(D + P D)
+    with per-channel erase/write gates be, bw, unit erase direction k, and one scalar commit gate c.
+    """
+    streams = ('D', 'C')
+
+    def __init__(self, config, s):
+        super().__init__()
+        d, r = config.n_embd, config.ledger_rank
+        self.norm = make_norm(config)
+        self.erase = LowRank(d, r, bias=True)       # be = sigmoid(Ew u)
+        self.write_gate = LowRank(d, r, bias=True)  # bw = sigmoid(Ww u)
+        self.key = LowRank(d, r, bias=False)        # k = normalize(Kw u)
+        self.g = LowRank(d, r, bias=False)          # G: transforms what is written to D
+        self.p = LowRank(d, r, bias=False)          # P: transforms what is committed to C
+        self.commit = nn.Linear(d, 1)               # c = sigmoid(w.u + b)
+        # 'off' (strict ledger): no block reads C, so lam does not exist at all
+        self.lam = nn.Parameter(torch.zeros(d)) if config.commit_read == 'learned' else None
+        f = s / max(2 * config.n_layer - 1, 1)     # fractional depth of this sublayer
+        self.commit_bias = config.commit_bias_first + f * (config.commit_bias_last - config.commit_bias_first)
+
+    def reset_ledger_parameters(self):
+        """The paper's stable init, applied after the generic N(0, 0.02) init."""
+        with torch.no_grad():
+            for m in (self.erase, self.write_gate, self.g, self.p):
+                m.up.weight.zero_()
+            self.erase.up.bias.fill_(-3.0)          # erase ~0.047
+            self.write_gate.up.bias.fill_(3.0)      # write ~0.953
+            self.commit.weight.zero_()
+            self.commit.bias.fill_(self.commit_bias)
+            if self.lam is not None:
+                self.lam.zero_()
+
+    @staticmethod
+    def start(x):
+        return (x, torch.zeros_like(x))
+
+    def stream_read(self, state):
+        D, C = state
+        return D if self.lam is None else D + self.lam * C
+
+    def read(self, state):
+        return self.norm(self.stream_read(state))
+
+    def write(self, state, u, y):
+        D, C = state
+        be = torch.sigmoid(self.erase(u))
+        bw = torch.sigmoid(self.write_gate(u))
+        k = F.normalize(self.key(u), dim=-1)
+        D = D - be * (k * D).sum(-1, keepdim=True) * k + bw * (y + self.g(y))
+        c = torch.sigmoid(self.commit(u))           # (B, T, 1)
+        C = C + c * (D + self.p(D))
+        return (D, C), c
+
+    @staticmethod
+    def decode(state, config):
+        D, C = state
+        return C if config.decode_mix == 0 else C + config.decode_mix * D
+
+
+RESIDUALS = {'vanilla': Vanilla, 'ledger': Ledger}
+
+# ----------------------------------------------------------------------------------------------
+
+
+class Observer:
+    """Hooks into the forward pass for the probe and the training statistics (zero cost when unused).
+
+    Pass an instance as model(idx, observer=...). Each hook may return a replacement tensor/state
+    (interventions) or None to leave it alone. `attention = True` asks every attention layer to
+    compute its probabilities explicitly and hand them to `on_attention`.
+    """
+    attention = False
+
+    def on_input(self, s, u):
+        """u: the normalised input of sublayer s (B, T, d)."""
+
+    def on_attention(self, layer, q, k, v, att):
+        """q, k, v: (B, H, T, hd) after QK-norm; att: (B, H, T, T) softmax probabilities."""
+
+    def on_sublayer(self, s, streams):
+        """streams: dict name -> (B, T, d) after sublayer s; for the ledger also 'read', what s read."""
+
+
+class Attention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.proj.residual_out = True
+        hd = config.n_embd // config.n_head
+        self.q_norm = nn.RMSNorm(hd, eps=1e-6) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(hd, eps=1e-6) if config.qk_norm else None
+        self.dropout = config.dropout
+
+    def forward(self, x, observer=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if observer is not None and observer.attention:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~causal, float('-inf')).softmax(dim=-1)
+            observer.on_attention(self.layer, q, k, v, att)
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.proj.residual_out = True
+        self.dropout = config.dropout
+
+    def forward(self, x, observer=None):
+        return F.dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)
+
+
+class Sublayer(nn.Module):
+    """One attention or MLP sublayer together with its own residual operator."""
+
+    def __init__(self, config, s):
+        super().__init__()
+        self.s = s
+        self.fn = (Attention if s % 2 == 0 else MLP)(config, s // 2)
+        self.res = RESIDUALS[config.residual](config, s)
+
+    def forward(self, state, observer=None):
+        u = self.res.read(state)
+        if observer is not None:
+            u = _replace(u, observer.on_input(self.s, u))
+        y = self.fn(u, observer)
+        new_state, gate = self.res.write(state, u, y)
+        if observer is not None:
+            streams = dict(zip(self.res.streams, new_state))
+            if len(new_state) > 1:
+                streams['read'] = self.res.stream_read(state)
+            out = observer.on_sublayer(self.s, streams)
+            if out is not None:
+                new_state = tuple(out.get(name, t) for name, t in zip(self.res.streams, new_state))
+        return new_state, gate
+
+
+def _replace(x, new):
+    return x if new is None else new
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.residual = RESIDUALS[config.residual]
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.sublayers = nn.ModuleList(Sublayer(config, s) for s in range(2 * config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for m in self.modules():
+            if isinstance(m, Ledger):
+                m.reset_ledger_parameters()
+        self.commit_rate = None  # mean commit gate of the last forward pass (ledger), for the penalty
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02
+            if self.config.scaled_init and getattr(module, 'residual_out', False):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, 'bias', None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(module.weight)
+
+    def forward(self, idx, targets=None, observer=None):
+        """Returns (logits, loss); loss is cross-entropy only. The ledger's mean commit gate
+        (differentiable, for the sparsity penalty) is left in self.commit_rate."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        pos = torch.arange(T, device=idx.device)
+        state = self.residual.start(self.drop(self.wte(idx) + self.wpe(pos)))
+        gates = []
+        for sublayer in self.sublayers:
+            state, gate = sublayer(state, observer)
+            if gate is not None:
+                gates.append(gate.mean())
+        self.commit_rate = torch.stack(gates).mean() if gates else None
+        logits = self.lm_head(self.norm_f(self.residual.decode(state, self.config)))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------
+
+    def num_params(self, non_embedding=False):
+        """Parameter count. non_embedding=True leaves out the lookup tables (position embedding,
+        and the token embedding unless it is tied to the head): the parameters that cost FLOPs."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wpe.weight.numel() + (0 if self.config.tie_embeddings else self.wte.weight.numel())
+        return n
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas, decay_all=True, device_type='cpu'):
+        """AdamW. decay_all=True decays every parameter (the paper's presets); False decays only
+        2-D weights (nanoGPT's rule: no decay on biases, norms, gates' biases, lam)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if decay_all:
+            groups = [{'params': params, 'weight_decay': weight_decay}]
+        else:
+            groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                      {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
+
+    def estimate_flops_per_token(self, T=None):
+        """6N + 12*L*H*Q*T (PaLM appendix B), N counting the ledger's extra maps, not the embeddings."""
+        cfg = self.config
+        T = T or cfg.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+
+    def estimate_mfu(self, tokens_per_second, peak_flops):
+        return self.estimate_flops_per_token() * tokens_per_second / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample continuations of idx (B, T); temperature 0 means greedy."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('inf')
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx
