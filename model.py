@@ -12,7 +12,8 @@ the operator, which updates the stream(s). The LM head reads whatever the operat
 
 import inspect
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -367,3 +368,30 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, nxt), dim=1)
         return idx
+
+
+CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'iter_num')
+
+
+def read_checkpoint(path, map_location='cpu'):
+    """Load a checkpoint dict written by train.py; one clear error for a missing, truncated or
+    foreign file instead of a pickle traceback."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file (train one with `python train.py`)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); "
+                         f"it may be truncated or not written by train.py") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise ValueError(f"{path}: not a train.py checkpoint (expected keys {', '.join(CHECKPOINT_KEYS)})")
+    return ckpt
+
+
+def load_model(path, device='cpu'):
+    """(model in eval mode, checkpoint dict) from a train.py checkpoint."""
+    ckpt = read_checkpoint(path)
+    known = {f.name for f in fields(GPTConfig)}
+    model = GPT(GPTConfig(**{k: v for k, v in ckpt['model_args'].items() if k in known}))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval(), ckpt
