@@ -4,7 +4,7 @@ and a CLI that fetches or builds the shards (SPEC §3).
 
     python prepare.py                                # FineWeb-Edu: val + 4 train shards (400M tokens)
     python prepare.py --dataset=fineweb10B --shards 8
-    python prepare.py --dataset=builtin              # Python's stdlib, ~4.5M tokens, offline, seconds
+    python prepare.py --dataset=builtin              # Python's stdlib, ~4M tokens, offline, seconds
     python prepare.py --dataset=text --input notes/ book.txt
 
 Shards use the llm.c / modded-nanogpt format: a 1024-byte header of 256 little-endian int32
@@ -126,10 +126,14 @@ def write_shard(path, tokens):
     header = np.zeros(256, dtype='<i4')
     header[:3] = MAGIC, VERSION, tokens.size
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, 'wb') as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype('<u2').tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype('<u2').tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # only when writing failed (disk full, Ctrl-C)
 
 
 def read_shard(path):
@@ -370,8 +374,8 @@ def _encode_document(source):
 def encode_documents(sources, workers=1):
     """Yield _encode_document of each source, in order, using a pool of `workers` processes.
     Documents are independent, so this scales with cores; imap keeps the output order fixed."""
+    gpt2_encoding()  # build it once here: forked workers inherit it
     if workers <= 1 or len(sources) < 2:
-        gpt2_encoding()
         yield from map(_encode_document, sources)
         return
     chunksize = max(1, len(sources) // (workers * 32))  # ~32 tasks per worker balances load cheaply
@@ -394,7 +398,7 @@ def build_corpus(docs, dataset, data_root=None, val_fraction=0.05, workers=None,
     readable document with the smallest key. A single document is split by position instead: its
     last val_fraction of tokens (after an <|endoftext|>) is val.
     Shards are written to a temporary folder and moved in at the end, replacing any earlier
-    build, so an interrupted run never leaves a set of shards that looks complete.
+    build, so an interrupted run never leaves a half-built set of shards behind.
     """
     if not docs:
         raise ValueError(f"no documents to build {dataset} from")
@@ -466,11 +470,12 @@ def build_corpus(docs, dataset, data_root=None, val_fraction=0.05, workers=None,
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump(meta, f, indent=1, sort_keys=True)
             f.write('\n')
-        for old in os.listdir(folder):
-            if (old.startswith(f'{prefix}_') and old.endswith('.bin')) or old == 'meta.json':
-                os.remove(os.path.join(folder, old))
-        for name in files + ['meta.json']:  # meta.json last: it marks a finished build
+        for name in files:
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+        for old in os.listdir(folder):  # shards of an earlier, bigger build
+            if old.startswith(f'{prefix}_') and old.endswith('.bin') and old not in files:
+                os.remove(os.path.join(folder, old))
+        os.replace(os.path.join(tmp, 'meta.json'), os.path.join(folder, 'meta.json'))  # last: build done
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
