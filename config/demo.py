@@ -1,0 +1,62 @@
+# The laptop demo, i.e. the defaults of `python train.py` spelled out (a test keeps them equal):
+# a small ledger model on the offline 'builtin' corpus (Python's standard library, built on first
+# use), fp32 on CPU, a few minutes on 2 cores. Copy this file to start your own config.
+
+out_dir = 'out'
+eval_interval = 50
+log_interval = 10
+eval_iters = 10
+eval_only = False
+always_save_checkpoint = True
+init_from = 'scratch'
+wandb_log = False
+wandb_project = 'ledger-residuals'
+wandb_run_name = None
+
+# data
+dataset = 'builtin'
+data_root = None
+doc_aligned = False
+total_batch_size = 32 * 128
+batch_size = 32
+block_size = 128
+
+# model
+n_layer = 4
+n_head = 4
+n_embd = 128
+vocab_size = 50257
+dropout = 0.0
+residual = 'ledger'
+qk_norm = False
+norm = 'rmsnorm'
+norm_position = 'pre'
+ledger_rank = 64
+commit_bias_first = -4.0
+commit_bias_last = 4.0
+commit_read = 'learned'
+decode_mix = 0.0
+tie_embeddings = False
+scaled_init = False
+commit_sparsity = 0.02
+
+# optimisation
+learning_rate = 2e-3
+max_iters = 300
+weight_decay = 0.1
+decay_all = True
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0
+decay_lr = True
+warmup_iters = 30
+lr_decay_iters = None
+min_lr = None
+target_val_loss = None
+stats_seqs = 4
+
+# system
+device = 'auto'
+dtype = 'auto'
+compile = 'auto'
+seed = 1337

@@ -1,0 +1,39 @@
+# vanilla_290m: the standard residual stream; 12 x 1024 x 16 (SPEC §2).
+# 16 sequences x 1024 tokens per step, 8000 steps = 131M tokens of FineWeb-Edu (python prepare.py).
+# total_batch_size fixes the step whatever the number of GPUs; batch_size is per GPU:
+#   1 GPU: 2 micro-steps of 8; 2 GPUs: 1; 4 GPUs: --batch_size=4; 8 GPUs: --batch_size=2.
+
+out_dir = 'out/vanilla_290m'
+dataset = 'finewebedu10B'
+eval_interval = 250
+eval_iters = 20
+log_interval = 10
+
+# model
+n_layer = 12
+n_head = 16
+n_embd = 1024
+block_size = 1024
+vocab_size = 50257  # 50304 pads it to a multiple of 64 (faster on GPUs; the extra rows are never targets)
+residual = 'vanilla'
+qk_norm = False
+norm = 'rmsnorm'
+norm_position = 'pre'
+tie_embeddings = False
+scaled_init = False
+dropout = 0.0
+commit_sparsity = 0.0
+
+# optimisation: AdamW, decay on every parameter, 300 warmup steps, cosine to 0.1 x lr at the last step
+total_batch_size = 16 * 1024
+batch_size = 8
+max_iters = 8000
+learning_rate = 3e-4
+min_lr = 3e-5
+warmup_iters = 300
+lr_decay_iters = 8000
+weight_decay = 0.1
+decay_all = True
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0

@@ -1,0 +1,423 @@
+"""train.py: config parsing, presets, checkpoints, exact resume after SIGKILL, atomic saves, DDP
+equivalence, the sparsity penalty, non-finite losses and SIGTERM. CPU only, offline.
+
+Training runs go through subprocesses (process behaviour is what matters) on a tiny model and a
+tiny synthetic dataset written with prepare.write_shard, so nothing depends on the builtin build.
+"""
+import glob
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from model import GPT, GPTConfig, load_model, read_checkpoint
+from prepare import write_shard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, 'train.py')
+VOCAB = 512
+CKPT_KEYS = {'model', 'optimizer', 'scaler', 'model_args', 'config', 'iter_num', 'best_val_loss', 'val_loss',
+             'val_loss_iter', 'rng', 'world_size', 'tokens'}
+
+
+@pytest.fixture(scope='session')
+def data_root(tmp_path_factory):
+    """A 'text' dataset of a sparse Markov chain (4 successors per token): learnable in a few steps."""
+    root = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(0)
+    successors = rng.integers(0, VOCAB, size=(VOCAB, 4))
+    def chain(n):
+        out = np.empty(n, dtype=np.int64)
+        out[0] = 0
+        for i in range(1, n):
+            out[i] = successors[out[i - 1], rng.integers(4)]
+        return out
+    os.makedirs(root / 'text')
+    write_shard(str(root / 'text' / 'text_train_000000.bin'), chain(60_000))
+    write_shard(str(root / 'text' / 'text_val_000000.bin'), chain(6_000))
+    return str(root)
+
+
+def tiny(data_root, out_dir, **overrides):
+    """Command-line arguments for a 2 x 32 model, 2 micro-steps of 4 x 32 tokens per step."""
+    args = dict(out_dir=str(out_dir), dataset='text', data_root=data_root, n_layer=2, n_head=2, n_embd=32,
+                vocab_size=VOCAB, block_size=32, batch_size=4, total_batch_size=256, ledger_rank=8,
+                eval_iters=2, eval_interval=4, log_interval=1, stats_seqs=2, max_iters=6, warmup_iters=2,
+                learning_rate=3e-3, device='cpu', compile=False)
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def run(args, timeout=120, cmd=None):
+    return subprocess.run((cmd or [sys.executable, TRAIN]) + args, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def read_log(out_dir, event=None):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        lines = [json.loads(line) for line in f]
+    return [line for line in lines if event is None or line['event'] == event]
+
+
+def assert_one_line_error(err, *words):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith('train.py: error:'), err
+    for w in words:
+        assert w in lines[0], (w, err)
+
+# -----------------------------------------------------------------------------
+# configuration
+
+
+def test_unknown_key_in_file(tmp_path, capsys):
+    path = tmp_path / 'bad.py'
+    path.write_text("n_layer = 2\nn_layers = 3\n")
+    assert train.main([str(path), f'--out_dir={tmp_path / "out"}']) == 2
+    assert_one_line_error(capsys.readouterr().err, "'n_layers'", str(path), 'n_layer')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_unknown_key_on_command_line_lists_close_matches(tmp_path, capsys):
+    assert train.main(['--learning_rat=1e-3', f'--out_dir={tmp_path / "out"}']) == 2
+    assert_one_line_error(capsys.readouterr().err, "'learning_rat'", 'learning_rate')
+    assert train.main(['--zzz=1']) == 2
+    assert_one_line_error(capsys.readouterr().err, "'zzz'", '--help')
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('arg, words', [
+    ('--n_layer=2.5', ['n_layer', 'int', 'float']),
+    ('--eval_only=1', ['eval_only', 'bool']),
+    ('--learning_rate=fast', ['learning_rate', 'float', 'fast']),
+    ('--compile=maybe', ['compile', 'maybe']),
+    ('--dtype=fp8', ['dtype', 'fp8']),
+    ('--residual=ledgr', ['residual', 'ledgr']),
+    ('--n_layer', ['--key=value']),
+])
+def test_bad_values_are_one_line_errors(arg, words, capsys):
+    assert train.main([arg]) == 2
+    assert_one_line_error(capsys.readouterr().err, *words)
+
+
+def test_values_parse_to_their_types(tmp_path):
+    path = tmp_path / 'c.py'
+    path.write_text("import math\nlearning_rate = 1\nbeta2 = 0.95\n_private = 'ignored'\n")
+    cfg, _ = train.load_config([str(path), '--min_lr=0', '--wandb_run_name=2024', '--compile=True',
+                                '--dataset=text', '--target_val_loss=None', '--eval_only=False', '--grad_clip=2'])
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)  # int accepted for float
+    assert cfg.min_lr == 0.0 and isinstance(cfg.min_lr, float)
+    assert cfg.grad_clip == 2.0 and isinstance(cfg.grad_clip, float)
+    assert cfg.beta2 == 0.95
+    assert cfg.wandb_run_name == '2024'
+    assert cfg.compile is True and cfg.dataset == 'text' and cfg.target_val_loss is None
+
+
+def test_later_sources_win(tmp_path):
+    a, b = tmp_path / 'a.py', tmp_path / 'b.py'
+    a.write_text("n_layer = 3\nn_head = 2\n")
+    b.write_text("n_layer = 5\n")
+    cfg, _ = train.load_config([str(a), str(b), '--n_head=8'])
+    assert (cfg.n_layer, cfg.n_head) == (5, 8)
+
+
+def test_help_lists_every_key(capsys):
+    assert train.main(['--help']) == 0
+    out = capsys.readouterr().out
+    for f in fields(train.TrainConfig):
+        assert f"--{f.name}=" in out, f.name
+        assert f.metadata['help']
+
+
+def test_train_config_holds_every_model_field():
+    keys = {f.name for f in fields(train.TrainConfig)}
+    assert {f.name for f in fields(GPTConfig)} <= keys
+
+
+def test_demo_config_spells_out_the_defaults():
+    cfg, _ = train.load_config([os.path.join(ROOT, 'config', 'demo.py')])
+    assert cfg == train.TrainConfig()
+    given = train.read_config_file(os.path.join(ROOT, 'config', 'demo.py'))
+    assert set(given) == {f.name for f in fields(train.TrainConfig)} - {'debug_nan_at_iter'}
+
+
+def test_sparsity_on_vanilla_and_bad_batch_are_config_errors(capsys):
+    assert train.main(['--residual=vanilla', '--commit_sparsity=0.1']) == 2
+    assert_one_line_error(capsys.readouterr().err, 'commit_sparsity', 'vanilla')
+    assert train.main(['--batch_size=3', '--total_batch_size=1000']) == 2
+    assert_one_line_error(capsys.readouterr().err, 'total_batch_size=1000', 'batch_size')
+
+
+SPEC = {  # preset: (layers, width, heads, seqs per step, steps, residual, qk_norm, alpha, params in M)
+    'vanilla_160m': (12, 768, 12, 24, 14000, 'vanilla', False, 0.0, 163.0),
+    'suppress_160m': (12, 768, 12, 24, 14000, 'vanilla', True, 0.0, 163.0),
+    'ledger_160m': (12, 768, 12, 24, 14000, 'ledger', False, 0.02, 174.9),
+    'ledger_hs_160m': (12, 768, 12, 24, 14000, 'ledger', False, 0.3, 174.9),
+    'vanilla_290m': (12, 1024, 16, 16, 8000, 'vanilla', False, 0.0, 255.1),
+    'suppress_290m': (12, 1024, 16, 16, 8000, 'vanilla', True, 0.0, 255.1),
+    'ledger_290m': (12, 1024, 16, 16, 8000, 'ledger', False, 0.02, 270.9),
+    'ledger_hs_290m': (12, 1024, 16, 16, 8000, 'ledger', False, 0.3, 270.9),
+}
+
+
+def test_every_preset_is_covered():
+    names = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'config', '*.py'))}
+    assert names == set(SPEC) | {'demo'}
+
+
+@pytest.mark.parametrize('name', sorted(SPEC))
+def test_preset_matches_spec(name):
+    L, d, H, seqs, steps, residual, qk_norm, alpha, params = SPEC[name]
+    cfg, _ = train.load_config([os.path.join(ROOT, 'config', f'{name}.py')])
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.block_size) == (L, d, H, 1024)
+    assert cfg.total_batch_size == seqs * 1024 and cfg.max_iters == steps
+    assert (cfg.residual, cfg.qk_norm, cfg.commit_sparsity) == (residual, qk_norm, alpha)
+    assert cfg.dataset == 'finewebedu10B' and cfg.out_dir == f'out/{name}' and cfg.vocab_size == 50257
+    assert (cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters) == (3e-4, 3e-5, 300, steps)
+    assert (cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.decay_all, cfg.grad_clip) == (0.9, 0.999, 0.1, True, 1.0)
+    assert not cfg.tie_embeddings and not cfg.scaled_init and cfg.norm == 'rmsnorm' and cfg.dropout == 0.0
+    if residual == 'ledger':
+        assert (cfg.ledger_rank, cfg.commit_bias_first, cfg.commit_bias_last, cfg.decode_mix) == (64, -4.0, 4.0, 0.0)
+    assert train.get_lr(steps, cfg) == pytest.approx(3e-5)
+    for world_size in (1, 2):  # the preset's batch_size fits one and two GPUs
+        assert train.grad_accum_steps(cfg, world_size) * cfg.batch_size * world_size == seqs
+    with torch.device('meta'):
+        model = GPT(GPTConfig(**train.model_args(cfg)))
+    assert len(model.sublayers) == 2 * L
+    assert model.wte.weight.shape == (50257, d) and model.lm_head.weight.shape == (50257, d)
+    assert model.sublayers[0].fn.qkv.weight.shape == (3 * d, d)
+    assert model.sublayers[1].fn.fc.weight.shape == (4 * d, d)
+    assert model.num_params() / 1e6 == pytest.approx(params, abs=0.1)
+
+
+def test_lr_schedule():
+    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert train.get_lr(0, cfg) == pytest.approx(1 / 11)
+    assert train.get_lr(9, cfg) == pytest.approx(10 / 11)
+    assert train.get_lr(10, cfg) == pytest.approx(1.0)
+    assert train.get_lr(60, cfg) == pytest.approx(0.55)
+    assert train.get_lr(110, cfg) == pytest.approx(0.1)
+    assert train.get_lr(10**6, cfg) == pytest.approx(0.1)
+    lrs = [train.get_lr(i, cfg) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+# -----------------------------------------------------------------------------
+# training runs
+
+
+def test_end_to_end_writes_a_loadable_checkpoint_and_log(data_root, tmp_path):
+    out = tmp_path / 'out'
+    r = run(tiny(data_root, out, max_iters=6))
+    assert r.returncode == 0, r.stderr
+    assert 'parameters:' in r.stdout and 'config:' in r.stdout
+    ckpt = read_checkpoint(str(out / 'ckpt.pt'))
+    assert set(ckpt) == CKPT_KEYS
+    assert not any('_orig_mod' in k for k in ckpt['model'])
+    assert ckpt['iter_num'] == 6 and ckpt['val_loss_iter'] == 6 and ckpt['tokens'] == 6 * 256
+    assert ckpt['config']['n_embd'] == 32 and ckpt['model_args']['n_embd'] == 32
+    assert set(ckpt['rng']) == {'torch', 'numpy', 'python', 'cuda'}
+    model, _ = load_model(str(out / 'ckpt.pt'))  # strict load_state_dict: no key fixes needed
+    assert model.num_params() == read_log(out, 'start')[0]['params']
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']
+
+    log = read_log(out)
+    assert log[0]['event'] == 'start' and log[0]['config']['max_iters'] == 6
+    trains = read_log(out, 'train')
+    assert [t['iter'] for t in trains] == list(range(6))
+    for t in trains:
+        assert {'loss', 'ce', 'commit', 'lr', 'ms_per_iter', 'tokens_per_s', 'mfu', 'tokens'} <= set(t)
+        assert t['mfu'] is None  # n/a on CPU
+    evals = read_log(out, 'eval')
+    assert [e['iter'] for e in evals] == [0, 4, 6]
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] < math.log(VOCAB) + 0.5
+    assert ckpt['best_val_loss'] == min(e['val_loss'] for e in evals)
+    stats = evals[0]['stats']
+    assert set(stats) == {'D', 'C', 'read'}
+    for s in stats.values():
+        assert set(s) == {'top1_median', 'kurtosis', 'feat_maxmed', 'n_massive'}
+        assert len(s['top1_median']) == 4  # one value per sublayer
+    assert log[-1] == {'event': 'stop', 'iter': 6, 'reason': 'max_iters'}
+
+
+def final_state(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)
+
+
+def assert_same_state(a, b):
+    assert a['model'].keys() == b['model'].keys()
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    sa, sb = a['optimizer']['state'], b['optimizer']['state']
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+    assert a['optimizer']['param_groups'] == b['optimizer']['param_groups']
+    assert a['iter_num'] == b['iter_num'] and a['best_val_loss'] == b['best_val_loss']
+
+
+def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path):
+    # dropout on, so that the dropout masks have to be reproduced too
+    args = dict(max_iters=40, eval_interval=5, dropout=0.1, stats_seqs=0, vocab_size=50257)
+    whole, killed = tmp_path / 'whole', tmp_path / 'killed'
+    r = run(tiny(data_root, whole, **args))
+    assert r.returncode == 0, r.stderr
+
+    proc = subprocess.Popen([sys.executable, TRAIN] + tiny(data_root, killed, **args), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    for line in proc.stdout:
+        if line.startswith('iter 12:'):  # checkpoints exist for iters 0, 5 and 10
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    k = final_state(killed)['iter_num']
+    assert 10 <= k < 40
+
+    r = run([f'--out_dir={killed}', '--init_from=resume'])  # the checkpoint's config fills in the rest
+    assert r.returncode == 0, r.stderr
+    assert f'resuming at iter {k}' in r.stdout
+    starts = read_log(killed, 'start')
+    assert [s['iter'] for s in starts] == [0, k]
+    assert_same_state(final_state(whole), final_state(killed))
+
+
+def test_resume_keeps_best_val_loss_and_rejects_shape_changes(data_root, tmp_path):
+    out = tmp_path / 'out'
+    assert run(tiny(data_root, out, max_iters=4)).returncode == 0
+    ckpt = final_state(out)
+    ckpt['best_val_loss'] = -1.0  # a best that the resumed run cannot beat: it must not be raised
+    train.save_checkpoint(ckpt, str(out))
+    r = run([f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--n_layer=3'])
+    assert r.returncode == 2
+    assert_one_line_error(r.stderr, 'n_layer=3', 'n_layer=2')
+    r = run([f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--n_layer=2', '--dropout=0.1'])
+    assert r.returncode == 0, r.stderr
+    ckpt = final_state(out)
+    assert ckpt['iter_num'] == 8 and ckpt['best_val_loss'] == -1.0 and ckpt['config']['dropout'] == 0.1
+    r = run([f'--out_dir={tmp_path / "nothing"}', '--init_from=resume'])
+    assert r.returncode == 2 and 'no such checkpoint' in r.stderr
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    old = {'model': {'w': torch.zeros(3)}, 'model_args': {}, 'config': {}, 'iter_num': 1}
+    train.save_checkpoint(old, str(tmp_path))
+
+    real_save = torch.save
+    def crash_midway(obj, f, *a, **kw):
+        real_save(obj, f, *a, **kw)
+        f.truncate(f.tell() // 2)  # half a file on disk, then the crash
+        raise OSError('disk on fire')
+    monkeypatch.setattr(torch, 'save', crash_midway)
+    new = dict(old, iter_num=2, model={'w': torch.ones(1000)})
+    with pytest.raises(OSError, match='disk on fire'):
+        train.save_checkpoint(new, str(tmp_path))
+    monkeypatch.undo()
+    assert read_checkpoint(str(tmp_path / 'ckpt.pt'))['iter_num'] == 1
+    assert os.listdir(tmp_path) == ['ckpt.pt']  # the temp file was removed
+
+
+def test_sigkill_during_save_leaves_a_complete_checkpoint(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, torch, train
+        base = {{'model_args': {{}}, 'config': {{}}}}
+        train.save_checkpoint(dict(base, model={{'w': torch.zeros(3)}}, iter_num=1), {str(tmp_path)!r})
+        print('saving', flush=True)
+        train.save_checkpoint(dict(base, model={{'w': torch.ones(60_000_000)}}, iter_num=2), {str(tmp_path)!r})
+        print('saved', flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == 'saving'
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    ckpt = read_checkpoint(str(tmp_path / 'ckpt.pt'))  # the old one or the whole new one, never half
+    assert ckpt['iter_num'] in (1, 2)
+    assert ckpt['model']['w'].numel() == (3 if ckpt['iter_num'] == 1 else 60_000_000)
+    litter = [f for f in os.listdir(tmp_path) if f != 'ckpt.pt']
+    assert all(f.startswith('.ckpt.pt.') and f.endswith('.tmp') for f in litter), litter
+    train.remove_stale_temp_files(str(tmp_path))
+    assert os.listdir(tmp_path) == ['ckpt.pt']
+
+
+def test_ddp_matches_single_process(data_root, tmp_path):
+    """2 ranks x 1 micro-step see the same sequences as 1 rank x 2 micro-steps."""
+    single, ddp = tmp_path / 'single', tmp_path / 'ddp'
+    args = dict(max_iters=3, eval_interval=100, stats_seqs=0)
+    r = run(tiny(data_root, single, **args))
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, OMP_NUM_THREADS='1', GLOO_SOCKET_IFNAME=os.environ.get('GLOO_SOCKET_IFNAME', 'lo'))
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', TRAIN]
+                       + tiny(data_root, ddp, **args), capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert 'world size 2, 1 micro-steps' in r.stdout
+    assert len(read_log(ddp, 'start')) == 1  # rank 0 alone writes
+    a, b = read_log(single, 'train'), read_log(ddp, 'train')
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for key in ('loss', 'ce', 'commit'):
+            assert y[key] == pytest.approx(x[key], rel=1e-5), (x['iter'], key)
+    ea, eb = read_log(single, 'eval'), read_log(ddp, 'eval')
+    assert eb[0]['val_loss'] == pytest.approx(ea[0]['val_loss'], rel=1e-5)  # eval batches are shared out, not multiplied
+    wa, wb = final_state(single)['model'], final_state(ddp)['model']
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
+def test_penalty_adds_alpha_times_the_commit_rate(data_root, tmp_path):
+    runs = {}
+    for alpha in (0.0, 0.5):
+        out = tmp_path / f'a{alpha}'
+        r = run(tiny(data_root, out, max_iters=2, eval_interval=100, stats_seqs=0, commit_sparsity=alpha))
+        assert r.returncode == 0, r.stderr
+        runs[alpha] = read_log(out, 'train')
+    for t in runs[0.5]:
+        assert t['loss'] - t['ce'] == pytest.approx(0.5 * t['commit'], abs=1e-5)
+    for t in runs[0.0]:
+        assert t['loss'] == t['ce']
+    first0, first5 = runs[0.0][0], runs[0.5][0]  # same init, same batch: only the penalty differs
+    assert first0['ce'] == first5['ce'] and first0['commit'] == first5['commit']
+    assert first5['loss'] - first0['loss'] == pytest.approx(0.5 * first0['commit'], abs=1e-5)
+    assert 0.0 < first0['commit'] < 1.0
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_root, tmp_path):
+    out = tmp_path / 'out'
+    r = run(tiny(data_root, out, max_iters=10, eval_interval=2, debug_nan_at_iter=5))
+    assert r.returncode == 3
+    assert_one_line_error(r.stderr, 'nan', 'iter 5')
+    ckpt = read_checkpoint(str(out / 'ckpt.pt'))
+    assert ckpt['iter_num'] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt['model'].values())
+    assert read_log(out)[-1]['reason'] == 'non-finite loss'
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']
+
+
+def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
+    out = tmp_path / 'out'
+    proc = subprocess.Popen([sys.executable, TRAIN] + tiny(data_root, out, max_iters=100_000, eval_interval=1000),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    for line in proc.stdout:
+        if line.startswith('iter 3:'):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert 'SIGTERM' in rest
+    ckpt = read_checkpoint(str(out / 'ckpt.pt'))
+    last = read_log(out, 'train')[-1]['iter']
+    assert ckpt['iter_num'] == last + 1 >= 4
+    assert read_log(out)[-1] == {'event': 'stop', 'iter': last + 1, 'reason': 'sigterm'}

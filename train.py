@@ -1,0 +1,713 @@
+"""
+Train a GPT with the vanilla or the Ledger residual stream (../shared/SPEC.md §2).
+
+    python train.py                                       # laptop demo: small ledger model, builtin corpus, CPU
+    python train.py config/ledger_160m.py                 # a paper preset on one GPU
+    python train.py config/ledger_160m.py --max_iters=500 --batch_size=6
+    torchrun --standalone --nproc_per_node=8 train.py config/ledger_160m.py --batch_size=3
+    python train.py config/ledger_160m.py --init_from=resume   # continue out/ledger_160m/ckpt.pt
+    python train.py --help                                # every key, its default and what it does
+
+Config files are Python files of plain assignments (see config/). They are applied in order,
+then the --key=value overrides. On resume, the checkpoint's config takes the place of the
+defaults, so the same command line continues the same run.
+
+Everything random is a pure function of the step: the batches (prepare.Sampler) and the dropout
+masks (the generator is re-seeded at every micro-step). A run killed at any point and resumed from
+its last checkpoint therefore ends with the same weights as one that never stopped (bitwise, on
+CPU in fp32), and the data of a step does not depend on the number of GPUs.
+"""
+
+import ast
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import tempfile
+import textwrap
+import time
+import traceback
+import types
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import GPT, GPTConfig, read_checkpoint
+from prepare import Sampler, ensure_dataset, shard_paths
+
+# -----------------------------------------------------------------------------
+# configuration
+
+
+def option(default, help):
+    return dataclasses.field(default=default, metadata={'help': help})
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = option('out', "folder for ckpt.pt and log.jsonl (written by rank 0 only)")
+    eval_interval: int = option(50, "evaluate and checkpoint every this many steps (and at the last step)")
+    log_interval: int = option(10, "print and log the training loss every this many steps")
+    eval_iters: int = option(10, "batches per split in an evaluation, shared out over the ranks")
+    eval_only: bool = option(False, "evaluate once (e.g. a resumed checkpoint) and exit, writing no checkpoint")
+    always_save_checkpoint: bool = option(True, "checkpoint at every evaluation; False: only when val loss "
+                                                "improves (nanoGPT). A SIGTERM always saves")
+    init_from: str = option('scratch', "'scratch' or 'resume' (continue from out_dir/ckpt.pt)")
+    # wandb
+    wandb_log: bool = option(False, "also log to Weights & Biases (imported only when True)")
+    wandb_project: str = option('ledger-residuals', "wandb project")
+    wandb_run_name: str | None = option(None, "wandb run name (None: wandb picks one)")
+    # data
+    dataset: str = option('builtin', "'builtin' (offline, built on first use), 'finewebedu10B', "
+                                     "'fineweb10B' or 'text' (see prepare.py)")
+    data_root: str | None = option(None, "where the datasets live (None: $LEDGER_DATA or data/ next to prepare.py)")
+    doc_aligned: bool = option(False, "start every training window at a document start (<|endoftext|>)")
+    total_batch_size: int = option(32 * 128, "tokens per optimizer step, summed over ranks and micro-steps")
+    batch_size: int = option(32, "micro-batch: sequences per forward pass on each rank")
+    block_size: int = option(128, "tokens per sequence (the model's context length)")
+    # model (the fields of model.GPTConfig)
+    n_layer: int = option(4, "transformer blocks (each is an attention and an MLP sublayer)")
+    n_head: int = option(4, "attention heads")
+    n_embd: int = option(128, "width d of the residual stream(s)")
+    vocab_size: int = option(50257, "GPT-2 BPE has 50257 tokens; 50304 (a multiple of 64) is faster on GPUs")
+    dropout: float = option(0.0, "dropout after attention/MLP outputs and on the embeddings")
+    residual: str = option('ledger', "'vanilla' (h <- h + F(N(h))) or 'ledger' (D/C streams, SPEC §1.2)")
+    qk_norm: bool = option(False, "RMSNorm on q and k per head (the paper's 'suppress' baseline)")
+    norm: str = option('rmsnorm', "'rmsnorm' or 'layernorm'")
+    norm_position: str = option('pre', "'pre' or 'post' (post-norm ablation, vanilla only)")
+    ledger_rank: int = option(64, "rank r of the ledger's gate and projection maps (<=0 or >=d: full rank)")
+    commit_bias_first: float = option(-4.0, "commit-gate bias of the first sublayer ...")
+    commit_bias_last: float = option(4.0, "... linearly to this at the last one")
+    commit_read: str = option('learned', "'learned': blocks read D + lam*C; 'off': strict ledger, lam = 0")
+    decode_mix: float = option(0.0, "gamma: the head decodes C + gamma*D")
+    tie_embeddings: bool = option(False, "share the token embedding with the LM head")
+    scaled_init: bool = option(False, "nanoGPT's N(0, 0.02/sqrt(2L)) init for output projections")
+    # loss
+    commit_sparsity: float = option(0.02, "alpha: loss = CE + alpha * mean commit gate (ledger only)")
+    # optimizer: AdamW
+    learning_rate: float = option(2e-3, "peak learning rate")
+    max_iters: int = option(300, "optimizer steps in the whole run")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    decay_all: bool = option(True, "decay every parameter (the paper); False: only 2-D weights (nanoGPT)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.999, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables")
+    # learning-rate schedule
+    decay_lr: bool = option(True, "warmup then cosine decay; False: constant learning_rate")
+    warmup_iters: int = option(30, "linear warmup steps")
+    lr_decay_iters: int | None = option(None, "step at which the cosine reaches min_lr (None: max_iters)")
+    min_lr: float | None = option(None, "final learning rate (None: 0.1 * learning_rate)")
+    target_val_loss: float | None = option(None, "stop (after saving) once val loss <= this (None: off)")
+    # activation statistics (probe.activation_stats), logged at every evaluation
+    stats_seqs: int = option(4, "val sequences for the massive-activation statistics at each eval (0: off)")
+    # system
+    device: str = option('auto', "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    dtype: str = option('auto', "'auto' (bfloat16 autocast on CUDA if supported, else float32), "
+                                "'float32', 'bfloat16' or 'float16' (with a gradient scaler)")
+    compile: str | bool = option('auto', "torch.compile the model: 'auto' (on for CUDA only), True or False")
+    seed: int = option(1337, "seed of the model init, the batches and the dropout masks")
+    debug_nan_at_iter: int | None = option(None, "test hook: make the loss NaN at this step")
+
+
+MODEL_KEYS = [f.name for f in fields(GPTConfig)]
+RESUME_MAY_CHANGE = {'dropout'}  # model fields that do not change the weights' shapes or meaning
+CHOICES = dict(init_from=('scratch', 'resume'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
+               compile=('auto', True, False))
+EVAL_SEED = 20240520  # eval batches are the same for every run, whatever its seed
+
+
+class ConfigError(Exception):
+    """A bad command line or config: reported in one line, exit code 2, nothing written."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or inf: exit code 3, the last good checkpoint is left alone."""
+
+
+def type_ok(value, annotation):
+    """Does value fit the annotation (int, float, bool, str, or a union of them with None)?"""
+    for t in getattr(annotation, '__args__', None) or (annotation,):
+        if value is None and t is type(None):
+            return True
+        if t is bool and isinstance(value, bool):
+            return True
+        if t in (int, float) and isinstance(value, int) and not isinstance(value, bool):
+            return True  # an int is fine for a float
+        if t in (float, str) and isinstance(value, t):
+            return True
+    return False
+
+
+def type_name(annotation):
+    return ' or '.join('None' if t is type(None) else t.__name__
+                       for t in getattr(annotation, '__args__', None) or (annotation,))
+
+
+def check_key(key, value, where):
+    """The value to store for key, or ConfigError: unknown key (with close matches) or wrong type."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see python train.py --help"
+        raise ConfigError(f"unknown key '{key}' {where}{hint}")
+    annotation = known[key].type
+    if not type_ok(value, annotation):
+        raise ConfigError(f"{key} {where} must be {type_name(annotation)}, got {type(value).__name__} {value!r}")
+    allowed = getattr(annotation, '__args__', None) or (annotation,)
+    if float in allowed and int not in allowed and type(value) is int:
+        value = float(value)  # store 1 as 1.0 for a float key
+    return value
+
+
+def parse_value(key, text):
+    """A --key=value string as a Python value: a literal if it parses, else the string itself."""
+    if text in ('true', 'false'):
+        return text == 'true'
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    annotation = next((f.type for f in fields(TrainConfig) if f.name == key), None)
+    if annotation is not None and not type_ok(value, annotation) and type_ok(text, annotation):
+        return text  # e.g. --wandb_run_name=2024 is the string '2024'
+    return value
+
+
+def read_config_file(path):
+    """The settings of a config file: its top-level names that do not start with '_'."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    namespace = {}
+    try:
+        exec(compile(source, path, 'exec'), namespace)
+    except Exception as e:
+        lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == path]
+        line = getattr(e, 'lineno', None) if isinstance(e, SyntaxError) else (lines[-1] if lines else '?')
+        raise ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and not isinstance(v, types.ModuleType)}
+
+
+def parse_args(argv):
+    """{key: (value, where)} from config files (in order) and then --key=value overrides."""
+    files = [a for a in argv if not a.startswith('-')]
+    overrides = [a for a in argv if a.startswith('-')]
+    given = {}
+    for path in files:
+        for key, value in read_config_file(path).items():
+            given[key] = (check_key(key, value, f"in {path}"), path)
+    for arg in overrides:
+        if not arg.startswith('--') or '=' not in arg:
+            raise ConfigError(f"expected --key=value, got {arg!r} (see python train.py --help)")
+        key, text = arg[2:].split('=', 1)
+        given[key] = (check_key(key, parse_value(key, text), f"(--{key}={text})"), f"--{key}")
+    return given
+
+
+def validate(cfg, world_size):
+    """Checks that need several keys or the number of ranks; raises ConfigError."""
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(map(repr, allowed))}")
+    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device):
+        raise ConfigError(f"device={cfg.device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    try:
+        GPTConfig(**model_args(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.commit_sparsity < 0:
+        raise ConfigError(f"commit_sparsity must be >= 0, got {cfg.commit_sparsity}")
+    if cfg.commit_sparsity > 0 and cfg.residual != 'ledger':
+        raise ConfigError(f"commit_sparsity={cfg.commit_sparsity} needs commit gates, but "
+                          f"residual={cfg.residual!r} has none; set commit_sparsity=0")
+    for key in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'total_batch_size'):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ('max_iters', 'warmup_iters', 'stats_seqs'):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be > 0, got {cfg.learning_rate}")
+    if cfg.lr_decay_iters is not None and cfg.lr_decay_iters < cfg.warmup_iters:
+        raise ConfigError(f"lr_decay_iters={cfg.lr_decay_iters} is before the end of warmup_iters={cfg.warmup_iters}")
+    grad_accum_steps(cfg, world_size)
+
+
+def grad_accum_steps(cfg, world_size):
+    """Micro-steps per rank: total_batch_size / (batch_size * block_size * world_size), an integer >= 1."""
+    per_pass = cfg.batch_size * cfg.block_size * world_size
+    if cfg.total_batch_size % per_pass:
+        seqs = cfg.total_batch_size // cfg.block_size
+        fits = [b for b in range(1, seqs + 1) if seqs % (b * world_size) == 0] \
+            if cfg.total_batch_size % cfg.block_size == 0 else []
+        hint = f"; batch_size values that fit: {', '.join(map(str, fits))}" if fits else ""
+        raise ConfigError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * block_size * "
+                          f"world_size = {cfg.batch_size} * {cfg.block_size} * {world_size} = {per_pass}{hint}")
+    return cfg.total_batch_size // per_pass
+
+
+def model_args(cfg):
+    return {k: getattr(cfg, k) for k in MODEL_KEYS if hasattr(cfg, k)}
+
+
+def load_config(argv, world_size=1):
+    """(TrainConfig, checkpoint or None). Defaults, then config files, then --key=value; when
+    resuming, the checkpoint's config replaces the defaults and must keep the model's shape."""
+    given = parse_args(argv)
+    values = {f.name: f.default for f in fields(TrainConfig)}
+    values.update({k: v for k, (v, _) in given.items()})
+    ckpt = None
+    if values['init_from'] == 'resume':
+        path = os.path.join(values['out_dir'], 'ckpt.pt')
+        try:
+            ckpt = read_checkpoint(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        saved = ckpt['config']
+        values = {f.name: saved.get(f.name, f.default) for f in fields(TrainConfig)}
+        values.update({k: v for k, (v, _) in given.items()})
+        values.update(out_dir=os.path.dirname(path), init_from='resume')  # where it was read, not where it was written
+        for key in MODEL_KEYS:
+            if key in given and key not in RESUME_MAY_CHANGE and given[key][0] != ckpt['model_args'].get(key):
+                raise ConfigError(f"{given[key][1]} sets {key}={given[key][0]!r} but {path} holds a model with "
+                                  f"{key}={ckpt['model_args'].get(key)!r}; drop it, or train into a new out_dir")
+        values.update({k: v for k, v in ckpt['model_args'].items() if k in values and k not in given})
+    cfg = TrainConfig(**values)
+    validate(cfg, world_size)
+    return cfg, ckpt
+
+
+def print_help():
+    print("usage: python train.py [config/file.py ...] [--key=value ...]")
+    print("\nConfig files (plain Python assignments) are applied in order, then the --key=value overrides.")
+    print("Values are Python literals (True, 3e-4, None, 'text'); a bare word is a string.\n")
+    for f in fields(TrainConfig):
+        print(f"  --{f.name}={f.default!r}  [{type_name(f.type)}]")
+        print(textwrap.fill(f.metadata['help'], width=100, initial_indent=' ' * 8, subsequent_indent=' ' * 8))
+
+
+def format_config(cfg):
+    return textwrap.fill(' '.join(f"{k}={v!r}" for k, v in asdict(cfg).items()), width=110,
+                         initial_indent='config: ', subsequent_indent='    ')
+
+# -----------------------------------------------------------------------------
+# small helpers
+
+
+def get_lr(it, cfg):
+    """Linear warmup over warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
+    min_lr = 0.1 * cfg.learning_rate if cfg.min_lr is None else cfg.min_lr
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - min_lr)
+
+
+def micro_step_seed(seed, step, micro_step):
+    """Seed of the dropout masks of one micro-step: a pure function, so resuming needs no RNG state."""
+    return int(np.random.SeedSequence([seed, step, micro_step, 1]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# dense bf16 peak FLOP/s by torch.cuda.get_device_name(); first match wins, None: unknown
+PEAK_FLOPS = [
+    (r'H100.*NVL', None), (r'H100.*PCIe', 756e12), (r'H100', 989e12), (r'H200', 989e12),
+    (r'A100', 312e12), (r'\bL4\b', 121e12), (r'\bA10\b', 125e12), (r'RTX 4090', 165e12),
+]
+
+
+def peak_flops(device):
+    if not device.startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, name)), None)
+
+
+def save_checkpoint(ckpt, out_dir, name='ckpt.pt'):
+    """torch.save, atomically: readers (and a crash at any moment) see the old file or the whole
+    new one. Written to a temp file in out_dir, fsynced, renamed over the old one, dir fsynced."""
+    path = os.path.join(out_dir, name)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=out_dir)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    if os.name == 'posix':
+        dir_fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def remove_stale_temp_files(out_dir, name='ckpt.pt'):
+    """Temp files of a save that was killed midway (they never carry the checkpoint's name)."""
+    for f in os.listdir(out_dir):
+        if f.startswith(f'.{name}.') and f.endswith('.tmp'):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out_dir, f))
+
+
+def rng_states(device):
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if device.startswith('cuda') else None)
+
+
+def set_rng_states(states, device):
+    torch.set_rng_state(states['torch'])
+    np.random.set_state(states['numpy'])
+    random.setstate(states['python'])
+    if states.get('cuda') is not None and device.startswith('cuda'):
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Log:
+    """Appends one JSON object per line to out_dir/log.jsonl (and to wandb); rank 0 only."""
+
+    def __init__(self, cfg, master):
+        self.path = os.path.join(cfg.out_dir, 'log.jsonl') if master else None
+        self.wandb = None
+        if master and cfg.wandb_log:
+            import wandb
+            self.wandb = wandb
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+
+    def __call__(self, event, **values):
+        if self.path is None:
+            return
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(dict(event=event, **values)) + '\n')
+        if self.wandb is not None and event in ('train', 'eval'):
+            scalars = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and k != 'iter'}
+            self.wandb.log(scalars, step=values['iter'])
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def train(cfg, ckpt=None):
+    """Run the training loop. Returns the process exit code."""
+    # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    ddp = 'RANK' in os.environ
+    rank = int(os.environ.get('RANK', 0))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    master = rank == 0
+
+    # device and precision
+    device = cfg.device
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else \
+            'mps' if torch.backends.mps.is_available() else 'cpu'
+    if device.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={cfg.device!r} but torch.cuda.is_available() is False")
+        if ddp:
+            if device != 'cuda':
+                raise ConfigError(f"device={cfg.device!r}: under torchrun use device='cuda' (each rank takes cuda:LOCAL_RANK)")
+            device = f'cuda:{local_rank}'
+        elif device == 'cuda':
+            device = 'cuda:0'
+        torch.cuda.set_device(device)
+    elif device == 'mps' and (ddp or not torch.backends.mps.is_available()):
+        raise ConfigError("device='mps' is not available" + (" under torchrun" if ddp else ""))
+    device_type = device.split(':')[0]
+    dtype = cfg.dtype
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    autocast = contextlib.nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
+    use_compile = device_type == 'cuda' if cfg.compile == 'auto' else cfg.compile
+    if device_type == 'cuda':
+        torch.set_float32_matmul_precision('high')  # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # exact resume on CPU
+
+    if ddp:
+        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo',
+                                device_id=torch.device(device) if device_type == 'cuda' else None)
+    grad_accum = grad_accum_steps(cfg, world_size)
+
+    # data: the builtin corpus is built once per machine while the other ranks wait
+    build_error = None
+    if local_rank == 0:
+        try:
+            ensure_dataset(cfg.dataset, cfg.data_root)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            build_error = e
+    if ddp:
+        dist.barrier()
+    try:
+        if build_error is not None:
+            raise build_error
+        train_paths = shard_paths(cfg.dataset, 'train', cfg.data_root)
+        val_paths = shard_paths(cfg.dataset, 'val', cfg.data_root)
+        sampler = lambda paths, n, seed: Sampler(paths, n, cfg.block_size, seed, rank=0,
+                                                 doc_aligned=cfg.doc_aligned, device=device)
+        # Training: every rank uses the same stream (seed, rank 0) and takes micro-step
+        # rank*grad_accum + m, so a step sees the same sequences on 1 or N GPUs.
+        train_data = sampler(train_paths, cfg.batch_size, cfg.seed)
+        # Evaluation: fixed batches, the same in every run; rank r takes batches r, r+W, ...
+        eval_data = {'train': sampler(train_paths, cfg.batch_size, EVAL_SEED),
+                     'val': sampler(val_paths, cfg.batch_size, EVAL_SEED)}
+        stats_x = sampler(val_paths, cfg.stats_seqs, EVAL_SEED + 1).get(0)[0] if cfg.stats_seqs and master else None
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+    # model and optimizer; the same seed on every rank gives the same init
+    torch.manual_seed(cfg.seed)
+    gptconf = GPTConfig(**(ckpt['model_args'] if ckpt else model_args(cfg)))
+    gptconf.dropout = cfg.dropout
+    raw_model = GPT(gptconf).to(device)
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                              cfg.decay_all, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+    iter_num, best_val_loss, val_loss, val_loss_iter = 0, math.inf, None, None
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt['model'])
+        hyper = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except ValueError as e:
+            raise ConfigError(f"cannot restore the optimizer ({e}); was decay_all changed?") from None
+        for group, h in zip(optimizer.param_groups, hyper):
+            group.update(h)  # this run's hyperparameters, the checkpoint's moments
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        set_rng_states(ckpt['rng'], device)
+        iter_num = ckpt['iter_num']
+        best_val_loss = ckpt['best_val_loss']
+        val_loss, val_loss_iter = ckpt['val_loss'], ckpt['val_loss_iter']
+    resumed_after_eval = ckpt is not None and val_loss_iter == iter_num  # no need to evaluate that again
+    model = torch.compile(raw_model) if use_compile else raw_model  # checkpoints use raw_model: no _orig_mod.
+    train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
+
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        remove_stale_temp_files(cfg.out_dir)
+        print(format_config(cfg))
+        print(f"parameters: {raw_model.num_params() / 1e6:.2f}M ({raw_model.num_params():,}; "
+              f"{raw_model.num_params(non_embedding=True):,} without the embeddings)")
+        print(f"device {device}, {dtype}, compile {use_compile}, world size {world_size}, "
+              f"{grad_accum} micro-steps of {cfg.batch_size} x {cfg.block_size} tokens per rank, "
+              f"{cfg.total_batch_size:,} tokens per step" + (f", resuming at iter {iter_num}" if ckpt else ""))
+    log = Log(cfg, master)
+    log('start', iter=iter_num, params=raw_model.num_params(), world_size=world_size, grad_accum=grad_accum,
+        device=device, dtype=dtype, compile=use_compile, config=asdict(cfg))
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean CE (and commit rate) over eval_iters fixed batches per split, computed by all ranks."""
+        model.eval()
+        out = {}
+        for split, data in eval_data.items():
+            total = torch.zeros(3, device=device)  # ce sum, commit sum, batches
+            for j in range(rank, cfg.eval_iters, world_size):
+                x, y = (t.to(device) for t in data.get(j))
+                with autocast:
+                    _, ce = model(x, y)
+                commit = raw_model.commit_rate
+                commit = torch.zeros_like(ce) if commit is None else commit
+                total += torch.stack([ce.float(), commit.float(), torch.ones_like(ce, dtype=torch.float)])
+            if ddp:
+                dist.all_reduce(total)
+            ce_sum, commit_sum, n = total.tolist()
+            out[f'{split}_loss'] = ce_sum / n
+            if raw_model.commit_rate is not None:
+                out[f'{split}_commit'] = commit_sum / n
+        stats = None
+        if stats_x is not None:
+            from probe import activation_stats
+            with autocast:
+                stats = activation_stats(raw_model, stats_x.to(device))
+        model.train()
+        return out, stats
+
+    def checkpoint():
+        return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    model_args=asdict(gptconf), config=asdict(cfg), iter_num=iter_num,
+                    best_val_loss=best_val_loss, val_loss=val_loss, val_loss_iter=val_loss_iter,
+                    rng=rng_states(device),
+                    world_size=world_size, tokens=iter_num * cfg.total_batch_size)
+
+    def save():
+        if master:
+            save_checkpoint(checkpoint(), cfg.out_dir)
+        if ddp:
+            dist.barrier()
+
+    # SIGTERM (preemption): finish the current step, save, exit 0; all ranks agree via the all-reduce
+    stop = {'sigterm': False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(sigterm=True))
+
+    flops_per_token = raw_model.estimate_flops_per_token()
+    peak = peak_flops(device)
+    def get_batch(step, micro_step):
+        x, y = train_data.get(step, micro_step)
+        return x.to(device), y.to(device)  # no-op on CUDA, where the sampler already copied them
+
+    x, y = get_batch(iter_num, rank * grad_accum)
+    step_times, eval_seconds, t_start = [], 0.0, time.time()
+    reason = None
+    try:
+        while True:
+            # evaluate and checkpoint (not again right after resuming from a checkpoint written after
+            # evaluating this very step)
+            last = iter_num >= cfg.max_iters
+            if cfg.eval_only or ((iter_num % cfg.eval_interval == 0 or last) and not resumed_after_eval):
+                t0 = time.time()
+                losses, stats = evaluate()
+                eval_seconds = time.time() - t0
+                val_loss, val_loss_iter = losses['val_loss'], iter_num
+                improved = val_loss < best_val_loss
+                best_val_loss = min(best_val_loss, val_loss)  # restored on resume, only ever lowered
+                reached = cfg.target_val_loss is not None and val_loss <= cfg.target_val_loss
+                if master:
+                    commit = f", val commit {losses['val_commit']:.4f}" if 'val_commit' in losses else ""
+                    print(f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {val_loss:.4f}{commit} "
+                          f"[{eval_seconds:.1f} s]")
+                    if stats:
+                        print('    top1/median per stream (max over sublayers): ' + ', '.join(
+                            f"{name} {max(s['top1_median']):.1f}" for name, s in stats.items()) +
+                            f"; massive entries: {sum(sum(s['n_massive']) for s in stats.values())}")
+                log('eval', iter=iter_num, **losses, best_val_loss=best_val_loss, eval_s=eval_seconds, stats=stats)
+                if not cfg.eval_only and (improved or cfg.always_save_checkpoint or reached):
+                    save()
+                if reached:
+                    reason = 'target_val_loss'
+                    if master:
+                        print(f"val loss {val_loss:.4f} <= target_val_loss {cfg.target_val_loss}: stopping")
+            if cfg.eval_only:
+                reason = 'eval_only'
+            elif last:
+                reason = 'max_iters'
+            if reason:
+                break
+            resumed_after_eval = False
+
+            # one optimizer step: grad_accum micro-steps per rank, gradients synced on the last
+            t0 = time.time()
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            sums = torch.zeros(3, device=device)  # loss, ce, commit rate over this rank's micro-steps
+            for m in range(grad_accum):
+                g = rank * grad_accum + m  # the micro-step's index in the global batch
+                torch.manual_seed(micro_step_seed(cfg.seed, iter_num, g))
+                sync = not ddp or m == grad_accum - 1
+                with contextlib.nullcontext() if sync else train_model.no_sync():
+                    with autocast:
+                        _, ce = train_model(x, y)
+                    commit = raw_model.commit_rate  # differentiable mean commit gate (None for vanilla)
+                    loss = ce if commit is None else ce + cfg.commit_sparsity * commit
+                    if iter_num == cfg.debug_nan_at_iter:
+                        loss = loss * float('nan')
+                    # fetch the next batch while the device works on this one
+                    x, y = get_batch(*((iter_num, g + 1) if m + 1 < grad_accum else (iter_num + 1, rank * grad_accum)))
+                    scaler.scale(loss / grad_accum).backward()
+                sums += torch.stack([loss.detach().float(), ce.detach().float(),
+                                     commit.detach().float() if commit is not None else torch.zeros((), device=device)])
+            # one small all-reduce: the global mean losses, and whether any rank got a SIGTERM
+            flags = torch.cat([sums / (grad_accum * world_size), torch.tensor([float(stop['sigterm'])], device=device)])
+            if ddp:
+                dist.all_reduce(flags)
+            loss_f, ce_f, commit_f, sigterm = flags.tolist()
+            if not math.isfinite(loss_f):
+                log('stop', iter=iter_num, reason='non-finite loss', loss=str(loss_f))
+                raise NonFiniteLoss(f"loss is {loss_f} at iter {iter_num} (ce {ce_f}); stopped before the update. "
+                                    + (f"{cfg.out_dir}/ckpt.pt is left as it was" if master else ""))
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step_times.append(time.time() - t0)
+
+            if iter_num % cfg.log_interval == 0:
+                dt = sum(step_times) / len(step_times)
+                step_times = []
+                tokens_per_s = cfg.total_batch_size / dt
+                mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
+                evals_left = cfg.max_iters // cfg.eval_interval - (iter_num + 1) // cfg.eval_interval + \
+                    (cfg.max_iters % cfg.eval_interval != 0)
+                eta = (cfg.max_iters - iter_num - 1) * dt + evals_left * eval_seconds
+                if master:
+                    commit = f", commit {commit_f:.4f}" if raw_model.commit_rate is not None else ""
+                    print(f"iter {iter_num}: loss {loss_f:.4f} (ce {ce_f:.4f}{commit}), lr {lr:.2e}, "
+                          f"{dt * 1000:.0f} ms/iter, {tokens_per_s:,.0f} tok/s, "
+                          f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}, eta {format_time(eta)}")
+                log('train', iter=iter_num, loss=loss_f, ce=ce_f,
+                    commit=commit_f if raw_model.commit_rate is not None else None, lr=lr,
+                    ms_per_iter=1000 * dt, tokens_per_s=tokens_per_s, mfu=mfu,
+                    tokens=(iter_num + 1) * cfg.total_batch_size, elapsed_s=time.time() - t_start)
+            iter_num += 1
+
+            if sigterm:
+                if master:
+                    print(f"SIGTERM: saving {cfg.out_dir}/ckpt.pt at iter {iter_num} and exiting")
+                save()
+                reason = 'sigterm'
+                break
+        log('stop', iter=iter_num, reason=reason)
+        if master:
+            print(f"done: {reason} at iter {iter_num}, best val loss {best_val_loss:.4f}, "
+                  f"{format_time(time.time() - t_start)}")
+        if ddp:
+            dist.barrier()
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if '-h' in argv or '--help' in argv:
+        print_help()
+        return 0
+    where = f"train.py[rank {os.environ['RANK']}]" if int(os.environ.get('WORLD_SIZE', 1)) > 1 else "train.py"
+    try:
+        cfg, ckpt = load_config(argv, int(os.environ.get('WORLD_SIZE', 1)))
+        return train(cfg, ckpt)
+    except ConfigError as e:
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    sys.exit(main())
