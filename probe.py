@@ -1,59 +1,293 @@
 """
 Massive activations and attention sinks, measured (../shared/SPEC.md §4).
 
-    python probe.py out/ckpt.pt [more.pt ...] [--out DIR] [--num_seqs N] [--seq_len T] [--text "..."]
+    python probe.py out/ckpt.pt [more.pt ...] [--out DIR] [--num_seqs N] [--seq_len T]
+                    [--text "..." ...] [--interventions] [--soften_k K] [--seed S] [--doc_aligned]
+                    [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16] [--batch_size B]
 
-The statistics below are plain functions of a (N, T, d) activation tensor so that train.py can log
-the same numbers during training that the probe reports afterwards.
+For each checkpoint: N windows of T tokens from the validation shards of the checkpoint's dataset
+(prepare.Sampler, fixed seed, so every checkpoint of one dataset sees the same windows), or the
+--text prompts. Several prompts are truncated to the shortest one so that they stack into one
+batch; nothing is prepended (write <|endoftext|> into a prompt to start it with that token).
+
+What is measured (the names are the SPEC's):
+- every stream after every one of the 2L sublayers (vanilla: h; ledger: D, C, and `read`, the
+  D + lam*C that each sublayer reads): the Sun profile (top1/2/3, median, top1_median) and census
+  (|x| > 100 and >= 1000 x the sequence's median: count, largest entry, emergence and last
+  sublayer), kurtosis, feat_maxmed, n_out50; across depth on the per-channel mean |x|:
+  dominant_dim, persistence, peak_layer, peak_feat_ratio, bos_concentration; position-0 rigidity
+  cos(x_s[0], x_{s+1}[0]); the share of sequences that start with <|endoftext|>.
+- attention, from softmax probabilities computed explicitly and reduced on the fly: alpha_1 =
+  mean_t A[t, 0] per layer and head, Sink_1 = % of (layer, head) with alpha_1 > 0.3 on the first
+  64 tokens (Gu et al.) and at the full length, ||k_0|| / mean_t
+  ||k_t||, ||v_0|| / mean_t ||v_t||, mean_t cos(q_t, k_0) (q, k after QK-norm when the model has it),
+  and whether each sequence's massive-activation position is its sink position.
+- --interventions: validation loss and Sink_1 with the massive entries zeroed, set to their mean,
+  with the emergence sublayer's input softened, and with all Linear weights fake-quantised to
+  8 and 4 bits. The model is left bitwise unchanged.
+
+Sublayer s is block s // 2 (0-based), "layer" s // 2 + 1 (1-based), attention when s is even.
+Averages over sequences: alpha_1 is averaged over sequences before the 0.3 threshold; the profile
+(top-k, median) is per sequence, then averaged; n_massive counts entries over all N sequences.
+
+Outputs: a text report on stdout, DIR/probe.json, and PNGs in DIR named <checkpoint>_*.png
+(layerwise, tokens_channels, pos0_depth, alpha1) plus overlay_top1_median.png for several
+checkpoints. probe.json (tests/test_probe.py checks that every key below is there):
+
+    args                  the command line options
+    checkpoints[]         one entry per checkpoint, in command-line order
+      path                the checkpoint file
+      name                short name used in tables and PNG file names
+      iter_num            training step of the checkpoint
+      model_args          GPTConfig fields
+      params              parameter count
+      device              where the probe ran, and dtype: float32 or bfloat16 (autocast)
+      data                what was probed
+        source            'val' (validation shards) or 'text' (--text prompts)
+        dataset           the checkpoint's dataset (None for text)
+        shards            validation shard files used (empty for text)
+        texts             the prompts (empty for val)
+        truncated_from    token count of each prompt before truncation (empty for val)
+        num_seqs          N
+        seq_len           T
+        seed              Sampler seed
+        doc_aligned       windows start at <|endoftext|>
+        eot_at_pos0       fraction of sequences whose position 0 holds token 50256
+      sublayers[]         one entry per sublayer: s, block (0-based), layer (1-based), kind (attn|mlp)
+        s
+        block
+        layer
+        kind
+      val_loss            mean next-token cross-entropy over the probe windows (None: no targets)
+      streams             stream name -> statistics (h; or D, C, read)
+        <stream>
+          where           what the stream is and when it is measured
+          per_sublayer    lists over the 2L sublayers
+            top1          Sun profile: largest |x| per sequence, averaged over sequences
+            top2
+            top3
+            median        median |x| over the T x d entries, averaged over sequences
+            top1_median   top1 / median
+            n_massive     Sun census: massive entries at this sublayer, all sequences together
+            max_entry     largest |x| entry: {seq, position, channel, value}
+            kurtosis      excess kurtosis over channels per token, averaged
+            feat_maxmed   max / median of the per-channel mean |x|
+            n_out50       channels with |x| >= 50 x the token's median, averaged over tokens
+            top_channel   channel with the largest mean |x|
+            pos0_cos_next cos(x_s[0], x_{s+1}[0]) averaged over sequences (2L - 1 values)
+          channel_mean_abs   [2L][d] mean |x| per channel over all tokens
+          pos0_abs           [2L][d] mean |x| per channel at position 0
+          summary
+            max_top1_median            largest top1/median over depth ...
+            max_top1_median_sublayer   ... and where
+            dominant_dim               channel with the highest mean |x| over depth
+            persistence                fraction of sublayers whose top channel is dominant_dim
+            peak_layer                 sublayer where dominant_dim is largest (first on ties)
+            peak_feat_ratio            dominant_dim's mean |x| / median channel's, at peak_layer
+            bos_concentration          dominant_dim's mean |x| at position 0 / over all positions, at peak_layer
+            pos0_cos_mean              mean of pos0_cos_next
+            emergence_sublayer         first sublayer with a massive entry (None: none)
+            last_sublayer              last sublayer with a massive entry
+            n_massive_max              largest per-sublayer n_massive
+            largest_massive            {sublayer, seq, position, channel, value} or None
+            massive_channels           [[channel, entries over all sublayers], ...], most first
+            massive_positions          [[position, entries over all sublayers], ...], most first
+            pos0_massive_channels      channels that are massive at position 0 at some sublayer
+            cooccurrence               share of sequences whose massive position is the sink position
+      attention
+        T                 full sequence length
+        prefix_T          length of the Sink_1 pass (64, or T if shorter)
+        epsilon           0.3
+        alpha1            [L][H] alpha_1 at length T
+        alpha1_prefix     [L][H] alpha_1 on the first prefix_T tokens
+        sink1             Sink_1 at length T, percent
+        sink1_prefix      Sink_1 on the first prefix_T tokens, percent (Gu et al.'s number)
+        sink_heads        [L] heads with alpha_1 > epsilon, at length T
+        sink_heads_prefix [L] the same on the prefix
+        k0_ratio          [L] ||k_0|| / mean_t ||k_t||, mean over heads and sequences
+        v0_ratio          [L] ||v_0|| / mean_t ||v_t||
+        cos_q_k0          [L] mean_t cos(q_t, k_0)
+        sink_positions    [[position, sequences], ...]: argmax over keys of the attention received
+        massive_positions [[position, sequences], ...]: each sequence's largest |x| at the decoded stream's top1 peak
+        cooccurrence      share of sequences where the two coincide (decoded stream)
+      interventions       None without --interventions; else name -> result for
+        <intervention>    none, zero, mean, soften, quant8, quant4
+          target          what was changed, in words
+          val_loss
+          delta_loss      val_loss - the unmodified model's
+          sink1_prefix
+          sink1
+    comparison            None for one checkpoint; else the side-by-side table
+      columns             checkpoint names
+      rows                [[label, [value per checkpoint]], ...]
+
+The statistics are plain functions of a (N, T, d) activation tensor so that train.py logs the same
+numbers during training (sublayer_stats, activation_stats) that the probe reports afterwards.
 """
 
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from model import Observer
 
 MASSIVE_ABS = 100.0       # Sun et al.: |x| > 100 ...
 MASSIVE_REL = 1000.0      # ... and |x| >= 1000 x median(|x|) of that sequence at that sublayer
 OUTLIER_REL = 50.0        # reference code's n_out50: |x| >= 50 x the token's median
+SINK_EPS = 0.3            # Gu et al.: a head is a sink head when alpha_1 > 0.3 ...
+SINK_T = 64               # ... measured on the first 64 tokens
+EOT = 50256               # <|endoftext|>, also in prepare.py (not imported: it pulls in tiktoken)
+STREAM_WHERE = {
+    'h': 'residual stream h after each sublayer (decoded)',
+    'D': 'scratch stream D after each sublayer',
+    'C': 'commitment stream C after each sublayer (decoded)',
+    'read': 'D + lam*C as read by each sublayer (before its norm), i.e. the state before it',
+}
+
+# ----------------------------------------------------------------------------------------------
+# Per-sublayer statistics, accumulated over batches of sequences
+
+
+def lower_median(v):
+    """torch's median convention (the lower of the two middle values), for numpy arrays."""
+    k = (np.shape(v)[-1] - 1) // 2
+    return np.partition(np.asarray(v), k, axis=-1)[..., k]
+
+
+def median_last(a):
+    """torch.median(a, dim=-1).values, exactly; on the CPU through numpy's SIMD partition, which is
+    ~10x faster than torch's median there (the medians were most of the probe's overhead)."""
+    if a.device.type != 'cpu':
+        return a.median(dim=-1).values
+    return torch.from_numpy(lower_median(a.numpy()))
+
+
+class SublayerAccumulator:
+    """Running sums of one stream at one sublayer over batches of sequences.
+
+    Elementwise work is done in float32 (exact for the order statistics, and sums over one
+    sequence's entries are pairwise); the running sums across batches are float64. The census
+    mask is only built when some entry is above the absolute 100 at all.
+    """
+
+    def __init__(self):
+        self.n_seq = 0
+        self.n_tok = 0
+        self.top = None          # (3,) summed over sequences
+        self.median = 0.0
+        self.kurt = 0.0
+        self.out50 = 0.0
+        self.chan = None         # (d,) sum of |x| over tokens
+        self.pos0 = None         # (d,) sum of |x| at position 0 over sequences
+        self.n_massive = 0
+        self.massive_channels = None   # (d,) massive entries per channel
+        self.massive_positions = None  # (T,) massive entries per position
+        self.massive_pos0 = None       # (d,) massive entries at position 0 per channel
+        self.largest = None      # (|value|, seq, position, channel, value) overall
+        self.largest_massive = None
+        self.seq_top = []        # per batch: (position, channel, value) of each sequence's largest |x|
+
+    @torch.no_grad()
+    def add(self, x, offset=0):
+        """Add a batch x (B, T, d) whose first sequence is number `offset` of the probe set.
+        Returns the massive entries as (seq, position, channel, value) tensors, or None."""
+        x = x.detach().float()
+        B, T, d = x.shape
+        a = x.abs()
+        flat = a.view(B, T * d)
+        k = min(3, T * d)
+        top_v, top_i = flat.topk(k, dim=1)
+        top_v = torch.cat([top_v, top_v[:, -1:].expand(B, 3 - k)], 1)
+        med = median_last(flat)                                           # (B,)
+        # excess kurtosis over channels, per token
+        z = x - x.mean(-1, keepdim=True)
+        z2 = z.square_()
+        var = z2.mean(-1)
+        kurt = z2.square_().mean(-1) / var.square().clamp_min(1e-30) - 3.0
+        tok_med = median_last(a).unsqueeze(-1)
+        out50 = (a >= OUTLIER_REL * tok_med).sum(-1)
+        chan = a.sum(dim=(0, 1))
+        pos0 = a[:, 0, :].sum(0)
+        # each sequence's largest entry
+        pos, ch = top_i[:, 0] // d, top_i[:, 0] % d
+        val = x.view(B, T * d).gather(1, top_i[:, :1]).squeeze(1)
+
+        self.n_seq += B
+        self.n_tok += B * T
+        sums = dict(top=top_v.sum(0).double(), chan=chan.double(), pos0=pos0.double())
+        for name, v in sums.items():
+            cur = getattr(self, name)
+            setattr(self, name, v if cur is None else cur + v)
+        self.median += med.double().sum().item()
+        self.kurt += kurt.double().sum().item()
+        self.out50 += out50.double().sum().item()
+        b = int(top_v[:, 0].argmax())
+        self._keep_largest('largest', top_v[b, 0], offset + b, pos[b], ch[b], val[b])
+        self.seq_top.append((pos.cpu(), ch.cpu(), val.cpu()))
+        if self.massive_channels is None:
+            self.massive_channels = torch.zeros(d, dtype=torch.long)
+            self.massive_positions = torch.zeros(T, dtype=torch.long)
+            self.massive_pos0 = torch.zeros(d, dtype=torch.long)
+        if float(top_v[b, 0]) <= MASSIVE_ABS:
+            return None
+        massive = (a > MASSIVE_ABS) & (a >= MASSIVE_REL * med.view(B, 1, 1))
+        n = int(massive.sum())
+        if n == 0:
+            return None
+        self.n_massive += n
+        self.massive_channels += massive.sum(dim=(0, 1)).cpu()
+        self.massive_positions += massive.sum(dim=(0, 2)).cpu()
+        self.massive_pos0 += massive[:, 0, :].sum(0).cpu()
+        seq, p, c = massive.nonzero(as_tuple=True)
+        v = x[seq, p, c]
+        i = int(v.abs().argmax())
+        self._keep_largest('largest_massive', v[i].abs(), offset + seq[i], p[i], c[i], v[i])
+        return (seq.cpu() + offset, p.cpu(), c.cpu(), v.cpu())
+
+    def _keep_largest(self, attr, absval, seq, pos, ch, val):
+        cur = getattr(self, attr)
+        if cur is None or float(absval) > cur[0]:
+            setattr(self, attr, (float(absval), int(seq), int(pos), int(ch), float(val)))
+
+    def result(self):
+        """The sublayer_stats dict: Python numbers only."""
+        n = self.n_seq
+        top = (self.top / n).tolist()
+        median = self.median / n
+        chan = self.chan
+        _, seq, pos, ch, val = self.largest
+        return dict(
+            top1=top[0], top2=top[1], top3=top[2], median=median,
+            top1_median=top[0] / max(median, 1e-30),
+            n_massive=self.n_massive,
+            max_entry=dict(seq=seq, position=pos, channel=ch, value=val),
+            kurtosis=self.kurt / self.n_tok,
+            feat_maxmed=(chan.max() / chan.median().clamp_min(1e-30)).item(),
+            n_out50=self.out50 / self.n_tok,
+        )
 
 
 @torch.no_grad()
 def sublayer_stats(x):
     """Scalar statistics of one stream after one sublayer; x is (N, T, d), any dtype.
 
-    Computed in float64 whatever the model ran in. Returns a dict of Python numbers:
+    Computed in float32/float64 whatever the model ran in. Returns a dict of Python numbers:
     top1/top2/top3/median (Sun profile, per sequence then averaged), top1_median, n_massive and the
-    largest massive entry (Sun census), kurtosis, feat_maxmed, n_out50 (reference-code metrics).
+    largest entry max_entry (Sun census), kurtosis, feat_maxmed, n_out50 (reference-code metrics).
     """
-    a = x.detach().double().abs()
-    N, T, d = a.shape
-    flat = a.reshape(N, T * d)
-    top = flat.topk(min(3, T * d), dim=1)
-    med = flat.median(dim=1).values                                   # (N,)
-    massive = (a > MASSIVE_ABS) & (a >= MASSIVE_REL * med.view(N, 1, 1))
-    top_seq, top_idx = top.values[:, 0].max(0)                        # the largest entry overall
-    seq = int(top_idx)
-    pos, ch = divmod(int(top.indices[seq, 0]), d)
-    # excess kurtosis over channels, per token, averaged
-    xs = x.detach().double()
-    z = xs - xs.mean(-1, keepdim=True)
-    var = z.pow(2).mean(-1)
-    kurt = (z.pow(4).mean(-1) / var.pow(2).clamp_min(1e-30) - 3.0).mean()
-    chan = a.mean(dim=(0, 1))                                         # per-channel mean |x|
-    tok_med = a.median(dim=-1, keepdim=True).values
-    n_out50 = (a >= OUTLIER_REL * tok_med).sum(-1).double().mean()
-    stats = dict(
-        top1=top.values[:, 0].mean().item(),
-        top2=top.values[:, min(1, top.values.size(1) - 1)].mean().item(),
-        top3=top.values[:, -1].mean().item(),
-        median=med.mean().item(),
-        top1_median=(top.values[:, 0].mean() / med.mean().clamp_min(1e-30)).item(),
-        n_massive=int(massive.sum()),
-        max_entry=dict(seq=seq, position=pos, channel=ch, value=float(xs[seq, pos, ch])),
-        kurtosis=kurt.item(),
-        feat_maxmed=(chan.max() / chan.median().clamp_min(1e-30)).item(),
-        n_out50=n_out50.item(),
-    )
-    return stats
+    acc = SublayerAccumulator()
+    acc.add(x)
+    return acc.result()
 
 
 class StreamStats(Observer):
@@ -73,3 +307,856 @@ def activation_stats(model, idx, keys=('top1_median', 'kurtosis', 'feat_maxmed',
     obs = StreamStats()
     model(idx, observer=obs)
     return {name: {k: [st[k] for st in per_sub] for k in keys} for name, per_sub in obs.stats.items()}
+
+# ----------------------------------------------------------------------------------------------
+# Observers: measure a forward pass, or change it (interventions)
+
+
+class Measure(Observer):
+    """Everything the probe measures in one forward pass, reduced while the pass runs.
+
+    streams=True: a SublayerAccumulator per stream and sublayer, position-0 cosines, the massive
+    entries at each batch's first massive sublayer (the interventions' targets), and |x| of
+    sequence 0 (float16, for the heatmap). attention=True: alpha_1, key/value norms, cos(q, k_0) and
+    the attention each key receives, from explicit probabilities. alpha_1 on the first SINK_T tokens
+    comes from the same maps: under causal attention the first 64 queries of a pass see exactly
+    what a pass on x[:, :64] sees (tests/test_probe.py checks it against such a pass). `edit` (an Intervention) changes
+    the pass; what is measured is the changed pass. Call begin_batch/end_batch around each forward.
+    """
+
+    def __init__(self, streams=True, attention=True, edit=None):
+        self.streams = streams
+        self.attention = attention
+        self.edit = edit
+        self.acc = {}          # stream -> [SublayerAccumulator per sublayer]
+        self.cos = {}          # stream -> [sum over sequences of cos(x_s[0], x_{s+1}[0])]
+        self.first = {}        # stream -> (sublayer, [entry tensors]) earliest massive sublayer
+        self.sample = {}       # stream -> [|x| of sequence 0 per sublayer], float16 on the CPU
+        self.att = {}          # layer -> dict of sums over sequences
+        self.sink_pos = []     # per batch: argmax over keys of the attention received
+        self.n_seq = 0
+        self.offset = 0
+
+    def begin_batch(self, offset, batch):
+        self.offset, self._batch = offset, batch
+        self._prev0, self._first, self._recv = {}, {}, None
+        if self.edit is not None:
+            self.edit.begin_batch(offset, batch)
+
+    def end_batch(self):
+        self.n_seq += self._batch
+        for name, (s, entries) in self._first.items():
+            if name not in self.first or s < self.first[name][0]:
+                self.first[name] = (s, [entries])
+            elif s == self.first[name][0]:
+                self.first[name][1].append(entries)
+        if self._recv is not None:
+            self.sink_pos.append(self._recv.argmax(-1).cpu())
+
+    def on_input(self, s, u):
+        return None if self.edit is None else self.edit.on_input(s, u)
+
+    def on_sublayer(self, s, streams):
+        out = None if self.edit is None else self.edit.on_sublayer(s, streams)
+        if not self.streams:
+            return out
+        if out:
+            streams = {**streams, **out}
+        for name, x in streams.items():
+            accs = self.acc.setdefault(name, [])
+            if len(accs) <= s:
+                accs.append(SublayerAccumulator())
+            entries = accs[s].add(x, self.offset)
+            if entries is not None and name not in self._first:
+                self._first[name] = (s, entries)
+            x0 = x[:, 0, :].float()
+            if s > 0:
+                cos = self.cos.setdefault(name, [])
+                if len(cos) < s:
+                    cos.append(0.0)
+                cos[s - 1] += F.cosine_similarity(self._prev0[name], x0, dim=-1).double().sum().item()
+            self._prev0[name] = x0
+            if self.offset == 0:
+                self.sample.setdefault(name, []).append(x[0].detach().float().abs().clamp(max=6e4).half().cpu())
+        return out
+
+    def on_attention(self, layer, q, k, v, att):
+        q, k, v, att = q.float(), k.float(), v.float(), att.float()
+        kn, vn = k.norm(dim=-1), v.norm(dim=-1)                               # (B, H, T)
+        sums = dict(
+            alpha1=att[..., 0].mean(-1).sum(0),                                # (H,)
+            alpha1_prefix=att[..., :SINK_T, 0].mean(-1).sum(0),
+            k0=(kn[..., 0] / kn.mean(-1).clamp_min(1e-30)).mean(1).sum(),
+            v0=(vn[..., 0] / vn.mean(-1).clamp_min(1e-30)).mean(1).sum(),
+            cos_qk0=F.cosine_similarity(q, k[:, :, :1], dim=-1).mean(-1).mean(1).sum(),
+        )
+        acc = self.att.setdefault(layer, {})
+        for name, v in sums.items():
+            acc[name] = acc.get(name, 0) + v.double().cpu()
+        recv = att.mean(2).sum(1)                                              # (B, T)
+        self._recv = recv if self._recv is None else self._recv + recv
+
+
+class Intervention(Observer):
+    """Changes a forward pass at one sublayer.
+
+    entries: {stream: (seq, position, channel, new value)} written into the streams after sublayer s
+    (zero/mean); the sequence numbers are those of the probe set. soften_k > 0: zero the soften_k
+    channels of largest |u| at position 0 of sublayer s's normalised input u (per sequence).
+    """
+
+    def __init__(self, s, entries=None, soften_k=0):
+        self.s, self.entries, self.soften_k = s, entries or {}, soften_k
+        self.offset, self.batch = 0, None
+
+    def begin_batch(self, offset, batch):
+        self.offset, self.batch = offset, batch
+
+    def on_input(self, s, u):
+        if s != self.s or self.soften_k <= 0:
+            return None
+        u = u.clone()
+        top = u[:, 0, :].abs().topk(min(self.soften_k, u.size(-1)), dim=-1).indices   # (B, k)
+        u[:, 0, :] = u[:, 0, :].scatter(-1, top, 0.0)
+        return u
+
+    def on_sublayer(self, s, streams):
+        if s != self.s or not self.entries:
+            return None
+        out = {}
+        for name, (seq, pos, ch, val) in self.entries.items():
+            x = streams[name]
+            B, T, _ = x.shape
+            keep = (seq >= self.offset) & (seq < self.offset + (self.batch or B)) & (pos < T)
+            x = x.clone()
+            idx = [t[keep].to(x.device) for t in (seq - self.offset, pos, ch)]
+            x[idx[0], idx[1], idx[2]] = val[keep].to(x.device, x.dtype)
+            out[name] = x
+        return out
+
+
+class Capture(Observer):
+    """Keeps copies of every stream after every sublayer and every sublayer input (tests, notebooks);
+    with `edit`, of the changed pass."""
+
+    def __init__(self, edit=None):
+        self.edit, self.streams, self.inputs = edit, {}, {}
+        if edit is not None:
+            edit.begin_batch(0, None)
+
+    def on_input(self, s, u):
+        new = None if self.edit is None else self.edit.on_input(s, u)
+        self.inputs[s] = (u if new is None else new).detach().clone()
+        return new
+
+    def on_sublayer(self, s, streams):
+        out = None if self.edit is None else self.edit.on_sublayer(s, streams)
+        for name, x in {**streams, **(out or {})}.items():
+            self.streams.setdefault(name, {})[s] = x.detach().clone()
+        return out
+
+# ----------------------------------------------------------------------------------------------
+# Forward passes
+
+
+def _autocast(device, dtype):
+    if dtype == 'bfloat16':
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def default_batch_size(T):
+    """As many sequences as fit 4096 tokens: bounds the explicit attention maps and the logits."""
+    return max(1, 4096 // max(T, 1))
+
+
+@torch.no_grad()
+def run_passes(model, x, y=None, observer=None, batch_size=None, dtype='float32', bar=None):
+    """Forward x (N, T) in batches with `observer`; returns (sum of CE over targets, count).
+    y may hold -1 (no target). Measure/Intervention observers get begin_batch/end_batch."""
+    device = next(model.parameters()).device
+    batch_size = batch_size or default_batch_size(x.size(1))
+    loss_sum, count = 0.0, 0
+    for i in range(0, x.size(0), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        if observer is not None and hasattr(observer, 'begin_batch'):
+            observer.begin_batch(i, xb.size(0))
+        with _autocast(device, dtype):
+            logits, _ = model(xb, observer=observer)
+        if observer is not None and hasattr(observer, 'end_batch'):
+            observer.end_batch()
+        if y is not None:
+            yb = y[i:i + batch_size, :xb.size(1)].to(device)
+            loss_sum += F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), ignore_index=-1,
+                                        reduction='sum').item()
+            count += int((yb != -1).sum())
+        if bar is not None:
+            bar.update(1)
+    return loss_sum, count
+
+
+def n_batches(N, T, batch_size=None):
+    return math.ceil(N / (batch_size or default_batch_size(T)))
+
+
+def attention_summary(obs, n_layer):
+    """alpha_1 [L][H] and the per-layer key/value/query numbers from a Measure's attention sums."""
+    n = obs.n_seq
+    alpha1 = [(obs.att[l]['alpha1'] / n).tolist() for l in range(n_layer)]
+    alpha1_prefix = [(obs.att[l]['alpha1_prefix'] / n).tolist() for l in range(n_layer)]
+    return dict(
+        alpha1=alpha1,
+        sink1=sink_rate(alpha1),
+        sink_heads=[sum(a > SINK_EPS for a in row) for row in alpha1],
+        alpha1_prefix=alpha1_prefix,
+        sink1_prefix=sink_rate(alpha1_prefix),
+        sink_heads_prefix=[sum(a > SINK_EPS for a in row) for row in alpha1_prefix],
+        k0_ratio=[float(obs.att[l]['k0']) / n for l in range(n_layer)],
+        v0_ratio=[float(obs.att[l]['v0']) / n for l in range(n_layer)],
+        cos_q_k0=[float(obs.att[l]['cos_qk0']) / n for l in range(n_layer)],
+    )
+
+
+def sink_rate(alpha1):
+    """Gu et al.'s Sink_1: percent of (layer, head) pairs with alpha_1 > epsilon."""
+    flat = [a for row in alpha1 for a in row]
+    return 100.0 * sum(a > SINK_EPS for a in flat) / len(flat)
+
+
+def _counts(values, limit=32):
+    """[[value, count], ...] most frequent first."""
+    vals, cnt = np.unique(np.asarray(values), return_counts=True)
+    order = np.argsort(-cnt, kind='stable')[:limit]
+    return [[int(vals[i]), int(cnt[i])] for i in order]
+
+
+def stream_summary(accs, cos, sink_pos):
+    """Per-sublayer lists and the across-depth summary of one stream (see the module docstring)."""
+    per = [a.result() for a in accs]
+    S = len(per)
+    chan = np.stack([a.chan.numpy() / a.n_tok for a in accs])               # (S, d)
+    pos0 = np.stack([a.pos0.numpy() / a.n_seq for a in accs])
+    n_seq = accs[0].n_seq
+    lists = {k: [p[k] for p in per] for k in per[0]}
+    lists['top_channel'] = [int(c) for c in chan.argmax(1)]
+    lists['pos0_cos_next'] = [c / n_seq for c in cos]
+    dom = int(chan.mean(0).argmax())
+    peak = int(chan[:, dom].argmax())
+    massive_s = [s for s in range(S) if per[s]['n_massive'] > 0]
+    largest = None
+    for s in massive_s:
+        lm = accs[s].largest_massive
+        if largest is None or lm[0] > abs(largest['value']):
+            largest = dict(sublayer=s, seq=lm[1], position=lm[2], channel=lm[3], value=lm[4])
+    ch_counts = sum(a.massive_channels for a in accs)
+    pos_counts = sum(a.massive_positions for a in accs)
+    pos0_ch = sum(a.massive_pos0 for a in accs)
+    ratio = lists['top1_median']
+    # co-occurrence: each sequence's largest |x| at the sublayer where top1 peaks vs its sink position
+    top_s = int(np.argmax(lists['top1']))
+    massive_pos = torch.cat([p for p, _, _ in accs[top_s].seq_top])
+    summary = dict(
+        max_top1_median=max(ratio),
+        max_top1_median_sublayer=int(np.argmax(ratio)),
+        dominant_dim=dom,
+        persistence=float(np.mean(chan.argmax(1) == dom)),
+        peak_layer=peak,
+        peak_feat_ratio=float(chan[peak, dom] / max(lower_median(chan[peak]), 1e-30)),
+        bos_concentration=float(pos0[peak, dom] / max(chan[peak, dom], 1e-30)),
+        pos0_cos_mean=float(np.mean(lists['pos0_cos_next'])) if cos else None,
+        emergence_sublayer=massive_s[0] if massive_s else None,
+        last_sublayer=massive_s[-1] if massive_s else None,
+        n_massive_max=max(lists['n_massive']),
+        largest_massive=largest,
+        massive_channels=[[int(c), int(ch_counts[c])] for c in torch.argsort(-ch_counts, stable=True)[:32]
+                          if ch_counts[c] > 0],
+        massive_positions=[[int(p), int(pos_counts[p])] for p in torch.argsort(-pos_counts, stable=True)[:32]
+                           if pos_counts[p] > 0],
+        pos0_massive_channels=[int(c) for c in pos0_ch.nonzero().flatten()],
+        cooccurrence=float((massive_pos == sink_pos).double().mean()) if sink_pos is not None else None,
+    )
+    return dict(per_sublayer=lists, channel_mean_abs=chan.tolist(), pos0_abs=pos0.tolist(),
+                summary=summary), massive_pos
+
+
+@torch.no_grad()
+def measure(model, x, y=None, batch_size=None, dtype='float32', bar=None):
+    """The probe's measurement pass on x (N, T): every stream statistic and attention, in batches.
+    Returns (result dict, the Measure observer)."""
+    obs = Measure(streams=True, attention=True)
+    loss_sum, count = run_passes(model, x, y, obs, batch_size, dtype, bar)
+    att = attention_summary(obs, model.config.n_layer)
+    T = x.size(1)
+    sink_pos = torch.cat(obs.sink_pos)
+    streams, massive_pos = {}, {}
+    for name, accs in obs.acc.items():
+        streams[name], massive_pos[name] = stream_summary(accs, obs.cos.get(name, []), sink_pos)
+        streams[name] = dict(where=STREAM_WHERE.get(name, name), **streams[name])
+    decoded = 'h' if 'h' in streams else 'C'
+    attention = dict(T=T, prefix_T=min(T, SINK_T), epsilon=SINK_EPS, **att,
+                     sink_positions=_counts(sink_pos.numpy()),
+                     massive_positions=_counts(massive_pos[decoded].numpy()),
+                     cooccurrence=streams[decoded]['summary']['cooccurrence'])
+    result = dict(val_loss=loss_sum / count if count else None, streams=streams, attention=attention)
+    return result, obs
+
+
+def measure_overhead(model, idx, repeats=3):
+    """(plain seconds, instrumented seconds): a plain forward of idx (N, T) vs the probe's
+    measurement of idx (every statistic, explicit attention), both in one batch; best of `repeats`
+    alternating runs, the least disturbed by other processes. The SPEC's goal: at most 1.5x."""
+    device = next(model.parameters()).device
+
+    def timed(fn):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    plain, instrumented = [], []
+    with torch.no_grad():
+        for i in range(repeats + 1):   # the first round warms up
+            p = timed(lambda: model(idx))
+            m = timed(lambda: measure(model, idx, batch_size=idx.size(0)))
+            if i > 0:
+                plain.append(p)
+                instrumented.append(m)
+    return min(plain), min(instrumented)
+
+# ----------------------------------------------------------------------------------------------
+# Interventions
+
+
+@contextlib.contextmanager
+def fake_quantized(model, bits):
+    """All nn.Linear weights fake-quantised to `bits` (symmetric, per output channel) inside the
+    block; the exact original weights are copied back afterwards, even on errors."""
+    qmax = 2 ** (bits - 1) - 1
+    linears = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+    saved = {k: w.detach().clone() for k, w in linears.items()}
+    try:
+        with torch.no_grad():
+            for w in linears.values():
+                scale = w.abs().amax(dim=1, keepdim=True).float() / qmax
+                q = (w.float() / scale.clamp_min(1e-30)).round().clamp(-qmax, qmax) * scale
+                w.copy_(q.to(w.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, w in linears.items():
+                w.copy_(saved[k])
+
+
+def intervention_targets(result, measure_obs, soften_k=None):
+    """Where and what the zero/mean/soften interventions change, from the census.
+
+    The massive entries are taken at the emergence sublayer of the model's own streams (h; or D and
+    C — `read` is derived from them, so it is never edited directly); when D and C emerge at the
+    same sublayer both are edited. Without any massive entry, the fallback is each sequence's
+    largest |x| at the sublayer where the stream's top1 peaks, in the stream with the largest top1.
+    mean: every target entry is set to the mean of the target entries of its channel.
+    soften: the same sublayer's input, top-k channels of position 0; k = soften_k, else the number
+    of channels massive at position 0 in the edited streams (at least 1).
+    """
+    streams = result['streams']
+    own = [n for n in ('h', 'D', 'C') if n in streams]
+    emerging = {n: streams[n]['summary']['emergence_sublayer'] for n in own
+                if streams[n]['summary']['emergence_sublayer'] is not None}
+    if emerging:
+        s = min(emerging.values())
+        names = [n for n in own if emerging.get(n) == s]
+        entries = {}
+        for n in names:
+            es, batches = measure_obs.first[n]
+            assert es == s
+            entries[n] = tuple(torch.cat([b[i] for b in batches]) for i in range(4))
+        pos0 = sorted({c for n in names for c in streams[n]['summary']['pos0_massive_channels']})
+        k = soften_k or max(1, len(pos0))
+        fallback = False
+    else:
+        name = max(own, key=lambda n: max(streams[n]['per_sublayer']['top1']))
+        top1 = streams[name]['per_sublayer']['top1']
+        s = int(np.argmax(top1))
+        names = [name]
+        pos, ch, val = (torch.cat(t) for t in zip(*measure_obs.acc[name][s].seq_top))
+        entries = {name: (torch.arange(len(pos)), pos, ch, val)}
+        k = soften_k or 1
+        fallback = True
+    means = {}
+    for n, (seq, pos, ch, val) in entries.items():
+        mean_val = val.clone()
+        for c in ch.unique():
+            mean_val[ch == c] = val[ch == c].double().mean().float()
+        means[n] = (seq, pos, ch, mean_val)
+    zeros = {n: (seq, pos, ch, torch.zeros_like(val)) for n, (seq, pos, ch, val) in entries.items()}
+    where = f"{'+'.join(names)} after s={s} ({sublayer_name(s)})"
+    n_entries = sum(len(e[0]) for e in entries.values())
+    chans = sorted({int(c) for e in entries.values() for c in e[2]})
+    what = f"{n_entries} {'top-1 (no massive) ' if fallback else 'massive '}entries, channels {_short(chans)}"
+    return dict(
+        zero=(Intervention(s, zeros), f"{where}: {what} -> 0"),
+        mean=(Intervention(s, means), f"{where}: {what} -> channel mean "
+              + ', '.join(f"{int(c)}:{float(means[names[0]][3][entries[names[0]][2] == c][0]):.4g}"
+                          for c in entries[names[0]][2].unique()[:4])),
+        soften=(Intervention(s, soften_k=k), f"input u of s={s}, position 0: top-{k} channel(s) by |u| -> 0"),
+        fallback=fallback, sublayer=s, streams=names, n_entries=n_entries, soften_k=k,
+    )
+
+
+def _short(items, limit=6):
+    return ','.join(str(i) for i in items[:limit]) + (',...' if len(items) > limit else '')
+
+
+def run_interventions(model, x, y, result, measure_obs, soften_k=None, batch_size=None,
+                      dtype='float32', bar=None):
+    """Validation loss and Sink_1 (full length and first 64 tokens) under each intervention."""
+    base_loss = result['val_loss']
+    att = result['attention']
+    out = dict(none=dict(target='unmodified model', val_loss=base_loss, delta_loss=0.0 if base_loss is not None else None,
+                         sink1_prefix=att['sink1_prefix'], sink1=att['sink1']))
+    targets = intervention_targets(result, measure_obs, soften_k)
+    runs = [(name, targets[name][0], targets[name][1], None) for name in ('zero', 'mean', 'soften')]
+    runs += [(f'quant{b}', None, f"all nn.Linear weights fake-quantised to {b} bits (symmetric, per output channel)", b)
+             for b in (8, 4)]
+    for name, edit, target, bits in runs:
+        with (fake_quantized(model, bits) if bits else contextlib.nullcontext()):
+            obs = Measure(streams=False, attention=True, edit=edit)
+            loss_sum, count = run_passes(model, x, y, obs, batch_size, dtype, bar)
+        att = attention_summary(obs, model.config.n_layer)
+        loss = loss_sum / count if count else None
+        out[name] = dict(target=target, val_loss=loss,
+                         delta_loss=None if loss is None or base_loss is None else loss - base_loss,
+                         sink1_prefix=att['sink1_prefix'], sink1=att['sink1'])
+    out['zero'].update(fallback=targets['fallback'], sublayer=targets['sublayer'], streams=targets['streams'],
+                       n_entries=targets['n_entries'])
+    out['mean'].update(fallback=targets['fallback'], sublayer=targets['sublayer'], streams=targets['streams'],
+                       n_entries=targets['n_entries'])
+    out['soften'].update(sublayer=targets['sublayer'], k=targets['soften_k'])
+    return out
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def val_windows(ckpt, num_seqs, seq_len, seed, doc_aligned=False):
+    """num_seqs windows (x, y) of seq_len tokens from the validation shards of the checkpoint's
+    dataset, the same for every checkpoint trained on that dataset."""
+    from prepare import Sampler, shard_paths
+    cfg = ckpt.get('config') or {}
+    if not isinstance(cfg, dict) or not cfg.get('dataset'):
+        raise ValueError("the checkpoint's config names no dataset; pass --text \"...\" prompts instead")
+    paths = shard_paths(cfg['dataset'], 'val', cfg.get('data_root'))
+    x, y = Sampler(paths, num_seqs, seq_len, seed, doc_aligned=doc_aligned).get(0)
+    data = dict(source='val', dataset=cfg['dataset'], shards=paths, texts=[], truncated_from=[],
+                num_seqs=num_seqs, seq_len=seq_len, seed=seed, doc_aligned=doc_aligned)
+    return x, y, data
+
+
+def text_windows(texts, seq_len):
+    """The prompts tokenised with GPT-2 BPE (<|endoftext|> allowed), truncated to seq_len and to the
+    shortest prompt so they stack; targets are the next tokens, -1 after the last one."""
+    from prepare import gpt2_encoding
+    enc = gpt2_encoding()
+    toks = [enc.encode(t, allowed_special={'<|endoftext|>'}) for t in texts]
+    if any(len(t) == 0 for t in toks):
+        raise ValueError("a --text prompt encodes to no tokens")
+    T = min(seq_len, min(len(t) for t in toks))
+    x = torch.tensor([t[:T] for t in toks], dtype=torch.long)
+    y = torch.tensor([t[1:T + 1] + [-1] * (T + 1 - len(t[1:T + 1])) for t in toks], dtype=torch.long)[:, :T]
+    data = dict(source='text', dataset=None, shards=[], texts=list(texts), num_seqs=len(texts), seq_len=T,
+                seed=None, doc_aligned=False, truncated_from=[len(t) for t in toks])
+    return x, y, data
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def sublayer_name(s):
+    return f"block {s // 2}, layer {s // 2 + 1}, {'attn' if s % 2 == 0 else 'mlp'}"
+
+
+def num(v, w=9):
+    if v is None:
+        return f"{'-':>{w}}"
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return f"{v:>{w}d}"
+    return f"{v:>{w}.4g}"
+
+
+def report(r):
+    """The text report of one checkpoint's result."""
+    lines = []
+    cfg, data = r['model_args'], r['data']
+    kind = cfg['residual'] + (' + qk_norm' if cfg.get('qk_norm') else '')
+    lines.append(f"=== {r['name']}: {r['path']} ===")
+    lines.append(f"model: {kind}, {cfg['n_layer']} layers x {cfg['n_embd']} wide x {cfg['n_head']} heads, "
+                 f"{r['params'] / 1e6:.2f}M params, iter {r['iter_num']}; ran on {r['device']}")
+    if data['source'] == 'val':
+        lines.append(f"data: {data['num_seqs']} windows x T={data['seq_len']} from the {data['dataset']} val shards "
+                     f"(seed {data['seed']}{', doc-aligned' if data['doc_aligned'] else ''})")
+    else:
+        lines.append(f"data: {data['num_seqs']} --text prompt(s), T={data['seq_len']} "
+                     f"(prompt lengths {data['truncated_from']}, truncated to the shortest)")
+    lines.append(f"position 0 holds <|endoftext|> in {100 * data['eot_at_pos0']:.0f}% of sequences; "
+                 f"val loss {num(r['val_loss'], 0)}")
+    for name, st in r['streams'].items():
+        p, sm = st['per_sublayer'], st['summary']
+        lines.append("")
+        lines.append(f"stream {name}: {st['where']}")
+        lines.append("   s blk layer kind      top1      top2      top3    median  top1/med  kurtosis "
+                     "feat_maxmed  n_out50 n_massive top_ch")
+        for s in range(len(p['top1'])):
+            lines.append(f"{s:4d} {s // 2:3d} {s // 2 + 1:5d} {'attn' if s % 2 == 0 else 'mlp ':4s} "
+                         f"{num(p['top1'][s])} {num(p['top2'][s])} {num(p['top3'][s])} {num(p['median'][s])} "
+                         f"{num(p['top1_median'][s])} {num(p['kurtosis'][s])} {num(p['feat_maxmed'][s], 11)} "
+                         f"{num(p['n_out50'][s], 8)} {num(p['n_massive'][s])} {p['top_channel'][s]:6d}")
+        if sm['emergence_sublayer'] is None:
+            lines.append(f"  census: no massive entry (|x| > {MASSIVE_ABS:g} and >= {MASSIVE_REL:g} x median); "
+                         f"max top1/median {sm['max_top1_median']:.4g} at s={sm['max_top1_median_sublayer']}")
+        else:
+            lm = sm['largest_massive']
+            lines.append(f"  census: emergence s={sm['emergence_sublayer']} ({sublayer_name(sm['emergence_sublayer'])}), "
+                         f"last s={sm['last_sublayer']}, up to {sm['n_massive_max']} entries per sublayer; largest "
+                         f"{lm['value']:.4g} at seq {lm['seq']} position {lm['position']} channel {lm['channel']} "
+                         f"(s={lm['sublayer']}); channels {_short([c for c, _ in sm['massive_channels']])}, "
+                         f"positions {_short([q for q, _ in sm['massive_positions']])}; "
+                         f"max top1/median {sm['max_top1_median']:.4g} at s={sm['max_top1_median_sublayer']}")
+        lines.append(f"  depth: dominant_dim {sm['dominant_dim']}, persistence {sm['persistence']:.3f}, "
+                     f"peak_layer s={sm['peak_layer']} ({sublayer_name(sm['peak_layer'])}), peak_feat_ratio "
+                     f"{sm['peak_feat_ratio']:.4g}, bos_concentration {sm['bos_concentration']:.4g}, "
+                     f"pos0 cos(s, s+1) mean {num(sm['pos0_cos_mean'], 0)}")
+    a = r['attention']
+    lines.append("")
+    lines.append(f"attention: alpha_1 = mean_t A[t, 0]; sink head: alpha_1 > {a['epsilon']} (epsilon); "
+                 f"T={a['prefix_T']} and T={a['T']}")
+    lines.append(f" blk layer  a1_mean@{a['prefix_T']:<4d} a1_max@{a['prefix_T']:<4d} sinks@{a['prefix_T']:<4d} "
+                 f"a1_mean@{a['T']:<4d} a1_max@{a['T']:<4d} sinks@{a['T']:<4d} |k0|/|k|  |v0|/|v| cos(q,k0)")
+    for l in range(len(a['alpha1'])):
+        lines.append(f"{l:4d} {l + 1:5d} {num(float(np.mean(a['alpha1_prefix'][l])), 12)} "
+                     f"{num(max(a['alpha1_prefix'][l]), 11)} {a['sink_heads_prefix'][l]:10d} "
+                     f"{num(float(np.mean(a['alpha1'][l])), 12)} {num(max(a['alpha1'][l]), 11)} "
+                     f"{a['sink_heads'][l]:10d} {num(a['k0_ratio'][l])} {num(a['v0_ratio'][l])} "
+                     f"{num(a['cos_q_k0'][l])}")
+    lines.append(f"Sink_1 = {a['sink1_prefix']:.1f}% at T={a['prefix_T']}, {a['sink1']:.1f}% at T={a['T']} "
+                 f"(epsilon {a['epsilon']})")
+    lines.append(f"sink position (argmax of attention received) [position, sequences]: {a['sink_positions'][:5]}; "
+                 f"massive position {a['massive_positions'][:5]}; coincide in "
+                 f"{100 * a['cooccurrence']:.0f}% of sequences")
+    iv = r.get('interventions')
+    if iv:
+        lines.append("")
+        lines.append("interventions (val loss on the probe windows; Sink_1 in %)")
+        lines.append(f" {'name':8s} {'val_loss':>9s} {'delta':>9s} {'Sink@' + str(a['prefix_T']):>9s} "
+                     f"{'Sink@' + str(a['T']):>9s}  target")
+        for name, v in iv.items():
+            lines.append(f" {name:8s} {num(v['val_loss'])} {num(v['delta_loss'])} {num(v['sink1_prefix'])} "
+                         f"{num(v['sink1'])}  {v['target']}")
+        if iv['zero'].get('fallback'):
+            lines.append(" (no massive activation: zero/mean target each sequence's top-1 entry at the top1 peak)")
+    return '\n'.join(lines)
+
+
+def comparison(results):
+    """Side-by-side rows of the key summary numbers: {'columns': names, 'rows': [[label, values]]}."""
+    rows = []
+
+    def add(label, fn):
+        vals = []
+        for r in results:
+            try:
+                vals.append(fn(r))
+            except (KeyError, TypeError):
+                vals.append(None)
+        rows.append([label, vals])
+
+    add('residual', lambda r: r['model_args']['residual'] + ('+qk_norm' if r['model_args'].get('qk_norm') else ''))
+    add('params (M)', lambda r: round(r['params'] / 1e6, 2))
+    add('iter', lambda r: r['iter_num'])
+    add('val loss', lambda r: r['val_loss'])
+    add(f'Sink_1 % (T=64)', lambda r: r['attention']['sink1_prefix'])
+    add('Sink_1 % (T=full)', lambda r: r['attention']['sink1'])
+    add('massive pos == sink pos', lambda r: r['attention']['cooccurrence'])
+    for role in ('decoded', 'D', 'read'):
+        def stream(r, role=role):
+            if role == 'decoded':
+                return r['streams']['h' if 'h' in r['streams'] else 'C']
+            return r['streams'][role]
+        tag = 'h|C' if role == 'decoded' else role
+        add(f'[{tag}] max top1/median', lambda r: stream(r)['summary']['max_top1_median'])
+        add(f'[{tag}] max top1', lambda r: max(stream(r)['per_sublayer']['top1']))
+        add(f'[{tag}] peak_layer (s)', lambda r: stream(r)['summary']['peak_layer'])
+        add(f'[{tag}] dominant_dim', lambda r: stream(r)['summary']['dominant_dim'])
+        add(f'[{tag}] persistence', lambda r: stream(r)['summary']['persistence'])
+        add(f'[{tag}] bos_concentration', lambda r: stream(r)['summary']['bos_concentration'])
+        add(f'[{tag}] emergence (s)', lambda r: stream(r)['summary']['emergence_sublayer'])
+        add(f'[{tag}] n_massive (max)', lambda r: stream(r)['summary']['n_massive_max'])
+        add(f'[{tag}] kurtosis (max)', lambda r: max(stream(r)['per_sublayer']['kurtosis']))
+    for name in ('zero', 'mean', 'soften', 'quant8', 'quant4'):
+        add(f'val loss {name}', lambda r, name=name: r['interventions'][name]['val_loss'])
+    return dict(columns=[r['name'] for r in results], rows=rows)
+
+
+def comparison_text(comp):
+    w = max(12, max(len(c) for c in comp['columns']) + 1)
+    lines = ["=== comparison ===", f"{'':28s}" + ''.join(f"{c:>{w}s}" for c in comp['columns'])]
+    for label, vals in comp['rows']:
+        cells = [f"{v:>{w}s}" if isinstance(v, str) else num(v, w) for v in vals]
+        lines.append(f"{label:28s}" + ''.join(cells))
+    return '\n'.join(lines)
+
+# ----------------------------------------------------------------------------------------------
+# Plots (matplotlib is imported here only, so that train.py's import of probe stays light)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _blocks(ax, S, axis='x'):
+    """Dashed lines at block boundaries (between mlp_b and attn_{b+1})."""
+    from matplotlib.ticker import MaxNLocator
+    for b in range(1, S // 2):
+        (ax.axvline if axis == 'x' else ax.axhline)(2 * b - 0.5, color='gray', lw=0.6, ls='--')
+    (ax.xaxis if axis == 'x' else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_checkpoint(r, sample, out_dir):
+    """The four per-checkpoint figures; returns the file paths."""
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+    name, streams = r['name'], r['streams']
+    files = []
+
+    def save(fig, suffix):
+        path = os.path.join(out_dir, f"{name}_{suffix}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+
+    n = len(streams)
+    # Sun-style layerwise profile
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for ax, (sname, st) in zip(axes[0], streams.items()):
+        p = st['per_sublayer']
+        S = len(p['top1'])
+        for key in ('top1', 'top2', 'top3', 'median'):
+            ax.plot(range(S), np.maximum(p[key], 1e-12), marker='o', ms=3, label=key)
+        ax.set_yscale('log')
+        _blocks(ax, S)
+        ax.set_xlabel('sublayer s (attn even, mlp odd; dashed: block boundaries)')
+        ax.set_ylabel('|x|')
+        ax.set_title(f"{name}: stream {sname}")
+        ax.legend(fontsize=8)
+    save(fig, 'layerwise')
+    # token x channel |x| at the peak layer, sequence 0
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for ax, (sname, st) in zip(axes[0], streams.items()):
+        s = st['summary']['peak_layer']
+        img = sample[sname][s].float().numpy()
+        im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='viridis')
+        fig.colorbar(im, ax=ax, label='|x|')
+        ax.set_xlabel('channel')
+        ax.set_ylabel('token position')
+        ax.set_title(f"{name}: {sname} at s={s} ({sublayer_name(s)}), seq 0", fontsize=9)
+    save(fig, 'tokens_channels')
+    # per-channel |x| of position 0 across depth
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for ax, (sname, st) in zip(axes[0], streams.items()):
+        img = np.maximum(np.array(st['pos0_abs']), 1e-6)
+        im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='magma',
+                       norm=LogNorm(vmin=max(img.min(), img.max() * 1e-6), vmax=img.max()))
+        fig.colorbar(im, ax=ax, label='mean |x| at position 0')
+        _blocks(ax, img.shape[0], axis='y')
+        ax.set_xlabel('channel')
+        ax.set_ylabel('sublayer s')
+        ax.set_title(f"{name}: {sname}, position 0 across depth", fontsize=9)
+    save(fig, 'pos0_depth')
+    # alpha_1 layer x head
+    a = r['attention']
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    for ax, key, T in ((axes[0][0], 'alpha1_prefix', a['prefix_T']), (axes[0][1], 'alpha1', a['T'])):
+        img = np.array(a[key])
+        im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='Blues', vmin=0, vmax=1)
+        fig.colorbar(im, ax=ax, label='alpha_1')
+        ax.set_xlabel('head')
+        ax.set_ylabel('layer (block, 0-based)')
+        ax.set_title(f"{name}: alpha_1 at T={T}, Sink_1 = {sink_rate(a[key]):.1f}%", fontsize=9)
+    save(fig, 'alpha1')
+    return files
+
+
+def plot_overlay(results, out_dir):
+    """top1/median and top1 of each checkpoint's decoded stream (h or C) vs sublayer."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    S_max = 0
+    for r in results:
+        sname = 'h' if 'h' in r['streams'] else 'C'
+        p = r['streams'][sname]['per_sublayer']
+        S_max = max(S_max, len(p['top1']))
+        axes[0].plot(p['top1_median'], marker='o', ms=3, label=f"{r['name']} ({sname})")
+        axes[1].plot(p['top1'], marker='o', ms=3, label=f"{r['name']} ({sname})")
+    for ax, what in zip(axes, ('top1 / median', 'top1 |x|')):
+        ax.set_yscale('log')
+        _blocks(ax, S_max)
+        ax.set_xlabel('sublayer s (dashed: block boundaries)')
+        ax.set_ylabel(what)
+        ax.set_title(f"decoded stream: {what}")
+        ax.legend(fontsize=8)
+    path = os.path.join(out_dir, 'overlay_top1_median.png')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def checkpoint_names(paths):
+    """Short unique names: the folder for .../NAME/ckpt.pt, else the file stem; [A-Za-z0-9_.-] only."""
+    names = []
+    for p in paths:
+        stem = os.path.splitext(os.path.basename(p))[0]
+        parent = os.path.basename(os.path.dirname(os.path.abspath(p)))
+        base = parent if stem in ('ckpt', 'model', 'checkpoint') and parent else stem
+        base = re.sub(r'[^A-Za-z0-9_.-]+', '_', base) or 'ckpt'
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}_{i}", i + 1
+        names.append(name)
+    return names
+
+
+def load(path, args):
+    """(model, ckpt, x, y, data) or a ValueError/OSError with one line."""
+    from model import load_model
+    device = args.device
+    try:
+        model, ckpt = load_model(path, device)
+    except (TypeError, AttributeError, KeyError) as e:
+        raise ValueError(f"{path}: not a train.py checkpoint ({type(e).__name__}: {e})") from None
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not fit model_args ({' '.join(str(e).split())[:300]})") from None
+    T = args.seq_len or model.config.block_size
+    if T > model.config.block_size:
+        raise ValueError(f"--seq_len {T} exceeds the model's block_size {model.config.block_size}")
+    if args.text:
+        x, y, data = text_windows(args.text, T)
+        if int(x.max()) >= model.config.vocab_size:
+            raise ValueError(f"a --text token id {int(x.max())} is outside the model's vocab_size {model.config.vocab_size}")
+    else:
+        try:
+            x, y, data = val_windows(ckpt, args.num_seqs, T, args.seed, args.doc_aligned)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+    data['eot_at_pos0'] = float((x[:, 0] == EOT).double().mean())
+    return model, ckpt, x, y, data
+
+
+def probe_checkpoint(path, name, args, loaded=None):
+    """Every measurement of one checkpoint; returns (JSON-able result, sample of sequence 0)."""
+    from tqdm import tqdm
+    model, ckpt, x, y, data = loaded or load(path, args)
+    N, T = x.shape
+    bs = args.batch_size
+    bar = tqdm(total=n_batches(N, T, bs) * (6 if args.interventions else 1), desc=name, unit='batch', leave=False,
+               file=sys.stderr, disable=None)
+    result, obs = measure(model, x, y, bs, args.dtype, bar)
+    r = dict(path=path, name=name, iter_num=ckpt.get('iter_num'), model_args=dict(ckpt['model_args']),
+             params=model.num_params(), device=f"{args.device}, {args.dtype}", data=data,
+             sublayers=[dict(s=s, block=s // 2, layer=s // 2 + 1, kind='attn' if s % 2 == 0 else 'mlp')
+                        for s in range(2 * model.config.n_layer)],
+             **result, interventions=None)
+    if args.interventions:
+        r['interventions'] = run_interventions(model, x, y, result, obs, args.soften_k, bs, args.dtype, bar)
+    bar.close()
+    return r, obs.sample
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(u) for k, u in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(u) for u in v]
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Massive activations and attention sinks of train.py checkpoints.")
+    p.add_argument('checkpoints', nargs='+', help='checkpoint files written by train.py')
+    p.add_argument('--out', default='probe_out', help='folder for probe.json and the PNGs')
+    p.add_argument('--num_seqs', type=int, default=16, help='validation windows to probe')
+    p.add_argument('--seq_len', type=int, default=None, help="window length (default: the model's block_size)")
+    p.add_argument('--text', action='append', default=None,
+                   help='probe this prompt instead of validation windows (repeatable; truncated to the shortest)')
+    p.add_argument('--interventions', action='store_true', help='zero/mean/soften/quantise and re-measure')
+    p.add_argument('--soften_k', type=int, default=None,
+                   help='channels to zero in soften (default: massive channels at position 0, at least 1)')
+    p.add_argument('--device', default='auto', help='auto | cpu | cuda[:i]')
+    p.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
+                   help='auto: bfloat16 autocast on CUDA, float32 on the CPU (statistics are always float32+)')
+    p.add_argument('--seed', type=int, default=1337, help='seed of the validation windows')
+    p.add_argument('--doc_aligned', action='store_true', help='windows start at <|endoftext|>')
+    p.add_argument('--batch_size', type=int, default=None, help='sequences per forward (default: 4096 tokens)')
+    args = p.parse_args(argv)
+    if args.num_seqs < 1:
+        p.error('--num_seqs must be >= 1')
+    if args.seq_len is not None and args.seq_len < 1:
+        p.error('--seq_len must be >= 1')
+    if args.device == 'auto':
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if args.dtype == 'auto':
+        args.dtype = 'bfloat16' if args.device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.device.startswith('cuda') and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but CUDA is not available")
+        names = checkpoint_names(args.checkpoints)
+        first = load(args.checkpoints[0], args)   # check everything before the long part
+        for path in args.checkpoints[1:]:
+            load(path, args)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"probe.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    os.makedirs(args.out, exist_ok=True)
+    results, files = [], []
+    for i, (path, name) in enumerate(zip(args.checkpoints, names)):
+        r, sample = probe_checkpoint(path, name, args, first if i == 0 else None)
+        first = None
+        print(report(r), flush=True)
+        print(flush=True)
+        files += plot_checkpoint(r, sample, args.out)
+        results.append(r)
+    comp = None
+    if len(results) > 1:
+        comp = comparison(results)
+        print(comparison_text(comp))
+        print()
+        files += plot_overlay(results, args.out)
+    path = os.path.join(args.out, 'probe.json')
+    with open(path, 'w') as f:
+        json.dump(_jsonable(dict(args=vars(args), checkpoints=results, comparison=comp)), f, indent=1)
+    print(f"wrote {path} and {len(files)} PNGs in {args.out}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""probe.py on tiny CPU models whose answers are known by construction."""
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+import probe
+from model import GPT, GPTConfig
+from prepare import write_shard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 512          # small vocabulary: the synthetic val shard only uses ids below it
+T = 96               # > 64, so Sink_1 on the first 64 tokens differs from the full length
+N = 4
+CH, POS, VALUE = 3, 0, 500.0   # the planted massive activation: channel 3, position 0, ~500 ...
+EMERGE = 1                     # ... written by mlp_0 (sublayer 1) and carried to the end
+
+
+def planted_model():
+    """A 2-layer vanilla model with a known massive activation and known attention.
+
+    Channel 5 is 10 at position 0 only (position embedding), channel 6 is 1 everywhere; channels 3, 5, 6
+    are written by no sublayer except mlp_0, whose two GELU units 100(u5 - 1) and 100(u5 - 1) - 1 are
+    ~300 and ~299 at position 0 and exactly 0 elsewhere (u5 = 0 there), so 500 x their difference puts
+    500 into channel 3 at position 0 only, from sublayer 1 on. Attention head 0 has q = 0 (uniform
+    causal attention: alpha_1 = mean_t 1/(t+1)); head 1 has q = 100 u6 and k = 100 u5 in its first
+    dimension, so every query puts all its mass on key 0 (alpha_1 = 1), in both layers.
+    """
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=128, vocab_size=VOCAB)
+    m = GPT(cfg)
+    d, hd = 16, 8
+    with torch.no_grad():
+        m.wte.weight[:, [3, 5, 6]] = 0
+        m.wpe.weight[:, [3, 5, 6]] = 0
+        m.wpe.weight[0, 5] = 10
+        m.wpe.weight[:, 6] = 1
+        for sub in m.sublayers:
+            sub.fn.proj.weight[[3, 5, 6], :] = 0
+            if sub.fn.proj.bias is not None:
+                sub.fn.proj.bias[[3, 5, 6]] = 0
+        for l in range(2):
+            W = m.sublayers[2 * l].fn.qkv.weight             # rows: q (0..d-1), k (d..2d-1), v
+            W[:d] = 0
+            W[hd, 6] = 100                                    # head 1, q dim 0 = 100 u6
+            W[d + hd:2 * d] = 0
+            W[d + hd, 5] = 100                                # head 1, k dim 0 = 100 u5
+        mlp = m.sublayers[1].fn
+        mlp.fc.weight[:2] = 0
+        mlp.fc.weight[0, 5], mlp.fc.bias[0] = 100, -100
+        mlp.fc.weight[1, 5], mlp.fc.bias[1] = 100, -101
+        mlp.proj.weight[:, :2] = 0
+        mlp.proj.weight[CH, 0], mlp.proj.weight[CH, 1] = VALUE, -VALUE
+    return m.eval()
+
+
+def random_model(residual='ledger', vocab=VOCAB, d=32, seed=1):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=d, block_size=128, vocab_size=vocab,
+                         residual=residual)).eval()
+
+
+def val_shard(root, vocab=VOCAB, n=20000):
+    os.makedirs(os.path.join(root, 'builtin'), exist_ok=True)
+    write_shard(os.path.join(root, 'builtin', 'builtin_val_000000.bin'),
+                np.random.default_rng(0).integers(0, vocab, n))
+    return str(root)
+
+
+def save_ckpt(model, path, data_root, dataset='builtin'):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(dict(model=model.state_dict(), model_args=asdict(model.config),
+                    config=dict(dataset=dataset, data_root=data_root, block_size=model.config.block_size),
+                    iter_num=7), path)
+    return str(path)
+
+
+def windows(n=N, t=T, vocab=VOCAB, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, t + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, before):
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sublayer_stats_keys_and_census():
+    x = torch.randn(2, 8, 16) * 0.01
+    x[1, 4, 7] = -300.0
+    st = probe.sublayer_stats(x)
+    assert set(st) == {'top1', 'top2', 'top3', 'median', 'top1_median', 'n_massive', 'max_entry',
+                       'kurtosis', 'feat_maxmed', 'n_out50'}
+    assert st['n_massive'] == 1
+    assert st['max_entry'] == dict(seq=1, position=4, channel=7, value=-300.0)
+    med = x.abs().reshape(2, -1).median(1).values.mean().item()
+    assert st['median'] == pytest.approx(med, rel=1e-6)
+    top1 = x.abs().reshape(2, -1).max(1).values.mean().item()
+    assert st['top1'] == pytest.approx(top1, rel=1e-6)
+    # batches accumulate to the same numbers as one big batch
+    acc = probe.SublayerAccumulator()
+    acc.add(x[:1])
+    acc.add(x[1:], offset=1)
+    for k, v in acc.result().items():
+        assert v == pytest.approx(st[k], rel=1e-5) if not isinstance(v, dict) else v == st[k]
+
+
+def test_planted_massive_activation():
+    model = planted_model()
+    x, y = windows()
+    r, _ = probe.measure(model, x, y, batch_size=3)       # batches of 3 + 1 sequences
+    h = r['streams']['h']
+    p, sm = h['per_sublayer'], h['summary']
+    assert p['n_massive'] == [0, N, N, N]                 # one entry per sequence from sublayer 1 on
+    assert sm['emergence_sublayer'] == EMERGE and sm['last_sublayer'] == 3
+    lm = sm['largest_massive']
+    assert (lm['position'], lm['channel']) == (POS, CH)
+    assert lm['value'] == pytest.approx(VALUE, rel=1e-4)
+    assert sm['massive_channels'] == [[CH, 3 * N]] and sm['massive_positions'] == [[POS, 3 * N]]
+    assert sm['pos0_massive_channels'] == [CH]
+    for s in (1, 2, 3):
+        assert p['top1'][s] == pytest.approx(VALUE, rel=1e-4)
+        assert p['max_entry'][s]['channel'] == CH and p['max_entry'][s]['position'] == POS
+    # across depth, by hand: channel 3 has mean |x| 500/T at s >= 1, channel 6 is 1 everywhere
+    assert sm['dominant_dim'] == CH
+    assert p['top_channel'] == [6, CH, CH, CH]
+    assert sm['persistence'] == pytest.approx(0.75)
+    assert sm['peak_layer'] == EMERGE                     # equal at s = 1, 2, 3: the first one
+    assert sm['bos_concentration'] == pytest.approx(T, rel=1e-4)
+    cap = probe.Capture()
+    model(x, observer=cap)
+    h1 = cap.streams['h'][EMERGE].abs().mean(dim=(0, 1))
+    assert sm['peak_feat_ratio'] == pytest.approx((h1.max() / h1.median()).item(), rel=1e-4)
+    assert h['channel_mean_abs'][EMERGE][CH] == pytest.approx(VALUE / T, rel=1e-4)
+    assert h['pos0_abs'][EMERGE][CH] == pytest.approx(VALUE, rel=1e-4)
+    x0 = [cap.streams['h'][s][:, 0] for s in range(4)]
+    cos = [torch.nn.functional.cosine_similarity(x0[s], x0[s + 1], dim=-1).mean().item() for s in range(3)]
+    assert p['pos0_cos_next'] == pytest.approx(cos, rel=1e-5)
+    # the massive position is the sink position in every sequence
+    assert r['attention']['cooccurrence'] == 1.0 and sm['cooccurrence'] == 1.0
+    assert r['attention']['sink_positions'] == [[0, N]]
+
+
+def test_attention_alpha1_and_sink_rate_by_hand():
+    model = planted_model()
+    x, y = windows()
+    r, _ = probe.measure(model, x, y)
+    a = r['attention']
+    uniform = lambda t: sum(1 / (i + 1) for i in range(t)) / t      # mean_t 1/(t+1)
+    assert a['T'] == T and a['prefix_T'] == 64 and a['epsilon'] == 0.3
+    for l in range(2):
+        assert a['alpha1'][l] == pytest.approx([uniform(T), 1.0], abs=1e-6)
+        assert a['alpha1_prefix'][l] == pytest.approx([uniform(64), 1.0], abs=1e-6)
+    assert a['sink1'] == 50.0 and a['sink1_prefix'] == 50.0
+    assert a['sink_heads'] == [1, 1] and a['sink_heads_prefix'] == [1, 1]
+    # sink rate from alpha_1 alone
+    assert probe.sink_rate([[0.31, 0.3], [0.9, 0.0]]) == 50.0
+
+
+def test_prefix_alpha1_equals_a_64_token_pass():
+    """alpha_1 on the first 64 tokens comes from the full pass; causality makes it a 64-token pass."""
+    model = random_model('ledger')
+    x, y = windows()
+    full, _ = probe.measure(model, x, y)
+    short, _ = probe.measure(model, x[:, :64], y[:, :64])
+    assert np.allclose(full['attention']['alpha1_prefix'], short['attention']['alpha1'], rtol=1e-5, atol=1e-7)
+    assert full['attention']['sink1_prefix'] == short['attention']['sink1']
+
+
+def test_interventions_change_only_their_targets():
+    model = planted_model()
+    x, y = windows()
+    before = snapshot(model)
+    r, obs = probe.measure(model, x, y, batch_size=3)
+    tg = probe.intervention_targets(r, obs)
+    assert not tg['fallback'] and tg['sublayer'] == EMERGE and tg['streams'] == ['h']
+    assert tg['n_entries'] == N and tg['soften_k'] == 1
+    plain = probe.Capture()
+    model(x, observer=plain)
+    target = torch.zeros(N, T, 16, dtype=torch.bool)
+    target[:, POS, CH] = True
+    # zero and mean: the stream after the emergence sublayer differs only at the massive entries
+    for name, expect in (('zero', 0.0), ('mean', plain.streams['h'][EMERGE][:, POS, CH].mean().item())):
+        cap = probe.Capture(tg[name][0])
+        model(x, observer=cap)
+        for s in range(EMERGE):
+            assert torch.equal(cap.streams['h'][s], plain.streams['h'][s])
+        changed = cap.streams['h'][EMERGE] != plain.streams['h'][EMERGE]
+        assert not (changed & ~target).any()
+        assert cap.streams['h'][EMERGE][:, POS, CH] == pytest.approx([expect] * N, rel=1e-6)
+    # soften: the input of the emergence sublayer loses its largest channel at position 0 (channel 5)
+    cap = probe.Capture(tg['soften'][0])
+    model(x, observer=cap)
+    changed = cap.inputs[EMERGE] != plain.inputs[EMERGE]
+    assert changed.nonzero(as_tuple=True)[1].unique().tolist() == [0]
+    assert changed.nonzero(as_tuple=True)[2].unique().tolist() == [5]
+    assert torch.all(cap.inputs[EMERGE][:, 0, 5] == 0)
+    assert torch.all(cap.streams['h'][EMERGE][:, POS, CH].abs() < 1e-3)   # nothing planted any more
+    iv = probe.run_interventions(model, x, y, r, obs, batch_size=3)
+    assert set(iv) == {'none', 'zero', 'mean', 'soften', 'quant8', 'quant4'}
+    assert iv['none']['val_loss'] == r['val_loss']
+    assert iv['mean']['val_loss'] == pytest.approx(r['val_loss'], abs=1e-4)
+    assert iv['zero']['val_loss'] != r['val_loss'] and iv['soften']['val_loss'] != r['val_loss']
+    assert iv['quant4']['val_loss'] != r['val_loss']
+    assert_unchanged(model, before)
+
+
+def test_interventions_fallback_on_a_ledger_without_massive_activations():
+    model = random_model('ledger')
+    x, y = windows(seed=3)
+    before = snapshot(model)
+    r, obs = probe.measure(model, x, y)
+    tg = probe.intervention_targets(r, obs)
+    assert tg['fallback'] and len(tg['streams']) == 1 and tg['streams'][0] in ('D', 'C')
+    name, s = tg['streams'][0], tg['sublayer']
+    assert s == int(np.argmax(r['streams'][name]['per_sublayer']['top1']))
+    plain = probe.Capture()
+    model(x, observer=plain)
+    ref = plain.streams[name][s]
+    flat = ref.abs().reshape(N, -1).argmax(1)
+    target = torch.zeros_like(ref, dtype=torch.bool).reshape(N, -1)
+    target[torch.arange(N), flat] = True
+    target = target.view_as(ref)
+    for kind in ('zero', 'mean'):
+        cap = probe.Capture(tg[kind][0])
+        model(x, observer=cap)
+        changed = cap.streams[name][s] != ref
+        assert not (changed & ~target).any()
+        other = {'D': 'C', 'C': 'D'}[name]
+        assert torch.equal(cap.streams[other][s], plain.streams[other][s])
+        if kind == 'zero':
+            assert torch.all(cap.streams[name][s][target] == 0)
+        else:  # each entry becomes the mean of the targeted entries of its channel
+            chans = flat % ref.size(-1)
+            vals = ref[target]
+            for c in chans.unique():
+                sel = (chans == c)
+                assert torch.allclose(cap.streams[name][s][target][sel], vals[sel].mean())
+    probe.run_interventions(model, x, y, r, obs)
+    assert_unchanged(model, before)
+
+
+def test_fake_quantized_restores_weights_exactly():
+    model = random_model('vanilla')
+    before = snapshot(model)
+    with probe.fake_quantized(model, 4):
+        w = model.sublayers[1].fn.fc.weight
+        assert not torch.equal(w, before['sublayers.1.fn.fc.weight'])
+        scale = before['sublayers.1.fn.fc.weight'].abs().amax(1, keepdim=True) / 7
+        assert torch.allclose(w / scale, (w / scale).round(), atol=1e-4)   # on the 4-bit grid
+    assert_unchanged(model, before)
+    with pytest.raises(ZeroDivisionError):
+        with probe.fake_quantized(model, 8):
+            1 / 0
+    assert_unchanged(model, before)
+
+
+def test_measure_overhead_returns_times():
+    model = random_model('vanilla')
+    x, _ = windows(2, 32)
+    plain, instrumented = probe.measure_overhead(model, x, repeats=1)
+    assert plain > 0 and instrumented > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: JSON keys, PNGs, comparison table, errors
+
+
+def documented_keys():
+    """The key tree of probe.json as documented in the module docstring: [(key, children)]."""
+    doc = probe.__doc__
+    block = doc.split('probe.json (tests/test_probe.py checks that every key below is there):')[1]
+    lines = [l for l in block.split('\n\n')[1].split('\n') if l.strip()]
+    root = []
+    stack = [(-1, root)]
+    for line in lines:
+        indent = len(line) - len(line.lstrip())
+        node = (line.split()[0], [])
+        while stack[-1][0] >= indent:
+            stack.pop()
+        stack[-1][1].append(node)
+        stack.append((indent, node[1]))
+    return root
+
+
+def check_keys(obj, nodes, where='probe.json'):
+    for key, children in nodes:
+        if key.startswith('<'):
+            assert isinstance(obj, dict) and obj, f"{where}: expected a non-empty dict"
+            for k, v in obj.items():
+                check_keys(v, children, f"{where}.{k}")
+            continue
+        name = key.rstrip('[]')
+        assert isinstance(obj, dict) and name in obj, f"{where}: missing {name}"
+        if key.endswith('[]'):
+            assert obj[name], f"{where}.{name}: empty list"
+            for i, item in enumerate(obj[name]):
+                check_keys(item, children, f"{where}.{name}[{i}]")
+        elif children:
+            check_keys(obj[name], children, f"{where}.{name}")
+
+
+def test_cli_two_checkpoints_json_pngs_comparison(tmp_path, capsys):
+    root = val_shard(tmp_path / 'data')
+    a = save_ckpt(planted_model(), tmp_path / 'vanilla' / 'ckpt.pt', root)
+    b = save_ckpt(random_model('ledger'), tmp_path / 'ledger.pt', root)
+    out = tmp_path / 'out'
+    models = [planted_model(), random_model('ledger')]
+    assert probe.main([a, b, '--out', str(out), '--num_seqs', '3', '--seq_len', str(T),
+                       '--interventions', '--batch_size', '2']) == 0
+    text = capsys.readouterr().out
+    data = json.loads((out / 'probe.json').read_text())
+    tree = documented_keys()
+    assert [k for k, _ in tree] == ['args', 'checkpoints[]', 'comparison']
+    check_keys(data, tree)
+    v, l = data['checkpoints']
+    assert v['name'] == 'vanilla' and l['name'] == 'ledger'
+    assert set(v['streams']) == {'h'} and set(l['streams']) == {'D', 'C', 'read'}
+    assert v['data']['num_seqs'] == 3 and v['data']['seq_len'] == T and v['data']['source'] == 'val'
+    assert len(v['sublayers']) == 4 and v['sublayers'][3] == dict(s=3, block=1, layer=2, kind='mlp')
+    sm = v['streams']['h']['summary']
+    assert (sm['emergence_sublayer'], sm['dominant_dim'], sm['largest_massive']['channel']) == (EMERGE, CH, CH)
+    # the same windows for both checkpoints: same dataset, same seed
+    assert v['data']['shards'] == l['data']['shards']
+    assert data['comparison']['columns'] == ['vanilla', 'ledger']
+    assert '=== comparison ===' in text and 'Sink_1' in text and 'interventions' in text
+    assert 'block' in text and 'layer' in text
+    for name in ('vanilla', 'ledger'):
+        for kind in ('layerwise', 'tokens_channels', 'pos0_depth', 'alpha1'):
+            png = out / f'{name}_{kind}.png'
+            assert png.stat().st_size > 1000, png
+    assert (out / 'overlay_top1_median.png').stat().st_size > 1000
+    # probing leaves the checkpoint's weights as they were (the files are not touched either)
+    for path, m in zip((a, b), models):
+        sd = torch.load(path, weights_only=False)['model']
+        for k, w in m.state_dict().items():
+            assert torch.equal(sd[k], w), k
+
+
+def test_cli_text_prompts(tmp_path, capsys):
+    model = random_model('vanilla', vocab=50257, d=16)
+    path = save_ckpt(model, tmp_path / 'tiny.pt', str(tmp_path / 'nowhere'))
+    out = tmp_path / 'out'
+    assert probe.main([path, '--out', str(out), '--text', 'Hello world, this is a longer prompt.',
+                       '--text', '<|endoftext|>Hello world']) == 0
+    data = json.loads((out / 'probe.json').read_text())['checkpoints'][0]['data']
+    assert data['source'] == 'text' and data['seq_len'] == 3 and data['num_seqs'] == 2
+    assert data['eot_at_pos0'] == 0.5
+    x, y, _ = probe.text_windows(['Hello world'], 100)
+    assert x.tolist() == [[15496, 995]] and y.tolist() == [[995, -1]]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'probe.py'), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    good = save_ckpt(random_model('vanilla'), tmp_path / 'good.pt', str(tmp_path / 'empty_root'))
+    raw = open(good, 'rb').read()
+    (tmp_path / 'trunc.pt').write_bytes(raw[:len(raw) // 2])
+    (tmp_path / 'notes.pt').write_text('not a checkpoint\n')
+    torch.save([1, 2, 3], tmp_path / 'list.pt')
+    cases = [str(tmp_path / 'missing.pt'), str(tmp_path / 'trunc.pt'), str(tmp_path / 'notes.pt'),
+             str(tmp_path / 'list.pt'), good]          # the last: its dataset is not on disk
+    for path in cases:
+        res = run_cli(path, '--out', str(tmp_path / 'out'))
+        assert res.returncode != 0, path
+        err = res.stderr.strip()
+        assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+        assert err.startswith('probe.py: error:'), err
+    assert 'prepare.py' in err                          # the dataset error names the fix
+
+
+def test_seq_len_longer_than_block_size_is_an_error(tmp_path, capsys):
+    path = save_ckpt(random_model('vanilla'), tmp_path / 'm.pt', val_shard(tmp_path / 'data'))
+    assert probe.main([path, '--seq_len', '1000', '--out', str(tmp_path / 'o')]) == 1
+    assert 'block_size' in capsys.readouterr().err
