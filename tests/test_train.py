@@ -59,9 +59,13 @@ def tiny(data_root, out_dir, **overrides):
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-def run(args, timeout=120, cmd=None):
-    return subprocess.run((cmd or [sys.executable, TRAIN]) + args, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+# one thread: on a busy 2-core machine, OpenMP's spinning threads make tiny models 5x slower
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+
+
+def run(args, timeout=120):
+    return subprocess.run([sys.executable, TRAIN] + args, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=ENV)
 
 
 def read_log(out_dir, event=None):
@@ -216,10 +220,17 @@ def test_lr_schedule():
 # training runs
 
 
-def test_end_to_end_writes_a_loadable_checkpoint_and_log(data_root, tmp_path):
-    out = tmp_path / 'out'
-    r = run(tiny(data_root, out, max_iters=6))
+@pytest.fixture(scope='session')
+def finished_run(data_root, tmp_path_factory):
+    """One short run (alpha 0.5) that several tests read: (out_dir, completed process)."""
+    out = tmp_path_factory.mktemp('run') / 'out'
+    r = run(tiny(data_root, out, max_iters=6, commit_sparsity=0.5))
     assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_end_to_end_writes_a_loadable_checkpoint_and_log(finished_run):
+    out, r = finished_run
     assert 'parameters:' in r.stdout and 'config:' in r.stdout
     ckpt = read_checkpoint(str(out / 'ckpt.pt'))
     assert set(ckpt) == CKPT_KEYS
@@ -269,14 +280,12 @@ def assert_same_state(a, b):
 
 def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path):
     # dropout on, so that the dropout masks have to be reproduced too
-    args = dict(max_iters=40, eval_interval=5, dropout=0.1, stats_seqs=0, vocab_size=50257)
+    args = dict(max_iters=40, eval_interval=5, dropout=0.1, stats_seqs=0)
     whole, killed = tmp_path / 'whole', tmp_path / 'killed'
-    r = run(tiny(data_root, whole, **args))
-    assert r.returncode == 0, r.stderr
-
+    uninterrupted = subprocess.Popen([sys.executable, TRAIN] + tiny(data_root, whole, **args), cwd=ROOT, env=ENV,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     proc = subprocess.Popen([sys.executable, TRAIN] + tiny(data_root, killed, **args), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
     for line in proc.stdout:
         if line.startswith('iter 12:'):  # checkpoints exist for iters 0, 5 and 10
             proc.send_signal(signal.SIGKILL)
@@ -288,27 +297,31 @@ def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path):
 
     r = run([f'--out_dir={killed}', '--init_from=resume'])  # the checkpoint's config fills in the rest
     assert r.returncode == 0, r.stderr
+    assert uninterrupted.wait(timeout=120) == 0, uninterrupted.stderr.read()
     assert f'resuming at iter {k}' in r.stdout
     starts = read_log(killed, 'start')
     assert [s['iter'] for s in starts] == [0, k]
     assert_same_state(final_state(whole), final_state(killed))
 
 
-def test_resume_keeps_best_val_loss_and_rejects_shape_changes(data_root, tmp_path):
+def test_resume_keeps_best_val_loss_and_rejects_shape_changes(finished_run, tmp_path, capsys):
     out = tmp_path / 'out'
-    assert run(tiny(data_root, out, max_iters=4)).returncode == 0
+    shutil.copytree(finished_run[0], out)
     ckpt = final_state(out)
     ckpt['best_val_loss'] = -1.0  # a best that the resumed run cannot beat: it must not be raised
     train.save_checkpoint(ckpt, str(out))
-    r = run([f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--n_layer=3'])
-    assert r.returncode == 2
-    assert_one_line_error(r.stderr, 'n_layer=3', 'n_layer=2')
+    assert train.main([f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--n_layer=3']) == 2
+    assert_one_line_error(capsys.readouterr().err, '--n_layer', 'n_layer=3', 'n_layer=2')
+    assert train.main([f'--out_dir={tmp_path / "nothing"}', '--init_from=resume']) == 2
+    assert_one_line_error(capsys.readouterr().err, 'no such checkpoint')
+    cfg, _ = train.load_config([f'--out_dir={out}', '--init_from=resume'])
+    assert cfg.commit_sparsity == 0.5 and cfg.n_embd == 32 and cfg.max_iters == 6  # from the checkpoint
+
     r = run([f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--n_layer=2', '--dropout=0.1'])
     assert r.returncode == 0, r.stderr
     ckpt = final_state(out)
     assert ckpt['iter_num'] == 8 and ckpt['best_val_loss'] == -1.0 and ckpt['config']['dropout'] == 0.1
-    r = run([f'--out_dir={tmp_path / "nothing"}', '--init_from=resume'])
-    assert r.returncode == 2 and 'no such checkpoint' in r.stderr
+    assert [e['iter'] for e in read_log(out, 'eval')] == [0, 4, 6, 8]  # iter 6 was not evaluated twice
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -338,7 +351,7 @@ def test_sigkill_during_save_leaves_a_complete_checkpoint(tmp_path):
         train.save_checkpoint(dict(base, model={{'w': torch.ones(60_000_000)}}, iter_num=2), {str(tmp_path)!r})
         print('saved', flush=True)
     """)
-    proc = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=ENV)
     assert proc.stdout.readline().strip() == 'saving'
     time.sleep(0.3)
     proc.kill()
@@ -356,12 +369,13 @@ def test_ddp_matches_single_process(data_root, tmp_path):
     """2 ranks x 1 micro-step see the same sequences as 1 rank x 2 micro-steps."""
     single, ddp = tmp_path / 'single', tmp_path / 'ddp'
     args = dict(max_iters=3, eval_interval=100, stats_seqs=0)
-    r = run(tiny(data_root, single, **args))
-    assert r.returncode == 0, r.stderr
-    env = dict(os.environ, OMP_NUM_THREADS='1', GLOO_SOCKET_IFNAME=os.environ.get('GLOO_SOCKET_IFNAME', 'lo'))
+    one = subprocess.Popen([sys.executable, TRAIN] + tiny(data_root, single, **args), cwd=ROOT, env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(ENV, GLOO_SOCKET_IFNAME=os.environ.get('GLOO_SOCKET_IFNAME', 'lo'))
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', TRAIN]
                        + tiny(data_root, ddp, **args), capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert one.wait(timeout=120) == 0, one.stderr.read()
     assert 'world size 2, 1 micro-steps' in r.stdout
     assert len(read_log(ddp, 'start')) == 1  # rank 0 alone writes
     a, b = read_log(single, 'train'), read_log(ddp, 'train')
@@ -376,13 +390,11 @@ def test_ddp_matches_single_process(data_root, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
 
 
-def test_penalty_adds_alpha_times_the_commit_rate(data_root, tmp_path):
-    runs = {}
-    for alpha in (0.0, 0.5):
-        out = tmp_path / f'a{alpha}'
-        r = run(tiny(data_root, out, max_iters=2, eval_interval=100, stats_seqs=0, commit_sparsity=alpha))
-        assert r.returncode == 0, r.stderr
-        runs[alpha] = read_log(out, 'train')
+def test_penalty_adds_alpha_times_the_commit_rate(finished_run, data_root, tmp_path):
+    out = tmp_path / 'alpha0'
+    r = run(tiny(data_root, out, max_iters=1, eval_interval=100, stats_seqs=0, commit_sparsity=0.0))
+    assert r.returncode == 0, r.stderr
+    runs = {0.0: read_log(out, 'train'), 0.5: read_log(finished_run[0], 'train')}
     for t in runs[0.5]:
         assert t['loss'] - t['ce'] == pytest.approx(0.5 * t['commit'], abs=1e-5)
     for t in runs[0.0]:
@@ -408,8 +420,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_root, tmp_path
 def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
     out = tmp_path / 'out'
     proc = subprocess.Popen([sys.executable, TRAIN] + tiny(data_root, out, max_iters=100_000, eval_interval=1000),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     for line in proc.stdout:
         if line.startswith('iter 3:'):
             proc.send_signal(signal.SIGTERM)
