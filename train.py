@@ -16,6 +16,23 @@ Everything random is a pure function of the step: the batches (prepare.Sampler) 
 masks (the generator is re-seeded at every micro-step). A run killed at any point and resumed from
 its last checkpoint therefore ends with the same weights as one that never stopped (bitwise, on
 CPU in fp32), and the data of a step does not depend on the number of GPUs.
+
+What lands in out_dir (rank 0 writes):
+  ckpt.pt    at every evaluation, at the end and on SIGTERM; written atomically, so a crash leaves
+             the previous one. A dict: model (state_dict of the uncompiled model), optimizer, scaler,
+             model_args (GPTConfig fields), config (this TrainConfig), iter_num (steps done = the next
+             step to run), best_val_loss, val_loss and val_loss_iter (the last evaluation), rng,
+             world_size, tokens. model.load_model(path) gives the model back.
+  log.jsonl  one JSON object per line, appended to (a resumed run continues it):
+             start: iter, params, world_size, grad_accum, device, dtype, compile, config
+             train: iter (index of the step just taken), loss (= ce + commit_sparsity * commit), ce,
+                    commit (mean commit gate; null for vanilla), lr, ms_per_iter, tokens_per_s,
+                    mfu (null when unknown), tokens, elapsed_s
+             eval:  iter (steps done), train_loss, val_loss (cross-entropy), train_commit, val_commit,
+                    best_val_loss, eval_s, stats (probe.activation_stats of a fixed val batch:
+                    {stream: {top1_median|kurtosis|feat_maxmed|n_massive: [one value per sublayer]}})
+             stop:  iter, reason (max_iters, target_val_loss, sigterm, eval_only, non-finite loss)
+Exit codes: 0 done (also after SIGTERM), 2 bad config or missing data, 3 non-finite loss.
 """
 
 import ast
@@ -372,8 +389,11 @@ def remove_stale_temp_files(out_dir, name='ckpt.pt'):
 
 
 def rng_states(device):
+    """The generators' states (this rank's; its own GPU only, so no context is opened on the others).
+    Training re-seeds the dropout generator at every micro-step, so exact resume does not rely on
+    them; they are saved so that code run between steps sees the same randomness after a resume."""
     return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if device.startswith('cuda') else None)
+                cuda=torch.cuda.get_rng_state(device) if device.startswith('cuda') else None)
 
 
 def set_rng_states(states, device):
@@ -381,7 +401,7 @@ def set_rng_states(states, device):
     np.random.set_state(states['numpy'])
     random.setstate(states['python'])
     if states.get('cuda') is not None and device.startswith('cuda'):
-        torch.cuda.set_rng_state_all(states['cuda'])
+        torch.cuda.set_rng_state(states['cuda'], device)
 
 
 def format_time(seconds):
@@ -407,6 +427,9 @@ class Log:
             f.write(json.dumps(dict(event=event, **values)) + '\n')
         if self.wandb is not None and event in ('train', 'eval'):
             scalars = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and k != 'iter'}
+            for stream, stats in (values.get('stats') or {}).items():
+                scalars[f"stats/{stream}_top1_median_max"] = max(stats['top1_median'])
+                scalars[f"stats/{stream}_n_massive"] = sum(stats['n_massive'])
             self.wandb.log(scalars, step=values['iter'])
 
 # -----------------------------------------------------------------------------
@@ -447,8 +470,7 @@ def train(cfg, ckpt=None):
     autocast = contextlib.nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     use_compile = device_type == 'cuda' if cfg.compile == 'auto' else cfg.compile
     if device_type == 'cuda':
-        torch.set_float32_matmul_precision('high')  # TF32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision('high')  # TF32 for the fp32 matmuls
     else:
         torch.use_deterministic_algorithms(True, warn_only=True)  # exact resume on CPU
 
@@ -485,14 +507,15 @@ def train(cfg, ckpt=None):
 
     # model and optimizer; the same seed on every rank gives the same init
     torch.manual_seed(cfg.seed)
-    gptconf = GPTConfig(**(ckpt['model_args'] if ckpt else model_args(cfg)))
+    gptconf = GPTConfig(**({k: v for k, v in ckpt['model_args'].items() if k in MODEL_KEYS} if ckpt else model_args(cfg)))
     gptconf.dropout = cfg.dropout
     raw_model = GPT(gptconf).to(device)
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                               cfg.decay_all, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
     iter_num, best_val_loss, val_loss, val_loss_iter = 0, math.inf, None, None
-    if ckpt is not None:
+    resumed = ckpt is not None
+    if resumed:
         raw_model.load_state_dict(ckpt['model'])
         hyper = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
         try:
@@ -501,13 +524,15 @@ def train(cfg, ckpt=None):
             raise ConfigError(f"cannot restore the optimizer ({e}); was decay_all changed?") from None
         for group, h in zip(optimizer.param_groups, hyper):
             group.update(h)  # this run's hyperparameters, the checkpoint's moments
-        if ckpt.get('scaler'):
+        if ckpt['scaler'] and scaler.is_enabled():
             scaler.load_state_dict(ckpt['scaler'])
         set_rng_states(ckpt['rng'], device)
         iter_num = ckpt['iter_num']
         best_val_loss = ckpt['best_val_loss']
         val_loss, val_loss_iter = ckpt['val_loss'], ckpt['val_loss_iter']
-    resumed_after_eval = ckpt is not None and val_loss_iter == iter_num  # no need to evaluate that again
+        ckpt.clear()  # drop the CPU copy of the weights and moments
+    resumed_after_eval = val_loss_iter == iter_num  # the checkpoint was written right after evaluating
+    has_gates = gptconf.residual == 'ledger'  # commit gates: a commit rate to log (and to penalise)
     model = torch.compile(raw_model) if use_compile else raw_model  # checkpoints use raw_model: no _orig_mod.
     train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
 
@@ -519,7 +544,7 @@ def train(cfg, ckpt=None):
               f"{raw_model.num_params(non_embedding=True):,} without the embeddings)")
         print(f"device {device}, {dtype}, compile {use_compile}, world size {world_size}, "
               f"{grad_accum} micro-steps of {cfg.batch_size} x {cfg.block_size} tokens per rank, "
-              f"{cfg.total_batch_size:,} tokens per step" + (f", resuming at iter {iter_num}" if ckpt else ""))
+              f"{cfg.total_batch_size:,} tokens per step" + (f", resuming at iter {iter_num}" if resumed else ""))
     log = Log(cfg, master)
     log('start', iter=iter_num, params=raw_model.num_params(), world_size=world_size, grad_accum=grad_accum,
         device=device, dtype=dtype, compile=use_compile, config=asdict(cfg))
@@ -542,7 +567,7 @@ def train(cfg, ckpt=None):
                 dist.all_reduce(total)
             ce_sum, commit_sum, n = total.tolist()
             out[f'{split}_loss'] = ce_sum / n
-            if raw_model.commit_rate is not None:
+            if has_gates:
                 out[f'{split}_commit'] = commit_sum / n
         stats = None
         if stats_x is not None:
@@ -662,12 +687,12 @@ def train(cfg, ckpt=None):
                     (cfg.max_iters % cfg.eval_interval != 0)
                 eta = (cfg.max_iters - iter_num - 1) * dt + evals_left * eval_seconds
                 if master:
-                    commit = f", commit {commit_f:.4f}" if raw_model.commit_rate is not None else ""
+                    commit = f", commit {commit_f:.4f}" if has_gates else ""
                     print(f"iter {iter_num}: loss {loss_f:.4f} (ce {ce_f:.4f}{commit}), lr {lr:.2e}, "
                           f"{dt * 1000:.0f} ms/iter, {tokens_per_s:,.0f} tok/s, "
                           f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}, eta {format_time(eta)}")
                 log('train', iter=iter_num, loss=loss_f, ce=ce_f,
-                    commit=commit_f if raw_model.commit_rate is not None else None, lr=lr,
+                    commit=commit_f if has_gates else None, lr=lr,
                     ms_per_iter=1000 * dt, tokens_per_s=tokens_per_s, mfu=mfu,
                     tokens=(iter_num + 1) * cfg.total_batch_size, elapsed_s=time.time() - t_start)
             iter_num += 1
