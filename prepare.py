@@ -13,6 +13,8 @@ Shards use the llm.c / modded-nanogpt format: a 1024-byte header of 256 little-e
 and a training window may start anywhere (or, with doc_aligned=True, at a document start).
 
 Files land in data/<dataset>/ next to this file; set LEDGER_DATA or pass --data_root to move them.
+Downloads come from huggingface.co unless --base_url or LEDGER_BASE_URL names a mirror; they
+resume after a dropped connection and retry with exponential backoff (base LEDGER_BACKOFF, 1 s).
 """
 
 import argparse
@@ -33,7 +35,6 @@ import numpy as np
 import requests
 import tiktoken
 import tiktoken.load
-import torch
 from tqdm import tqdm
 
 EOT = 50256  # <|endoftext|>
@@ -226,6 +227,7 @@ class Sampler:
 
     def get(self, step, micro_step=0):
         """x, y: int64 (batch_size, block_size); y is x shifted left by one token."""
+        import torch  # here, not at the top: the CLI never needs it and its import takes seconds
         rng = np.random.default_rng([self.seed, self.rank, step, micro_step])
         window = self.block_size + 1
         which = rng.choice(len(self.shards), size=self.batch_size, p=self.shard_probs)
@@ -378,8 +380,8 @@ def encode_documents(sources, workers=1):
     if workers <= 1 or len(sources) < 2:
         yield from map(_encode_document, sources)
         return
-    # each result costs the parent ~1 ms of wake-ups, so send documents in chunks: ~8 per worker
-    # keeps the parent quiet and the workers evenly loaded; at most 64 docs keeps progress smooth
+    # chunks of documents: each message wakes the parent (which shares the cores), ~8 chunks per
+    # worker still balance the load, and at most 64 docs per chunk keep the progress bar moving
     chunksize = min(64, max(1, len(sources) // (workers * 8)))
     with multiprocessing.Pool(workers, initializer=gpt2_encoding) as pool:
         yield from pool.imap(_encode_document, sources, chunksize)

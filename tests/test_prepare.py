@@ -52,7 +52,7 @@ def test_write_shard_rejects_ids_that_do_not_fit_uint16(tmp_path):
     (lambda b: b[:-10], 'truncated: expected 3024 bytes for 1000 tokens, got 3014'),
     (lambda b: b[:100], 'truncated: expected at least 1024 bytes (the header), got 100'),
     (lambda b: b + b'xx', 'too long: expected 3024 bytes for 1000 tokens, got 3026'),
-])
+], ids=['magic', 'version', 'truncated', 'no-header', 'too-long'])
 def test_read_shard_names_what_is_wrong(tmp_path, damage, message):
     path = str(tmp_path / 'bad.bin')
     write_shard(path, make_tokens(1000, seed=1))
@@ -191,7 +191,7 @@ def test_download_clean_then_skips_complete_files(fineweb, tmp_path, capsys):
     assert len(shard_paths('finewebedu10B', 'train', str(tmp_path / 'data'))) == 2
 
 
-@pytest.mark.parametrize('ignore_range', [False, True])
+@pytest.mark.parametrize('ignore_range', [False, True], ids=['range', 'server-ignores-range'])
 def test_download_resumes_after_dropped_connection(fineweb, tmp_path, ignore_range):
     name = 'finewebedu_train_000001.bin'
     fineweb.drop_once.add(name)
@@ -223,7 +223,7 @@ def test_download_retries_server_errors(fineweb, tmp_path):
 @pytest.mark.parametrize('damage, message', [
     (lambda b: b'GARBAGE!' + b[8:], 'bad magic'),
     (lambda b: b[:-2000], 'truncated'),  # complete HTTP body, but shorter than its header says
-])
+], ids=['magic', 'truncated'])
 def test_download_rejects_a_server_that_sends_garbage(fineweb, tmp_path, capsys, damage, message):
     name = 'finewebedu_train_000001.bin'
     fineweb.files[name] = damage(fineweb.files[name])
