@@ -210,10 +210,9 @@ class SublayerAccumulator:
         top_v = torch.cat([top_v, top_v[:, -1:].expand(B, 3 - k)], 1)
         med = median_last(flat)                                           # (B,)
         # excess kurtosis over channels, per token
-        z = x - x.mean(-1, keepdim=True)
-        z2 = z.square_()
+        z2 = (x - x.mean(-1, keepdim=True)).square_()
         var = z2.mean(-1)
-        kurt = z2.square_().mean(-1) / var.square().clamp_min(1e-30) - 3.0
+        kurt = torch.linalg.vecdot(z2, z2) / d / var.square().clamp_min(1e-30) - 3.0
         tok_med = median_last(a).unsqueeze(-1)
         out50 = (a >= OUTLIER_REL * tok_med).sum(-1)
         chan = a.sum(dim=(0, 1))
@@ -383,12 +382,13 @@ class Measure(Observer):
     def on_attention(self, layer, q, k, v, att):
         q, k, v, att = q.float(), k.float(), v.float(), att.float()
         kn, vn = k.norm(dim=-1), v.norm(dim=-1)                               # (B, H, T)
+        cos_qk0 = (q @ k[:, :, :1].transpose(-2, -1)).squeeze(-1) / (q.norm(dim=-1) * kn[..., :1]).clamp_min(1e-8)
         sums = dict(
             alpha1=att[..., 0].mean(-1).sum(0),                                # (H,)
             alpha1_prefix=att[..., :SINK_T, 0].mean(-1).sum(0),
             k0=(kn[..., 0] / kn.mean(-1).clamp_min(1e-30)).mean(1).sum(),
             v0=(vn[..., 0] / vn.mean(-1).clamp_min(1e-30)).mean(1).sum(),
-            cos_qk0=F.cosine_similarity(q, k[:, :, :1], dim=-1).mean(-1).mean(1).sum(),
+            cos_qk0=cos_qk0.mean(-1).mean(1).sum(),
         )
         acc = self.att.setdefault(layer, {})
         for name, v in sums.items():
@@ -774,6 +774,16 @@ def text_windows(texts, seq_len):
 # Report
 
 
+def model_kind(cfg):
+    """'vanilla', 'vanilla+qk_norm', 'vanilla post-norm', 'ledger', 'ledger strict', ..."""
+    kind = cfg['residual'] + ('+qk_norm' if cfg.get('qk_norm') else '')
+    if cfg.get('norm_position') == 'post':
+        kind += ' post-norm'
+    if cfg['residual'] == 'ledger' and cfg.get('commit_read') == 'off':
+        kind += ' strict'
+    return kind
+
+
 def sublayer_name(s):
     return f"block {s // 2}, layer {s // 2 + 1}, {'attn' if s % 2 == 0 else 'mlp'}"
 
@@ -790,7 +800,7 @@ def report(r):
     """The text report of one checkpoint's result."""
     lines = []
     cfg, data = r['model_args'], r['data']
-    kind = cfg['residual'] + (' + qk_norm' if cfg.get('qk_norm') else '')
+    kind = model_kind(cfg)
     lines.append(f"=== {r['name']}: {r['path']} ===")
     lines.append(f"model: {kind}, {cfg['n_layer']} layers x {cfg['n_embd']} wide x {cfg['n_head']} heads, "
                  f"{r['params'] / 1e6:.2f}M params, iter {r['iter_num']}; ran on {r['device']}")
@@ -872,13 +882,13 @@ def comparison(results):
                 vals.append(None)
         rows.append([label, vals])
 
-    add('residual', lambda r: r['model_args']['residual'] + ('+qk_norm' if r['model_args'].get('qk_norm') else ''))
+    add('residual', lambda r: model_kind(r['model_args']))
     add('params (M)', lambda r: round(r['params'] / 1e6, 2))
     add('iter', lambda r: r['iter_num'])
     add('val loss', lambda r: r['val_loss'])
     add(f'Sink_1 % (T=64)', lambda r: r['attention']['sink1_prefix'])
     add('Sink_1 % (T=full)', lambda r: r['attention']['sink1'])
-    add('massive pos == sink pos', lambda r: r['attention']['cooccurrence'])
+    add('massive pos == sink pos (frac)', lambda r: r['attention']['cooccurrence'])
     for role in ('decoded', 'D', 'read'):
         def stream(r, role=role):
             if role == 'decoded':
@@ -895,16 +905,20 @@ def comparison(results):
         add(f'[{tag}] n_massive (max)', lambda r: stream(r)['summary']['n_massive_max'])
         add(f'[{tag}] kurtosis (max)', lambda r: max(stream(r)['per_sublayer']['kurtosis']))
     for name in ('zero', 'mean', 'soften', 'quant8', 'quant4'):
-        add(f'val loss {name}', lambda r, name=name: r['interventions'][name]['val_loss'])
+        add(f'delta val loss: {name}', lambda r, name=name: r['interventions'][name]['delta_loss'])
+    for name in ('zero', 'mean', 'soften'):
+        add(f'Sink_1 % (T=64): {name}', lambda r, name=name: r['interventions'][name]['sink1_prefix'])
     return dict(columns=[r['name'] for r in results], rows=rows)
 
 
 def comparison_text(comp):
-    w = max(12, max(len(c) for c in comp['columns']) + 1)
-    lines = ["=== comparison ===", f"{'':28s}" + ''.join(f"{c:>{w}s}" for c in comp['columns'])]
+    strings = [v for _, vals in comp['rows'] for v in vals if isinstance(v, str)]
+    w = max(12, max(len(c) for c in comp['columns'] + strings) + 2)
+    lw = max(len(label) for label, _ in comp['rows']) + 1
+    lines = ["=== comparison ===", f"{'':{lw}s}" + ''.join(f"{c:>{w}s}" for c in comp['columns'])]
     for label, vals in comp['rows']:
         cells = [f"{v:>{w}s}" if isinstance(v, str) else num(v, w) for v in vals]
-        lines.append(f"{label:28s}" + ''.join(cells))
+        lines.append(f"{label:{lw}s}" + ''.join(cells))
     return '\n'.join(lines)
 
 # ----------------------------------------------------------------------------------------------
@@ -916,6 +930,12 @@ def _pyplot():
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     return plt
+
+
+def _int_ticks(ax):
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _blocks(ax, S, axis='x'):
@@ -962,6 +982,7 @@ def plot_checkpoint(r, sample, out_dir):
         img = sample[sname][s].float().numpy()
         im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='viridis')
         fig.colorbar(im, ax=ax, label='|x|')
+        _int_ticks(ax)
         ax.set_xlabel('channel')
         ax.set_ylabel('token position')
         ax.set_title(f"{name}: {sname} at s={s} ({sublayer_name(s)}), seq 0", fontsize=9)
@@ -973,6 +994,7 @@ def plot_checkpoint(r, sample, out_dir):
         im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='magma',
                        norm=LogNorm(vmin=max(img.min(), img.max() * 1e-6), vmax=img.max()))
         fig.colorbar(im, ax=ax, label='mean |x| at position 0')
+        _int_ticks(ax)
         _blocks(ax, img.shape[0], axis='y')
         ax.set_xlabel('channel')
         ax.set_ylabel('sublayer s')
@@ -985,6 +1007,7 @@ def plot_checkpoint(r, sample, out_dir):
         img = np.array(a[key])
         im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='Blues', vmin=0, vmax=1)
         fig.colorbar(im, ax=ax, label='alpha_1')
+        _int_ticks(ax)
         ax.set_xlabel('head')
         ax.set_ylabel('layer (block, 0-based)')
         ax.set_title(f"{name}: alpha_1 at T={T}, Sink_1 = {sink_rate(a[key]):.1f}%", fontsize=9)

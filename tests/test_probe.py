@@ -113,7 +113,21 @@ def test_sublayer_stats_keys_and_census():
     assert st['median'] == pytest.approx(med, rel=1e-6)
     top1 = x.abs().reshape(2, -1).max(1).values.mean().item()
     assert st['top1'] == pytest.approx(top1, rel=1e-6)
+    # the float32 implementation agrees with a plain float64 one of the SPEC's definitions
+    xs = (torch.randn(3, 10, 24) * torch.rand(24) * 5).double()
+    xs[0, 0, 5] = 1000.0
+    st = probe.sublayer_stats(xs)
+    a = xs.abs()
+    z = xs - xs.mean(-1, keepdim=True)
+    kurt = (z.pow(4).mean(-1) / z.pow(2).mean(-1).pow(2) - 3).mean().item()
+    chan = a.mean(dim=(0, 1))
+    n_out50 = (a >= 50 * a.median(-1, keepdim=True).values).sum(-1).double().mean().item()
+    assert st['kurtosis'] == pytest.approx(kurt, rel=1e-5)
+    assert st['feat_maxmed'] == pytest.approx((chan.max() / chan.median()).item(), rel=1e-5)
+    assert st['n_out50'] == pytest.approx(n_out50) and st['n_out50'] > 0
+    assert st['top2'] == pytest.approx(a.reshape(3, -1).topk(2).values[:, 1].mean().item(), rel=1e-6)
     # batches accumulate to the same numbers as one big batch
+    st = probe.sublayer_stats(x)
     acc = probe.SublayerAccumulator()
     acc.add(x[:1])
     acc.add(x[1:], offset=1)
