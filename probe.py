@@ -219,11 +219,11 @@ class SublayerAccumulator:
         pos0 = a[:, 0, :].sum(0)
         # each sequence's largest entry
         pos, ch = top_i[:, 0] // d, top_i[:, 0] % d
-        val = x.view(B, T * d).gather(1, top_i[:, :1]).squeeze(1)
+        val = x.reshape(B, T * d).gather(1, top_i[:, :1]).squeeze(1)
 
         self.n_seq += B
         self.n_tok += B * T
-        sums = dict(top=top_v.sum(0).double(), chan=chan.double(), pos0=pos0.double())
+        sums = dict(top=top_v.sum(0).double().cpu(), chan=chan.double().cpu(), pos0=pos0.double().cpu())
         for name, v in sums.items():
             cur = getattr(self, name)
             setattr(self, name, v if cur is None else cur + v)
@@ -318,9 +318,10 @@ class Measure(Observer):
     entries at each batch's first massive sublayer (the interventions' targets), and |x| of
     sequence 0 (float16, for the heatmap). attention=True: alpha_1, key/value norms, cos(q, k_0) and
     the attention each key receives, from explicit probabilities. alpha_1 on the first SINK_T tokens
-    comes from the same maps: under causal attention the first 64 queries of a pass see exactly
-    what a pass on x[:, :64] sees (tests/test_probe.py checks it against such a pass). `edit` (an Intervention) changes
-    the pass; what is measured is the changed pass. Call begin_batch/end_batch around each forward.
+    comes from the same maps: under causal attention the first 64 queries of a pass see exactly what
+    a pass on x[:, :64] sees (a test checks it against such a pass). `edit` (an Intervention)
+    changes the pass; what is measured is the changed pass. Call begin_batch/end_batch around each
+    forward (run_passes does).
     """
 
     def __init__(self, streams=True, attention=True, edit=None):
@@ -685,22 +686,22 @@ def intervention_targets(result, measure_obs, soften_k=None):
         entries = {name: (torch.arange(len(pos)), pos, ch, val)}
         k = soften_k or 1
         fallback = True
-    means = {}
+    means, channel_means = {}, {}
     for n, (seq, pos, ch, val) in entries.items():
         mean_val = val.clone()
         for c in ch.unique():
             mean_val[ch == c] = val[ch == c].double().mean().float()
+            channel_means[f"{n}:{int(c)}"] = float(mean_val[ch == c][0])
         means[n] = (seq, pos, ch, mean_val)
     zeros = {n: (seq, pos, ch, torch.zeros_like(val)) for n, (seq, pos, ch, val) in entries.items()}
     where = f"{'+'.join(names)} after s={s} ({sublayer_name(s)})"
     n_entries = sum(len(e[0]) for e in entries.values())
     chans = sorted({int(c) for e in entries.values() for c in e[2]})
     what = f"{n_entries} {'top-1 (no massive) ' if fallback else 'massive '}entries, channels {_short(chans)}"
+    shown = ', '.join(f"{c} {m:.4g}" for c, m in list(channel_means.items())[:4])
     return dict(
         zero=(Intervention(s, zeros), f"{where}: {what} -> 0"),
-        mean=(Intervention(s, means), f"{where}: {what} -> channel mean "
-              + ', '.join(f"{int(c)}:{float(means[names[0]][3][entries[names[0]][2] == c][0]):.4g}"
-                          for c in entries[names[0]][2].unique()[:4])),
+        mean=(Intervention(s, means), f"{where}: {what} -> their channel's mean ({shown})"),
         soften=(Intervention(s, soften_k=k), f"input u of s={s}, position 0: top-{k} channel(s) by |u| -> 0"),
         fallback=fallback, sublayer=s, streams=names, n_entries=n_entries, soften_k=k,
     )
@@ -715,7 +716,8 @@ def run_interventions(model, x, y, result, measure_obs, soften_k=None, batch_siz
     """Validation loss and Sink_1 (full length and first 64 tokens) under each intervention."""
     base_loss = result['val_loss']
     att = result['attention']
-    out = dict(none=dict(target='unmodified model', val_loss=base_loss, delta_loss=0.0 if base_loss is not None else None,
+    out = dict(none=dict(target='unmodified model', val_loss=base_loss,
+                         delta_loss=None if base_loss is None else 0.0,
                          sink1_prefix=att['sink1_prefix'], sink1=att['sink1']))
     targets = intervention_targets(result, measure_obs, soften_k)
     runs = [(name, targets[name][0], targets[name][1], None) for name in ('zero', 'mean', 'soften')]
@@ -730,10 +732,8 @@ def run_interventions(model, x, y, result, measure_obs, soften_k=None, batch_siz
         out[name] = dict(target=target, val_loss=loss,
                          delta_loss=None if loss is None or base_loss is None else loss - base_loss,
                          sink1_prefix=att['sink1_prefix'], sink1=att['sink1'])
-    out['zero'].update(fallback=targets['fallback'], sublayer=targets['sublayer'], streams=targets['streams'],
-                       n_entries=targets['n_entries'])
-    out['mean'].update(fallback=targets['fallback'], sublayer=targets['sublayer'], streams=targets['streams'],
-                       n_entries=targets['n_entries'])
+    for name in ('zero', 'mean'):
+        out[name].update({k: targets[k] for k in ('fallback', 'sublayer', 'streams', 'n_entries')})
     out['soften'].update(sublayer=targets['sublayer'], k=targets['soften_k'])
     return out
 
@@ -1068,6 +1068,7 @@ def load(path, args):
         raise ValueError(f"{path}: not a train.py checkpoint ({type(e).__name__}: {e})") from None
     except RuntimeError as e:
         raise ValueError(f"{path}: the weights do not fit model_args ({' '.join(str(e).split())[:300]})") from None
+    ckpt = {k: v for k, v in ckpt.items() if k not in ('model', 'optimizer')}   # the model holds the weights
     T = args.seq_len or model.config.block_size
     if T > model.config.block_size:
         raise ValueError(f"--seq_len {T} exceeds the model's block_size {model.config.block_size}")
@@ -1140,6 +1141,8 @@ def parse_args(argv=None):
         p.error('--num_seqs must be >= 1')
     if args.seq_len is not None and args.seq_len < 1:
         p.error('--seq_len must be >= 1')
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error('--batch_size must be >= 1')
     if args.device == 'auto':
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if args.dtype == 'auto':
