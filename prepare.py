@@ -111,7 +111,7 @@ def check_shard(path):
     expected = HEADER_BYTES + 2 * n
     if size != expected:
         what = 'truncated' if size < expected else 'too long'
-        raise ShardError(f"{path}: {what}: expected {expected} bytes for {n} tokens, got {size}. {FIX}")
+        raise ShardError(f"{path}: {what}: expected {expected} bytes, got {size} (header says {n} tokens). {FIX}")
     return n
 
 

@@ -49,9 +49,9 @@ def test_write_shard_rejects_ids_that_do_not_fit_uint16(tmp_path):
 @pytest.mark.parametrize('damage, message', [
     (lambda b: np.int32(12345).tobytes() + b[4:], 'bad magic 12345 (expected 20240520)'),
     (lambda b: b[:4] + np.int32(7).tobytes() + b[8:], 'unsupported version 7 (expected 1)'),
-    (lambda b: b[:-10], 'truncated: expected 3024 bytes for 1000 tokens, got 3014'),
+    (lambda b: b[:-10], 'truncated: expected 3024 bytes, got 3014 (header says 1000 tokens)'),
     (lambda b: b[:100], 'truncated: expected at least 1024 bytes (the header), got 100'),
-    (lambda b: b + b'xx', 'too long: expected 3024 bytes for 1000 tokens, got 3026'),
+    (lambda b: b + b'xx', 'too long: expected 3024 bytes, got 3026 (header says 1000 tokens)'),
 ], ids=['magic', 'version', 'truncated', 'no-header', 'too-long'])
 def test_read_shard_names_what_is_wrong(tmp_path, damage, message):
     path = str(tmp_path / 'bad.bin')
