@@ -73,9 +73,9 @@ def option(default, help):
 class TrainConfig:
     # I/O
     out_dir: str = option('out', "folder for ckpt.pt and log.jsonl (written by rank 0 only)")
-    eval_interval: int = option(50, "evaluate and checkpoint every this many steps (and at the last step)")
+    eval_interval: int = option(20, "evaluate and checkpoint every this many steps (and at the last step)")
     log_interval: int = option(10, "print and log the training loss every this many steps")
-    eval_iters: int = option(10, "batches per split in an evaluation, shared out over the ranks")
+    eval_iters: int = option(4, "batches per split in an evaluation, shared out over the ranks")
     eval_only: bool = option(False, "evaluate once (e.g. a resumed checkpoint) and exit, writing no checkpoint")
     always_save_checkpoint: bool = option(True, "checkpoint at every evaluation; False: only when val loss "
                                                 "improves (nanoGPT). A SIGTERM always saves")
@@ -89,8 +89,8 @@ class TrainConfig:
                                      "'fineweb10B' or 'text' (see prepare.py)")
     data_root: str | None = option(None, "where the datasets live (None: $LEDGER_DATA or data/ next to prepare.py)")
     doc_aligned: bool = option(False, "start every training window at a document start (<|endoftext|>)")
-    total_batch_size: int = option(32 * 128, "tokens per optimizer step, summed over ranks and micro-steps")
-    batch_size: int = option(32, "micro-batch: sequences per forward pass on each rank")
+    total_batch_size: int = option(16 * 128, "tokens per optimizer step, summed over ranks and micro-steps")
+    batch_size: int = option(16, "micro-batch: sequences per forward pass on each rank")
     block_size: int = option(128, "tokens per sequence (the model's context length)")
     # model (the fields of model.GPTConfig)
     n_layer: int = option(4, "transformer blocks (each is an attention and an MLP sublayer)")
@@ -113,7 +113,7 @@ class TrainConfig:
     commit_sparsity: float = option(0.02, "alpha: loss = CE + alpha * mean commit gate (ledger only)")
     # optimizer: AdamW
     learning_rate: float = option(2e-3, "peak learning rate")
-    max_iters: int = option(300, "optimizer steps in the whole run")
+    max_iters: int = option(80, "optimizer steps in the whole run")
     weight_decay: float = option(0.1, "AdamW weight decay")
     decay_all: bool = option(True, "decay every parameter (the paper); False: only 2-D weights (nanoGPT)")
     beta1: float = option(0.9, "AdamW beta1")
@@ -121,7 +121,7 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables")
     # learning-rate schedule
     decay_lr: bool = option(True, "warmup then cosine decay; False: constant learning_rate")
-    warmup_iters: int = option(30, "linear warmup steps")
+    warmup_iters: int = option(10, "linear warmup steps")
     lr_decay_iters: int | None = option(None, "step at which the cosine reaches min_lr (None: max_iters)")
     min_lr: float | None = option(None, "final learning rate (None: 0.1 * learning_rate)")
     target_val_loss: float | None = option(None, "stop (after saving) once val loss <= this (None: off)")

@@ -1,11 +1,12 @@
 # The laptop demo, i.e. the defaults of `python train.py` spelled out (a test keeps them equal):
-# a small ledger model on the offline 'builtin' corpus (Python's standard library, built on first
-# use), fp32 on CPU, a few minutes on 2 cores. Copy this file to start your own config.
+# a 4 x 128 ledger model on the offline 'builtin' corpus (Python's standard library, built on first
+# use), fp32 on CPU: 80 steps of 2048 tokens, about 3 minutes on 2 idle cores, val loss 10.9 -> ~4.
+# The GPT-2 vocabulary (50257) dominates the cost at this width. Copy this file to start your own.
 
 out_dir = 'out'
-eval_interval = 50
+eval_interval = 20
 log_interval = 10
-eval_iters = 10
+eval_iters = 4
 eval_only = False
 always_save_checkpoint = True
 init_from = 'scratch'
@@ -17,8 +18,8 @@ wandb_run_name = None
 dataset = 'builtin'
 data_root = None
 doc_aligned = False
-total_batch_size = 32 * 128
-batch_size = 32
+total_batch_size = 16 * 128  # one micro-step of 16 x 128
+batch_size = 16
 block_size = 128
 
 # model
@@ -42,14 +43,14 @@ commit_sparsity = 0.02
 
 # optimisation
 learning_rate = 2e-3
-max_iters = 300
+max_iters = 80
 weight_decay = 0.1
 decay_all = True
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0
 decay_lr = True
-warmup_iters = 30
+warmup_iters = 10
 lr_decay_iters = None
 min_lr = None
 target_val_loss = None
