@@ -210,11 +210,11 @@ class SublayerAccumulator:
         top_v = torch.cat([top_v, top_v[:, -1:].expand(B, 3 - k)], 1)
         med = median_last(flat)                                           # (B,)
         # excess kurtosis over channels, per token
-        z2 = (x - x.mean(-1, keepdim=True)).square_()
+        z2 = (x - x.mean(-1, keepdim=True)).square_()      # in place: fresh CPU memory is slow
         var = z2.mean(-1)
-        kurt = torch.linalg.vecdot(z2, z2) / d / var.square().clamp_min(1e-30) - 3.0
+        kurt = z2.square_().mean(-1) / var.square().clamp_min(1e-30) - 3.0
         tok_med = median_last(a).unsqueeze(-1)
-        out50 = (a >= OUTLIER_REL * tok_med).sum(-1)
+        out50 = (a >= OUTLIER_REL * tok_med).sum(-1, dtype=torch.int32)
         chan = a.sum(dim=(0, 1))
         pos0 = a[:, 0, :].sum(0)
         # each sequence's largest entry
@@ -394,7 +394,7 @@ class Measure(Observer):
         acc = self.att.setdefault(layer, {})
         for name, v in sums.items():
             acc[name] = acc.get(name, 0) + v.double().cpu()
-        recv = att.mean(2).sum(1)                                              # (B, T)
+        recv = att.sum(dim=(1, 2))                   # (B, T) attention received, summed over heads and queries
         self._recv = recv if self._recv is None else self._recv + recv
 
 
