@@ -213,9 +213,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if observer is not None and observer.attention:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+            att = (q @ k.transpose(-2, -1)).div_(math.sqrt(k.size(-1)))   # in place: T x T maps are big
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill(~causal, float('-inf')).softmax(dim=-1)
+            att = att.masked_fill_(~causal, float('-inf')).softmax(dim=-1)
             observer.on_attention(self.layer, q, k, v, att)
             y = att @ v
         else:
