@@ -113,7 +113,7 @@ class TrainConfig:
     commit_sparsity: float = option(0.02, "alpha: loss = CE + alpha * mean commit gate (ledger only)")
     # optimizer: AdamW
     learning_rate: float = option(2e-3, "peak learning rate")
-    max_iters: int = option(80, "optimizer steps in the whole run")
+    max_iters: int = option(60, "optimizer steps in the whole run")
     weight_decay: float = option(0.1, "AdamW weight decay")
     decay_all: bool = option(True, "decay every parameter (the paper); False: only 2-D weights (nanoGPT)")
     beta1: float = option(0.9, "AdamW beta1")
@@ -188,13 +188,13 @@ def check_key(key, value, where):
 
 def parse_value(key, text):
     """A --key=value string as a Python value: a literal if it parses, else the string itself."""
-    if text in ('true', 'false'):
+    annotation = next((f.type for f in fields(TrainConfig) if f.name == key), None)
+    if text in ('true', 'false') and annotation is not None and type_ok(True, annotation):
         return text == 'true'
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
-    annotation = next((f.type for f in fields(TrainConfig) if f.name == key), None)
     if annotation is not None and not type_ok(value, annotation) and type_ok(text, annotation):
         return text  # e.g. --wandb_run_name=2024 is the string '2024'
     return value

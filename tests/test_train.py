@@ -417,9 +417,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_root, tmp_path
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']
 
 
+def test_target_val_loss_stops_after_saving_and_eval_only_writes_no_checkpoint(finished_run, data_root, tmp_path):
+    out = tmp_path / 'target'
+    r = run(tiny(data_root, out, max_iters=50, target_val_loss=100.0))  # reached at the first evaluation
+    assert r.returncode == 0, r.stderr
+    assert read_checkpoint(str(out / 'ckpt.pt'))['iter_num'] == 0
+    assert read_log(out)[-1] == {'event': 'stop', 'iter': 0, 'reason': 'target_val_loss'}
+
+    out = tmp_path / 'eval_only'
+    shutil.copytree(finished_run[0], out)
+    before = os.stat(out / 'ckpt.pt').st_mtime_ns
+    r = run([f'--out_dir={out}', '--init_from=resume', '--eval_only=True'])
+    assert r.returncode == 0, r.stderr
+    evals = read_log(out, 'eval')
+    assert evals[-1]['iter'] == 6 and evals[-1]['val_loss'] == pytest.approx(evals[-2]['val_loss'], rel=1e-6)
+    assert os.stat(out / 'ckpt.pt').st_mtime_ns == before
+
+
 def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
+    """(on a vanilla model, which has no commit rate to log)"""
     out = tmp_path / 'out'
-    proc = subprocess.Popen([sys.executable, TRAIN] + tiny(data_root, out, max_iters=100_000, eval_interval=1000),
+    args = tiny(data_root, out, max_iters=100_000, eval_interval=1000, residual='vanilla', commit_sparsity=0)
+    proc = subprocess.Popen([sys.executable, TRAIN] + args,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     for line in proc.stdout:
         if line.startswith('iter 3:'):
@@ -432,3 +451,5 @@ def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
     last = read_log(out, 'train')[-1]['iter']
     assert ckpt['iter_num'] == last + 1 >= 4
     assert read_log(out)[-1] == {'event': 'stop', 'iter': last + 1, 'reason': 'sigterm'}
+    assert all(t['commit'] is None for t in read_log(out, 'train'))
+    assert set(read_log(out, 'eval')[0]['stats']) == {'h'}
