@@ -66,6 +66,7 @@ from prepare import Sampler, ensure_dataset, shard_paths
 
 
 def option(default, help):
+    """A config key: its default, and the description that --help prints."""
     return dataclasses.field(default=default, metadata={'help': help})
 
 
