@@ -1,7 +1,8 @@
 # ledger_160m: Ledger residual, sparsity alpha = 0.02; 12 x 768 x 12 (SPEC §2).
 # 24 sequences x 1024 tokens per step, 14000 steps = 344M tokens of FineWeb-Edu (python prepare.py).
 # total_batch_size fixes the step whatever the number of GPUs; batch_size is per GPU:
-#   1 GPU: 2 micro-steps of 12; 2 GPUs: 1; 4 GPUs: --batch_size=6; 8 GPUs: --batch_size=3.
+#   3 fits 1, 2, 4 or 8 GPUs (8, 4, 2 or 1 micro-steps); with fewer GPUs a larger one is faster
+#   if it fits in memory: 1 GPU --batch_size=12 (or 6, 8, 24), 2 GPUs --batch_size=6 (or 12).
 
 out_dir = 'out/ledger_160m'
 dataset = 'finewebedu10B'
@@ -31,7 +32,7 @@ commit_sparsity = 0.02
 
 # optimisation: AdamW, decay on every parameter, 300 warmup steps, cosine to 0.1 x lr at the last step
 total_batch_size = 24 * 1024
-batch_size = 12
+batch_size = 3
 max_iters = 14000
 learning_rate = 3e-4
 min_lr = 3e-5

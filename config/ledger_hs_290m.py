@@ -1,7 +1,8 @@
 # ledger_hs_290m: Ledger residual with heavy sparsity, alpha = 0.3; 12 x 1024 x 16 (SPEC §2).
 # 16 sequences x 1024 tokens per step, 8000 steps = 131M tokens of FineWeb-Edu (python prepare.py).
 # total_batch_size fixes the step whatever the number of GPUs; batch_size is per GPU:
-#   1 GPU: 2 micro-steps of 8; 2 GPUs: 1; 4 GPUs: --batch_size=4; 8 GPUs: --batch_size=2.
+#   2 fits 1, 2, 4 or 8 GPUs (8, 4, 2 or 1 micro-steps); with fewer GPUs a larger one is faster
+#   if it fits in memory: 1 GPU --batch_size=8 (or 4, 16), 2 GPUs --batch_size=4 (or 8).
 
 out_dir = 'out/ledger_hs_290m'
 dataset = 'finewebedu10B'
@@ -31,7 +32,7 @@ commit_sparsity = 0.3
 
 # optimisation: AdamW, decay on every parameter, 300 warmup steps, cosine to 0.1 x lr at the last step
 total_batch_size = 16 * 1024
-batch_size = 8
+batch_size = 2
 max_iters = 8000
 learning_rate = 3e-4
 min_lr = 3e-5

@@ -194,7 +194,7 @@ def test_preset_matches_spec(name):
     if residual == 'ledger':
         assert (cfg.ledger_rank, cfg.commit_bias_first, cfg.commit_bias_last, cfg.decode_mix) == (64, -4.0, 4.0, 0.0)
     assert train.get_lr(steps, cfg) == pytest.approx(3e-5)
-    for world_size in (1, 2):  # the preset's batch_size fits one and two GPUs
+    for world_size in (1, 2, 4, 8):  # the preset's batch_size fits any of these GPU counts
         assert train.grad_accum_steps(cfg, world_size) * cfg.batch_size * world_size == seqs
     with torch.device('meta'):
         model = GPT(GPTConfig(**train.model_args(cfg)))
