@@ -313,7 +313,7 @@ class GPT(nn.Module):
         for sublayer in self.sublayers:
             state, gate = sublayer(state, observer)
             if gate is not None:
-                gates.append(gate.mean())
+                gates.append(gate.float().mean())   # fp32 even under bf16 autocast
         self.commit_rate = torch.stack(gates).mean() if gates else None
         logits = self.lm_head(self.norm_f(self.residual.decode(state, self.config)))
         loss = None
