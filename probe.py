@@ -140,13 +140,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Observer
+from prepare import EOT
 
 MASSIVE_ABS = 100.0       # Sun et al.: |x| > 100 ...
 MASSIVE_REL = 1000.0      # ... and |x| >= 1000 x median(|x|) of that sequence at that sublayer
 OUTLIER_REL = 50.0        # reference code's n_out50: |x| >= 50 x the token's median
 SINK_EPS = 0.3            # Gu et al.: a head is a sink head when alpha_1 > 0.3 ...
 SINK_T = 64               # ... measured on the first 64 tokens
-EOT = 50256               # <|endoftext|>, also in prepare.py (not imported: it pulls in tiktoken)
 STREAM_WHERE = {
     'h': 'residual stream h after each sublayer (decoded)',
     'D': 'scratch stream D after each sublayer',
