@@ -13,6 +13,7 @@ the operator, which updates the stream(s). The LM head reads whatever the operat
 import inspect
 import math
 import os
+import pickle
 from dataclasses import dataclass, fields
 
 import torch
@@ -39,10 +40,13 @@ class GPTConfig:
     decode_mix: float = 0.0            # gamma: the head decodes C + gamma*D
     tie_embeddings: bool = False
     scaled_init: bool = False          # nanoGPT's N(0, 0.02/sqrt(2L)) for output projections
+    bias: bool = False                 # biases on the attention Linears and LayerNorms (GPT-2); the MLP always has them
+    gelu: str = 'exact'                # 'exact' | 'tanh' (GPT-2's approximation, "gelu_new")
+    norm_eps: float = 1e-6             # epsilon of every norm (GPT-2: 1e-5)
 
     def __post_init__(self):
         choices = dict(residual=('vanilla', 'ledger'), norm=('rmsnorm', 'layernorm'),
-                       norm_position=('pre', 'post'), commit_read=('learned', 'off'))
+                       norm_position=('pre', 'post'), commit_read=('learned', 'off'), gelu=('exact', 'tanh'))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
@@ -58,8 +62,8 @@ class GPTConfig:
 def make_norm(config, dim=None):
     dim = dim or config.n_embd
     if config.norm == 'rmsnorm':
-        return nn.RMSNorm(dim, eps=1e-6)
-    return nn.LayerNorm(dim, eps=1e-6, bias=False)
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 class LowRank(nn.Module):
@@ -198,12 +202,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head = config.n_head
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.residual_out = True
         hd = config.n_embd // config.n_head
-        self.q_norm = nn.RMSNorm(hd, eps=1e-6) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(hd, eps=1e-6) if config.qk_norm else None
+        self.q_norm = nn.RMSNorm(hd, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(hd, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
     def forward(self, x, observer=None):
@@ -233,9 +237,10 @@ class MLP(nn.Module):
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.proj.residual_out = True
         self.dropout = config.dropout
+        self.approximate = 'tanh' if config.gelu == 'tanh' else 'none'
 
     def forward(self, x, observer=None):
-        return F.dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)
+        return F.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)), self.dropout, self.training)
 
 
 class Sublayer(nn.Module):
@@ -371,16 +376,26 @@ class GPT(nn.Module):
 
 
 CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'iter_num')
+TRUST_HINT = ("only if you trust this file (e.g. an old checkpoint of this repo you wrote yourself): "
+              "probe.py --trust_checkpoint, train.py --trust_checkpoint=True")
 
 
-def read_checkpoint(path, map_location='cpu'):
+def read_checkpoint(path, map_location='cpu', trust=False):
     """Load a checkpoint dict written by train.py; one clear error for a missing, truncated or
-    foreign file instead of a pickle traceback."""
+    foreign file instead of a pickle traceback.
+
+    A checkpoint is a pickle, and unpickling can run arbitrary code, so it is read with
+    torch.load(weights_only=True): tensors and plain containers/numbers/strings only, which is all
+    train.py writes. A file that needs more is refused unless trust=True (the user said so by name).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file (train one with `python train.py`)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as e:
+        if not trust and isinstance(e, pickle.UnpicklingError) and 'weights only load failed' in str(e).lower():
+            raise ValueError(f"{path}: contains pickled Python objects, which could run code; refusing. "
+                             f"Load it {TRUST_HINT}") from None
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); "
                          f"it may be truncated or not written by train.py") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
@@ -388,9 +403,9 @@ def read_checkpoint(path, map_location='cpu'):
     return ckpt
 
 
-def load_model(path, device='cpu'):
-    """(model in eval mode, checkpoint dict) from a train.py checkpoint."""
-    ckpt = read_checkpoint(path)
+def load_model(path, device='cpu', trust=False):
+    """(model in eval mode, checkpoint dict) from a train.py checkpoint (see read_checkpoint)."""
+    ckpt = read_checkpoint(path, trust=trust)
     known = {f.name for f in fields(GPTConfig)}
     model = GPT(GPTConfig(**{k: v for k, v in ckpt['model_args'].items() if k in known}))
     model.load_state_dict(ckpt['model'])

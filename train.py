@@ -23,6 +23,8 @@ What lands in out_dir (rank 0 writes):
              model_args (GPTConfig fields), config (this TrainConfig), iter_num (steps done = the next
              step to run), best_val_loss, val_loss and val_loss_iter (the last evaluation), rng,
              world_size, tokens. model.load_model(path) gives the model back.
+  snapshots/ckpt_<iter>.pt  with snapshot_interval > 0: weights only (model, model_args, config,
+             iter_num, tokens, val_loss), iter zero-padded to 6 digits so a glob lists them in order.
   log.jsonl  one JSON object per line, appended to (a resumed run continues it):
              start: iter, params, world_size, grad_accum, device, dtype, compile, config
              train: iter (index of the step just taken), loss (= ce + commit_sparsity * commit), ce,
@@ -32,6 +34,8 @@ What lands in out_dir (rank 0 writes):
                     best_val_loss, eval_s, stats (probe.activation_stats of a fixed val batch:
                     {stream: {top1_median|kurtosis|feat_maxmed|n_massive: [one value per sublayer]}})
              stop:  iter, reason (max_iters, target_val_loss, sigterm, eval_only, non-finite loss)
+Checkpoints hold only tensors and plain Python values, and are read with torch.load(weights_only=True),
+so a checkpoint from a stranger cannot run code; a file that needs more is refused (trust_checkpoint).
 Exit codes: 0 done (also after SIGTERM), 2 bad config or missing data, 3 non-finite loss.
 """
 
@@ -80,7 +84,12 @@ class TrainConfig:
     eval_only: bool = option(False, "evaluate once (e.g. a resumed checkpoint) and exit, writing no checkpoint")
     always_save_checkpoint: bool = option(True, "checkpoint at every evaluation; False: only when val loss "
                                                 "improves (nanoGPT). A SIGTERM always saves")
+    snapshot_interval: int = option(0, "also keep weights-only snapshots out_dir/snapshots/ckpt_<iter, 6 digits>.pt "
+                                       "every this many steps, from step 0 to the last (0: off); probe.py reads them")
     init_from: str = option('scratch', "'scratch' or 'resume' (continue from out_dir/ckpt.pt)")
+    trust_checkpoint: bool = option(False, "resume from a checkpoint that holds pickled Python objects (which "
+                                           "can run code), e.g. one written by an older version of this repo. "
+                                           "Only for files you trust; off: such files are refused")
     # wandb
     wandb_log: bool = option(False, "also log to Weights & Biases (imported only when True)")
     wandb_project: str = option('ledger-residuals', "wandb project")
@@ -110,6 +119,9 @@ class TrainConfig:
     decode_mix: float = option(0.0, "gamma: the head decodes C + gamma*D")
     tie_embeddings: bool = option(False, "share the token embedding with the LM head")
     scaled_init: bool = option(False, "nanoGPT's N(0, 0.02/sqrt(2L)) init for output projections")
+    bias: bool = option(False, "biases on the attention Linears and LayerNorms, as GPT-2 (the MLP always has them)")
+    gelu: str = option('exact', "'exact' GELU or 'tanh' (GPT-2's approximation)")
+    norm_eps: float = option(1e-6, "epsilon of every RMSNorm/LayerNorm (GPT-2 uses 1e-5)")
     # loss
     commit_sparsity: float = option(0.02, "alpha: loss = CE + alpha * mean commit gate (ledger only)")
     # optimizer: AdamW
@@ -253,7 +265,7 @@ def validate(cfg, world_size):
     for key in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'total_batch_size'):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ('max_iters', 'warmup_iters', 'stats_seqs'):
+    for key in ('max_iters', 'warmup_iters', 'stats_seqs', 'snapshot_interval'):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.learning_rate <= 0:
@@ -290,13 +302,14 @@ def load_config(argv, world_size=1):
     if values['init_from'] == 'resume':
         path = os.path.join(values['out_dir'], 'ckpt.pt')
         try:
-            ckpt = read_checkpoint(path)
+            ckpt = read_checkpoint(path, trust=values['trust_checkpoint'])
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from None
         saved = ckpt['config']
         values = {f.name: saved.get(f.name, f.default) for f in fields(TrainConfig)}
         values.update({k: v for k, (v, _) in given.items()})
-        values.update(out_dir=os.path.dirname(path), init_from='resume')  # where it was read, not where it was written
+        values.update(out_dir=os.path.dirname(path), init_from='resume',  # where it was read, not where it was written
+                      trust_checkpoint=given.get('trust_checkpoint', (False,))[0])  # never inherited
         for key in MODEL_KEYS:
             if key in given and key not in RESUME_MAY_CHANGE and given[key][0] != ckpt['model_args'].get(key):
                 raise ConfigError(f"{given[key][1]} sets {key}={given[key][0]!r} but {path} holds a model with "
@@ -381,10 +394,10 @@ def save_checkpoint(ckpt, out_dir, name='ckpt.pt'):
     return path
 
 
-def remove_stale_temp_files(out_dir, name='ckpt.pt'):
-    """Temp files of a save that was killed midway (they never carry the checkpoint's name)."""
+def remove_stale_temp_files(out_dir):
+    """Temp files of a save_checkpoint that was killed midway (they never carry a checkpoint's name)."""
     for f in os.listdir(out_dir):
-        if f.startswith(f'.{name}.') and f.endswith('.tmp'):
+        if f.startswith('.') and '.pt.' in f and f.endswith('.tmp'):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(out_dir, f))
 
@@ -392,14 +405,23 @@ def remove_stale_temp_files(out_dir, name='ckpt.pt'):
 def rng_states(device):
     """The generators' states (this rank's; its own GPU only, so no context is opened on the others).
     Training re-seeds the dropout generator at every micro-step, so exact resume does not rely on
-    them; they are saved so that code run between steps sees the same randomness after a resume."""
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+    them; they are saved so that code run between steps sees the same randomness after a resume.
+    Only tensors and plain values, so the checkpoint loads with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(torch=torch.get_rng_state(),
+                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), gauss=float(gauss)),
+                python=random.getstate(),
                 cuda=torch.cuda.get_rng_state(device) if device.startswith('cuda') else None)
 
 
 def set_rng_states(states, device):
     torch.set_rng_state(states['torch'])
-    np.random.set_state(states['numpy'])
+    n = states['numpy']
+    if isinstance(n, dict):
+        np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+    else:
+        np.random.set_state(n)  # a checkpoint from before weights-only saving (loaded with trust_checkpoint)
     random.setstate(states['python'])
     if states.get('cuda') is not None and device.startswith('cuda'):
         torch.cuda.set_rng_state(states['cuda'], device)
@@ -537,9 +559,12 @@ def train(cfg, ckpt=None):
     model = torch.compile(raw_model) if use_compile else raw_model  # checkpoints use raw_model: no _orig_mod.
     train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
 
+    snapshot_dir = os.path.join(cfg.out_dir, 'snapshots')
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         remove_stale_temp_files(cfg.out_dir)
+        if os.path.isdir(snapshot_dir):
+            remove_stale_temp_files(snapshot_dir)
         print(format_config(cfg))
         print(f"parameters: {raw_model.num_params() / 1e6:.2f}M ({raw_model.num_params():,}; "
               f"{raw_model.num_params(non_embedding=True):,} without the embeddings)")
@@ -591,6 +616,15 @@ def train(cfg, ckpt=None):
         if ddp:
             dist.barrier()
 
+    def snapshot():
+        """Weights only (no optimizer): small, and enough for probe.py to replay this point of the run."""
+        name = f'ckpt_{iter_num:06d}.pt'
+        if master and not os.path.exists(os.path.join(snapshot_dir, name)):
+            os.makedirs(snapshot_dir, exist_ok=True)
+            save_checkpoint(dict(model=raw_model.state_dict(), model_args=asdict(gptconf), config=asdict(cfg),
+                                 iter_num=iter_num, tokens=iter_num * cfg.total_batch_size,
+                                 val_loss=val_loss if val_loss_iter == iter_num else None), snapshot_dir, name)
+
     # SIGTERM (preemption): finish the current step, save, exit 0; all ranks agree via the all-reduce
     stop = {'sigterm': False}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(sigterm=True))
@@ -632,6 +666,8 @@ def train(cfg, ckpt=None):
                     reason = 'target_val_loss'
                     if master:
                         print(f"val loss {val_loss:.4f} <= target_val_loss {cfg.target_val_loss}: stopping")
+            if cfg.snapshot_interval and not cfg.eval_only and (iter_num % cfg.snapshot_interval == 0 or last):
+                snapshot()
             if cfg.eval_only:
                 reason = 'eval_only'
             elif last:

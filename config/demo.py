@@ -9,7 +9,9 @@ log_interval = 10
 eval_iters = 4
 eval_only = False
 always_save_checkpoint = True
+snapshot_interval = 0
 init_from = 'scratch'
+trust_checkpoint = False
 wandb_log = False
 wandb_project = 'ledger-residuals'
 wandb_run_name = None
@@ -39,6 +41,9 @@ commit_read = 'learned'
 decode_mix = 0.0
 tie_embeddings = False
 scaled_init = False
+bias = False
+gelu = 'exact'
+norm_eps = 1e-6
 commit_sparsity = 0.02
 
 # optimisation

@@ -362,7 +362,7 @@ def test_cli_two_checkpoints_json_pngs_comparison(tmp_path, capsys):
     assert (out / 'overlay_top1_median.png').stat().st_size > 1000
     # probing leaves the checkpoint's weights as they were (the files are not touched either)
     for path, m in zip((a, b), models):
-        sd = torch.load(path, weights_only=False)['model']
+        sd = torch.load(path, weights_only=True)['model']
         for k, w in m.state_dict().items():
             assert torch.equal(sd[k], w), k
 

@@ -262,7 +262,7 @@ def test_end_to_end_writes_a_loadable_checkpoint_and_log(finished_run):
 
 
 def final_state(out_dir):
-    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)
 
 
 def assert_same_state(a, b):
