@@ -14,6 +14,7 @@ import inspect
 import math
 import os
 import pickle
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -391,7 +392,9 @@ def read_checkpoint(path, map_location='cpu', trust=False):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file (train one with `python train.py`)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on the way to refusing: one line is enough
+            warnings.simplefilter('ignore')
+            ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as e:
         if not trust and isinstance(e, pickle.UnpicklingError) and 'weights only load failed' in str(e).lower():
             raise ValueError(f"{path}: contains pickled Python objects, which could run code; refusing. "

@@ -224,7 +224,7 @@ def test_lr_schedule():
 def finished_run(data_root, tmp_path_factory):
     """One short run (alpha 0.5) that several tests read: (out_dir, completed process)."""
     out = tmp_path_factory.mktemp('run') / 'out'
-    r = run(tiny(data_root, out, max_iters=6, commit_sparsity=0.5))
+    r = run(tiny(data_root, out, max_iters=6, commit_sparsity=0.5, snapshot_interval=4))
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -240,7 +240,7 @@ def test_end_to_end_writes_a_loadable_checkpoint_and_log(finished_run):
     assert set(ckpt['rng']) == {'torch', 'numpy', 'python', 'cuda'}
     model, _ = load_model(str(out / 'ckpt.pt'))  # strict load_state_dict: no key fixes needed
     assert model.num_params() == read_log(out, 'start')[0]['params']
-    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl', 'snapshots']
 
     log = read_log(out)
     assert log[0]['event'] == 'start' and log[0]['config']['max_iters'] == 6
@@ -453,3 +453,107 @@ def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
     assert read_log(out)[-1] == {'event': 'stop', 'iter': last + 1, 'reason': 'sigterm'}
     assert all(t['commit'] is None for t in read_log(out, 'train'))
     assert set(read_log(out, 'eval')[0]['stats']) == {'h'}
+
+
+def test_snapshots_are_weights_only_and_atomic(finished_run):
+    out = finished_run[0]
+    names = sorted(os.listdir(out / 'snapshots'))
+    assert names == ['ckpt_000000.pt', 'ckpt_000004.pt', 'ckpt_000006.pt']  # every 4 steps, and the last
+    final = final_state(out)
+    for name in names:
+        snap = torch.load(out / 'snapshots' / name, weights_only=True)
+        assert set(snap) == {'model', 'model_args', 'config', 'iter_num', 'tokens', 'val_loss'}
+        assert snap['tokens'] == snap['iter_num'] * 256 and name == f"ckpt_{snap['iter_num']:06d}.pt"
+        evals = {e['iter']: e['val_loss'] for e in read_log(out, 'eval')}
+        assert snap['val_loss'] == evals.get(snap['iter_num'])
+        model, _ = load_model(str(out / 'snapshots' / name))
+    for k, w in final['model'].items():  # the last snapshot holds the final weights
+        assert torch.equal(snap['model'][k], w), k
+    assert os.path.getsize(out / 'snapshots' / names[-1]) < os.path.getsize(out / 'ckpt.pt') / 2  # no optimizer
+    assert model.config.n_embd == 32
+
+# -----------------------------------------------------------------------------
+# checkpoints are data, not code: a stranger's ckpt.pt cannot run anything
+
+
+class Payload:
+    """Unpickling this object creates a file: what a hostile ckpt.pt can do (a shell command as easily)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+def write_hostile(path, marker, how):
+    obj = {'model': Payload(str(marker)), 'model_args': {}, 'config': {}, 'iter_num': 0}
+    if how == 'torch.save':
+        torch.save(obj, path)
+    else:  # a bare pickle, which torch.load also reads (its legacy format)
+        import pickle
+        with open(path, 'wb') as f:
+            pickle.dump(obj, f, protocol=2 if how == 'pickle-2' else pickle.DEFAULT_PROTOCOL)
+
+
+def test_the_payload_is_real(tmp_path):
+    """The control: an unsafe load of the hostile file does run its code."""
+    write_hostile(tmp_path / 'ckpt.pt', tmp_path / 'marker', 'torch.save')
+    torch.load(tmp_path / 'ckpt.pt', weights_only=False)
+    assert (tmp_path / 'marker').exists()
+
+
+@pytest.mark.parametrize('how', ['torch.save', 'pickle-2', 'pickle'])
+def test_hostile_checkpoint_is_refused_by_resume_and_probe(tmp_path, how):
+    out, marker = tmp_path / 'out', tmp_path / 'marker'
+    out.mkdir()
+    write_hostile(out / 'ckpt.pt', marker, how)
+    message = f"{out / 'ckpt.pt'}: contains pickled Python objects, which could run code; refusing"
+    r = run([f'--out_dir={out}', '--init_from=resume'])
+    assert r.returncode == 2, r.stderr
+    assert_one_line_error(r.stderr, message, '--trust_checkpoint=True')
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'probe.py'), str(out / 'ckpt.pt'),
+                        '--out', str(tmp_path / 'probe_out')], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, env=ENV)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and p.stderr.startswith('probe.py: error:')
+    assert message in p.stderr and '--trust_checkpoint' in p.stderr
+    assert not marker.exists()
+    assert os.listdir(out) == ['ckpt.pt'] and not (tmp_path / 'probe_out').exists()  # nothing written
+
+
+def test_an_old_pickled_checkpoint_resumes_only_when_trusted(finished_run, tmp_path):
+    """Checkpoints from before weights-only saving held numpy's RNG state as an array in a tuple."""
+    out = tmp_path / 'out'
+    shutil.copytree(finished_run[0], out)
+    ckpt = final_state(out)
+    ckpt['rng']['numpy'] = np.random.get_state()
+    torch.save(ckpt, out / 'ckpt.pt')
+    r = run([f'--out_dir={out}', '--init_from=resume', '--max_iters=7'])
+    assert r.returncode == 2
+    assert_one_line_error(r.stderr, 'contains pickled Python objects', 'refusing')
+    assert len(read_log(out, 'start')) == 1  # refused before anything was written
+    r = run([f'--out_dir={out}', '--init_from=resume', '--max_iters=7', '--trust_checkpoint=True'])
+    assert r.returncode == 0, r.stderr
+    ckpt = final_state(out)  # written again by this version: loads with weights_only=True
+    assert ckpt['iter_num'] == 7
+    cfg, _ = train.load_config([f'--out_dir={out}', '--init_from=resume'])
+    assert cfg.trust_checkpoint is False  # trust is given per command, never inherited from a checkpoint
+
+
+def test_every_torch_load_in_the_repo_is_weights_only():
+    """Nothing unpickles a file unless the user said, by name, that they trust it."""
+    import re
+    loads = []
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if not d.startswith('.') and d not in ('data', '__pycache__')]
+        for f in filenames:
+            if f.endswith('.py'):
+                text = open(os.path.join(dirpath, f)).read()
+                assert 'pickle.' + 'load(' not in text and 'allow_pickle=' + 'True' not in text, f
+                loads += [(f, m) for m in re.findall(r'torch\.load\((.*)', text)]
+    assert loads
+    for f, call in loads:
+        if f == 'test_train.py' and 'weights_only=False' in call:
+            continue  # test_the_payload_is_real, the control
+        assert 'weights_only=True' in call or 'weights_only=not trust' in call, (f, call)
