@@ -4,6 +4,14 @@ Massive activations and attention sinks, measured (../shared/SPEC.md §4).
     python probe.py out/ckpt.pt [more.pt ...] [--out DIR] [--num_seqs N] [--seq_len T]
                     [--text "..." ...] [--interventions] [--soften_k K] [--seed S] [--doc_aligned]
                     [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16] [--batch_size B]
+                    [--trust_checkpoint]
+    python probe.py out/run/snapshots/*.pt                  # a run's snapshots (named run_i000100, ...)
+    python probe.py out/run_a [out/run_b/log.jsonl ...]     # training runs: trajectories from log.jsonl
+    python probe.py --group vanilla=a.pt,b.pt,c.pt --group ledger=d.pt,e.pt,f.pt   # seeds, statistics
+
+Three modes, by input (input_kind): checkpoint files are probed (below); training runs (an out_dir
+holding log.jsonl, or a .jsonl file) are read, not run; --group probes checkpoints and compares
+groups. Runs and checkpoints cannot be mixed in one command. Bad input: one line and exit code 2.
 
 For each checkpoint: N windows of T tokens from the validation shards of the checkpoint's dataset
 (prepare.Sampler, fixed seed, so every checkpoint of one dataset sees the same windows), or the
@@ -16,7 +24,10 @@ What is measured (the names are the SPEC's):
   (|x| > 100 and >= 1000 x the sequence's median: count, largest entry, emergence and last
   sublayer), kurtosis, feat_maxmed, n_out50; across depth on the per-channel mean |x|:
   dominant_dim, persistence, peak_layer, peak_feat_ratio, bos_concentration; position-0 rigidity
-  cos(x_s[0], x_{s+1}[0]); the share of sequences that start with <|endoftext|>.
+  cos(x_s[0], x_{s+1}[0]); the share of sequences that start with <|endoftext|>; start-token mass:
+  start_mass = sum_c |x[0, c]| / sum_{t,c} |x[t, c]| (1/T when uniform) and start_mass_dominant =
+  |x[0, c*]| / sum_t |x[t, c*]| on c* = dominant_dim, per sequence, then averaged (0 for an all-zero
+  stream or channel).
 - attention, from softmax probabilities computed explicitly and reduced on the fly: alpha_1 =
   mean_t A[t, 0] per layer and head, Sink_1 = % of (layer, head) with alpha_1 > 0.3 on the first
   64 tokens (Gu et al.) and at the full length, ||k_0|| / mean_t
@@ -30,15 +41,37 @@ Sublayer s is block s // 2 (0-based), "layer" s // 2 + 1 (1-based), attention wh
 Averages over sequences: alpha_1 is averaged over sequences before the 0.3 threshold; the profile
 (top-k, median) is per sequence, then averaged; n_massive counts entries over all N sequences.
 
+Training runs: from each log.jsonl's eval events (the statistics train.py logs with
+activation_stats; the last eval of each step wins when a run was resumed), per stream against
+tokens seen (step x total_batch_size): top1/median at the peak sublayer, the census count summed
+over sublayers, kurtosis, start_mass and start_mass_dominant at peak_layer, dominant_dim; val loss
+and commit rate; a (step x sublayer) heatmap of top1/median. The text summary gives, per run and
+stream, the first step (and tokens) at which top1/median (max over sublayers) was >= 10, 100, 1000,
+and whether the dominant channel stayed the same. Logs written before a statistic was logged are
+plotted with what they have, and the summary names what is missing.
+
+--group NAME=CKPT,CKPT,... (repeatable, in place of the INPUTs; a quoted glob such as
+'out/vanilla_s*/ckpt.pt' is expanded): every checkpoint is probed as usual (its report is printed;
+its own PNGs are skipped), then per group the mean and sample std over runs of the headline numbers
+(group_metrics: max top1/median, bos_concentration, start_mass, start_mass_dominant, persistence per
+stream; Sink_1 at T=64; val loss), and for each pair of groups A, B (A listed first) mean(B) -
+mean(A) with a 95% percentile bootstrap interval (bootstrap_ci: runs resampled within each group,
+10,000 resamples, seed 0) and a two-sided permutation p-value (permutation_pvalue: every split when
+there are at most 10,000, else 10,000 random permutations, p = (1 + hits) / 10,001; the output
+says which). A group of one run gets its value, no std and no interval (SPEC §4, last paragraph).
+
 Outputs: a text report on stdout, DIR/probe.json, and PNGs in DIR named <checkpoint>_*.png
 (layerwise, tokens_channels, pos0_depth, alpha1) plus overlay_top1_median.png for several
-checkpoints. probe.json (tests/test_probe.py checks that every key below is there):
+checkpoints (groups.png instead in --group mode); for runs DIR/trajectory.json and PNGs
+trajectory_<stream>.png, trajectory_loss.png, trajectory_heatmap_<run>.png (plots.py draws them all).
+probe.json (tests/test_probe.py checks that every key below is there):
 
     args                  the command line options
     checkpoints[]         one entry per checkpoint, in command-line order
       path                the checkpoint file
       name                short name used in tables and PNG file names
       iter_num            training step of the checkpoint
+      tokens              tokens seen in training (None for checkpoints that do not say)
       model_args          GPTConfig fields
       params              parameter count
       device              where the probe ran, and dtype: float32 or bfloat16 (autocast)
@@ -74,6 +107,8 @@ checkpoints. probe.json (tests/test_probe.py checks that every key below is ther
             feat_maxmed   max / median of the per-channel mean |x|
             n_out50       channels with |x| >= 50 x the token's median, averaged over tokens
             top_channel   channel with the largest mean |x|
+            start_mass    share of |x| on position 0: sum_c |x[0,c]| / sum_t,c |x[t,c]|, averaged over sequences
+            start_mass_dominant  the same for dominant_dim alone: |x[0,c*]| / sum_t |x[t,c*]|
             pos0_cos_next cos(x_s[0], x_{s+1}[0]) averaged over sequences (2L - 1 values)
           channel_mean_abs   [2L][d] mean |x| per channel over all tokens
           pos0_abs           [2L][d] mean |x| per channel at position 0
@@ -85,6 +120,8 @@ checkpoints. probe.json (tests/test_probe.py checks that every key below is ther
             peak_layer                 sublayer where dominant_dim is largest (first on ties)
             peak_feat_ratio            dominant_dim's mean |x| / median channel's, at peak_layer
             bos_concentration          dominant_dim's mean |x| at position 0 / over all positions, at peak_layer
+            start_mass                 start_mass at peak_layer
+            start_mass_dominant        start_mass_dominant at peak_layer
             pos0_cos_mean              mean of pos0_cos_next
             emergence_sublayer         first sublayer with a massive entry (None: none)
             last_sublayer              last sublayer with a massive entry
@@ -120,6 +157,67 @@ checkpoints. probe.json (tests/test_probe.py checks that every key below is ther
     comparison            None for one checkpoint; else the side-by-side table
       columns             checkpoint names
       rows                [[label, [value per checkpoint]], ...]
+    groups                None without --group; else
+      names               group names, in command-line order
+      members             group -> checkpoint names
+      bootstrap           resamples, level (0.95), seed, kind (percentile)
+      permutation         max_exact, permutations, seed, sides
+      metrics             metric -> statistics (a metric no group measured is left out)
+        <metric>
+          per_group       group -> its runs
+            <group>
+              n           runs that measured the metric
+              values      one per run (None: not measured)
+              mean
+              std         sample std (ddof 1); None for one run
+              note        e.g. 'one run: no std, no interval'
+          pairs[]         one per pair of groups A, B with A listed first
+            a
+            b
+            diff          mean(B) - mean(A)
+            ci            [low, high] 95% percentile bootstrap interval; None with one run in a group
+            p             two-sided permutation p-value
+            test          'exact: N splits (all)' or 'random: N random permutations'
+            note          why ci or p is None, if they are
+
+trajectory.json (tests/test_runs.py checks that every key below is there):
+
+    args                  the command line options
+    thresholds            [10, 100, 1000]
+    runs[]                one entry per run, in command-line order
+      name                short name (the run's folder)
+      path                as given
+      log                 the log.jsonl read
+      residual            the run's residual ('vanilla' or 'ledger')
+      starts              start events (more than one: resumed)
+      total_batch_size    tokens per step (the last start event's)
+      seq_len             block_size: T of the statistics batch
+      iters               steps of the evals, ascending, each once (the last eval of a step wins)
+      tokens              tokens seen at each eval: iter x total_batch_size
+      val_loss            per eval
+      val_commit          per eval (None: vanilla)
+      streams             stream name -> its trajectories (lists over evals)
+        <stream>
+          n_sublayers
+          top1_median                [evals][sublayers] top1/median (the heatmap)
+          top1_median_max            max over sublayers
+          top1_median_max_sublayer   where
+          n_massive_total            massive entries summed over sublayers
+          kurtosis_max               max over sublayers
+          start_mass                 at the eval's peak_layer (None: not logged)
+          start_mass_dominant        at the eval's peak_layer (None: not logged)
+          dominant_dim               per eval (None: not logged)
+          peak_layer                 per eval (None: not logged)
+          crossings                  '10', '100', '1000' -> {iter, tokens}: first eval with top1_median_max >= it
+          dominant                   None when not logged; else
+            channel                  the last eval's dominant channel ...
+            stable_from_iter         ... the dominant channel at every eval since this step
+            stable_from_tokens
+            changes                  how often it changed (0: the same at every eval)
+            segments                 [[channel, first step, last step], ...] runs of equal channels
+            channels                 every channel seen
+          missing                    statistics this log does not have (written before they were logged)
+          partial                    statistics logged at some evals only
 
 The statistics are plain functions of a (N, T, d) activation tensor so that train.py logs the same
 numbers during training (sublayer_stats, activation_stats) that the probe reports afterwards.
@@ -140,6 +238,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Observer
+from plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
 from prepare import EOT
 
 MASSIVE_ABS = 100.0       # Sun et al.: |x| > 100 ...
@@ -189,6 +288,8 @@ class SublayerAccumulator:
         self.out50 = 0.0
         self.chan = None         # (d,) sum of |x| over tokens
         self.pos0 = None         # (d,) sum of |x| at position 0 over sequences
+        self.start = 0.0         # sum over sequences of the start-token mass
+        self.start_chan = None   # (d,) sum over sequences of |x[0, c]| / sum_t |x[t, c]|
         self.n_massive = 0
         self.massive_channels = None   # (d,) massive entries per channel
         self.massive_positions = None  # (T,) massive entries per position
@@ -215,19 +316,25 @@ class SublayerAccumulator:
         kurt = z2.square_().mean(-1) / var.square().clamp_min(1e-30) - 3.0
         tok_med = median_last(a).unsqueeze(-1)
         out50 = (a >= OUTLIER_REL * tok_med).sum(-1, dtype=torch.int32)
-        chan = a.sum(dim=(0, 1))
+        seq_chan = a.sum(1)                                                # (B, d)
+        chan = seq_chan.sum(0)
         pos0 = a[:, 0, :].sum(0)
+        # start-token mass: the share of each sequence's |x| at position 0, overall and per channel
+        start = a[:, 0, :].sum(-1) / seq_chan.sum(-1).clamp_min(1e-30)
+        start_chan = (a[:, 0, :] / seq_chan.clamp_min(1e-30)).sum(0)
         # each sequence's largest entry
         pos, ch = top_i[:, 0] // d, top_i[:, 0] % d
         val = x.reshape(B, T * d).gather(1, top_i[:, :1]).squeeze(1)
 
         self.n_seq += B
         self.n_tok += B * T
-        sums = dict(top=top_v.sum(0).double().cpu(), chan=chan.double().cpu(), pos0=pos0.double().cpu())
+        sums = dict(top=top_v.sum(0).double().cpu(), chan=chan.double().cpu(), pos0=pos0.double().cpu(),
+                    start_chan=start_chan.double().cpu())
         for name, v in sums.items():
             cur = getattr(self, name)
             setattr(self, name, v if cur is None else cur + v)
         self.median += med.double().sum().item()
+        self.start += start.double().sum().item()
         self.kurt += kurt.double().sum().item()
         self.out50 += out50.double().sum().item()
         b = int(top_v[:, 0].argmax())
@@ -258,13 +365,20 @@ class SublayerAccumulator:
         if cur is None or float(absval) > cur[0]:
             setattr(self, attr, (float(absval), int(seq), int(pos), int(ch), float(val)))
 
-    def result(self):
-        """The sublayer_stats dict: Python numbers only."""
+    def top_channel(self):
+        """The channel with the largest mean |x| (the first on ties)."""
+        return int(np.argmax(self.chan.numpy()))
+
+    def result(self, channel=None):
+        """The sublayer_stats dict: Python numbers only. start_mass_dominant is measured on `channel`
+        (the stream's dominant_dim, which only the whole depth decides), by default on top_channel."""
         n = self.n_seq
         top = (self.top / n).tolist()
         median = self.median / n
         chan = self.chan
         _, seq, pos, ch, val = self.largest
+        top_ch = self.top_channel()
+        channel = top_ch if channel is None else channel
         return dict(
             top1=top[0], top2=top[1], top3=top[2], median=median,
             top1_median=top[0] / max(median, 1e-30),
@@ -273,6 +387,9 @@ class SublayerAccumulator:
             kurtosis=self.kurt / self.n_tok,
             feat_maxmed=(chan.max() / chan.median().clamp_min(1e-30)).item(),
             n_out50=self.out50 / self.n_tok,
+            top_channel=top_ch,
+            start_mass=self.start / n,
+            start_mass_dominant=float(self.start_chan[channel]) / n,
         )
 
 
@@ -282,30 +399,54 @@ def sublayer_stats(x):
 
     Computed in float32/float64 whatever the model ran in. Returns a dict of Python numbers:
     top1/top2/top3/median (Sun profile, per sequence then averaged), top1_median, n_massive and the
-    largest entry max_entry (Sun census), kurtosis, feat_maxmed, n_out50 (reference-code metrics).
+    largest entry max_entry (Sun census), kurtosis, feat_maxmed, n_out50 (reference-code metrics),
+    top_channel, start_mass and start_mass_dominant (on top_channel: one sublayer has no depth).
     """
     acc = SublayerAccumulator()
     acc.add(x)
     return acc.result()
 
 
+def depth_structure(accs):
+    """(chan (S, d) mean |x| per channel, pos0 (S, d) mean |x| at position 0, dominant_dim, peak_layer)
+    of one stream's accumulators over its S sublayers (SPEC §4 'Structure across depth')."""
+    chan = np.stack([a.chan.numpy() / a.n_tok for a in accs])
+    pos0 = np.stack([a.pos0.numpy() / a.n_seq for a in accs])
+    dom = int(chan.mean(0).argmax())
+    return chan, pos0, dom, int(chan[:, dom].argmax())
+
+
 class StreamStats(Observer):
-    """Reduces every stream to sublayer_stats after every sublayer, as the forward pass runs."""
+    """A SublayerAccumulator per stream and sublayer, filled as the forward pass runs."""
 
     def __init__(self):
-        self.stats = {}      # stream name -> list over sublayers of sublayer_stats dicts
+        self.acc = {}        # stream name -> [SublayerAccumulator per sublayer]
 
     def on_sublayer(self, s, streams):
         for name, x in streams.items():
-            self.stats.setdefault(name, []).append(sublayer_stats(x))
+            acc = SublayerAccumulator()
+            acc.add(x)
+            self.acc.setdefault(name, []).append(acc)
+
+
+# what train.py logs at every evaluation: lists over sublayers, then two integers per stream
+STATS_KEYS = ('top1_median', 'kurtosis', 'feat_maxmed', 'n_massive', 'start_mass', 'start_mass_dominant',
+              'top_channel', 'dominant_dim', 'peak_layer')
 
 
 @torch.no_grad()
-def activation_stats(model, idx, keys=('top1_median', 'kurtosis', 'feat_maxmed', 'n_massive')):
-    """One forward pass on idx; returns {stream: {key: [value per sublayer]}} for the training log."""
+def activation_stats(model, idx, keys=STATS_KEYS):
+    """One forward pass on idx; returns {stream: {key: [value per sublayer]}} for the training log,
+    except dominant_dim and peak_layer, one integer per stream (start_mass_dominant is on dominant_dim)."""
     obs = StreamStats()
     model(idx, observer=obs)
-    return {name: {k: [st[k] for st in per_sub] for k in keys} for name, per_sub in obs.stats.items()}
+    out = {}
+    for name, accs in obs.acc.items():
+        _, _, dom, peak = depth_structure(accs)
+        per = [a.result(channel=dom) for a in accs]
+        scalars = dict(dominant_dim=dom, peak_layer=peak)
+        out[name] = {k: scalars[k] if k in scalars else [st[k] for st in per] for k in keys}
+    return out
 
 # ----------------------------------------------------------------------------------------------
 # Observers: measure a forward pass, or change it (interventions)
@@ -533,16 +674,12 @@ def _counts(values, limit=32):
 
 def stream_summary(accs, cos, sink_pos):
     """Per-sublayer lists and the across-depth summary of one stream (see the module docstring)."""
-    per = [a.result() for a in accs]
+    chan, pos0, dom, peak = depth_structure(accs)                           # chan, pos0: (S, d)
+    per = [a.result(channel=dom) for a in accs]
     S = len(per)
-    chan = np.stack([a.chan.numpy() / a.n_tok for a in accs])               # (S, d)
-    pos0 = np.stack([a.pos0.numpy() / a.n_seq for a in accs])
     n_seq = accs[0].n_seq
     lists = {k: [p[k] for p in per] for k in per[0]}
-    lists['top_channel'] = [int(c) for c in chan.argmax(1)]
     lists['pos0_cos_next'] = [c / n_seq for c in cos]
-    dom = int(chan.mean(0).argmax())
-    peak = int(chan[:, dom].argmax())
     massive_s = [s for s in range(S) if per[s]['n_massive'] > 0]
     largest = None
     for s in massive_s:
@@ -564,6 +701,8 @@ def stream_summary(accs, cos, sink_pos):
         peak_layer=peak,
         peak_feat_ratio=float(chan[peak, dom] / max(lower_median(chan[peak]), 1e-30)),
         bos_concentration=float(pos0[peak, dom] / max(chan[peak, dom], 1e-30)),
+        start_mass=lists['start_mass'][peak],
+        start_mass_dominant=lists['start_mass_dominant'][peak],
         pos0_cos_mean=float(np.mean(lists['pos0_cos_next'])) if cos else None,
         emergence_sublayer=massive_s[0] if massive_s else None,
         last_sublayer=massive_s[-1] if massive_s else None,
@@ -817,12 +956,13 @@ def report(r):
         lines.append("")
         lines.append(f"stream {name}: {st['where']}")
         lines.append("   s blk layer kind      top1      top2      top3    median  top1/med  kurtosis "
-                     "feat_maxmed  n_out50 n_massive top_ch")
+                     "feat_maxmed  n_out50 n_massive top_ch start_mass start_dom")
         for s in range(len(p['top1'])):
             lines.append(f"{s:4d} {s // 2:3d} {s // 2 + 1:5d} {'attn' if s % 2 == 0 else 'mlp ':4s} "
                          f"{num(p['top1'][s])} {num(p['top2'][s])} {num(p['top3'][s])} {num(p['median'][s])} "
                          f"{num(p['top1_median'][s])} {num(p['kurtosis'][s])} {num(p['feat_maxmed'][s], 11)} "
-                         f"{num(p['n_out50'][s], 8)} {num(p['n_massive'][s])} {p['top_channel'][s]:6d}")
+                         f"{num(p['n_out50'][s], 8)} {num(p['n_massive'][s])} {p['top_channel'][s]:6d} "
+                         f"{num(p['start_mass'][s], 10)} {num(p['start_mass_dominant'][s])}")
         if sm['emergence_sublayer'] is None:
             lines.append(f"  census: no massive entry (|x| > {MASSIVE_ABS:g} and >= {MASSIVE_REL:g} x median); "
                          f"max top1/median {sm['max_top1_median']:.4g} at s={sm['max_top1_median_sublayer']}")
@@ -838,6 +978,9 @@ def report(r):
                      f"peak_layer s={sm['peak_layer']} ({sublayer_name(sm['peak_layer'])}), peak_feat_ratio "
                      f"{sm['peak_feat_ratio']:.4g}, bos_concentration {sm['bos_concentration']:.4g}, "
                      f"pos0 cos(s, s+1) mean {num(sm['pos0_cos_mean'], 0)}")
+        lines.append(f"  start-token mass at peak_layer: start_mass {sm['start_mass']:.4g} (uniform: 1/T = "
+                     f"{1 / data['seq_len']:.4g}), start_mass_dominant {sm['start_mass_dominant']:.4g} "
+                     f"(share of dominant_dim's |x| on position 0)")
     a = r['attention']
     lines.append("")
     lines.append(f"attention: alpha_1 = mean_t A[t, 0]; sink head: alpha_1 > {a['epsilon']} (epsilon); "
@@ -885,6 +1028,7 @@ def comparison(results):
     add('residual', lambda r: model_kind(r['model_args']))
     add('params (M)', lambda r: round(r['params'] / 1e6, 2))
     add('iter', lambda r: r['iter_num'])
+    add('tokens seen', lambda r: r['tokens'])
     add('val loss', lambda r: r['val_loss'])
     add(f'Sink_1 % (T=64)', lambda r: r['attention']['sink1_prefix'])
     add('Sink_1 % (T=full)', lambda r: r['attention']['sink1'])
@@ -901,6 +1045,8 @@ def comparison(results):
         add(f'[{tag}] dominant_dim', lambda r: stream(r)['summary']['dominant_dim'])
         add(f'[{tag}] persistence', lambda r: stream(r)['summary']['persistence'])
         add(f'[{tag}] bos_concentration', lambda r: stream(r)['summary']['bos_concentration'])
+        add(f'[{tag}] start_mass (peak)', lambda r: stream(r)['summary']['start_mass'])
+        add(f'[{tag}] start_mass_dominant (peak)', lambda r: stream(r)['summary']['start_mass_dominant'])
         add(f'[{tag}] emergence (s)', lambda r: stream(r)['summary']['emergence_sublayer'])
         add(f'[{tag}] n_massive (max)', lambda r: stream(r)['summary']['n_massive_max'])
         add(f'[{tag}] kurtosis (max)', lambda r: max(stream(r)['per_sublayer']['kurtosis']))
@@ -911,145 +1057,401 @@ def comparison(results):
     return dict(columns=[r['name'] for r in results], rows=rows)
 
 
-def comparison_text(comp):
+def comparison_text(comp, width=160):
+    """The table, cut into blocks of columns that fit `width` characters (many snapshots)."""
     strings = [v for _, vals in comp['rows'] for v in vals if isinstance(v, str)]
     w = max(12, max(len(c) for c in comp['columns'] + strings) + 2)
     lw = max(len(label) for label, _ in comp['rows']) + 1
-    lines = ["=== comparison ===", f"{'':{lw}s}" + ''.join(f"{c:>{w}s}" for c in comp['columns'])]
-    for label, vals in comp['rows']:
-        cells = [f"{v:>{w}s}" if isinstance(v, str) else num(v, w) for v in vals]
-        lines.append(f"{label:{lw}s}" + ''.join(cells))
+    per_block = max(1, (width - lw) // w)
+    n = len(comp['columns'])
+    lines = ["=== comparison ===" + (f" ({n} checkpoints, {per_block} per block)" if n > per_block else "")]
+    for c0 in range(0, n, per_block):
+        if c0:
+            lines.append("")
+        cols = slice(c0, c0 + per_block)
+        lines.append(f"{'':{lw}s}" + ''.join(f"{c:>{w}s}" for c in comp['columns'][cols]))
+        for label, vals in comp['rows']:
+            cells = [f"{v:>{w}s}" if isinstance(v, str) else num(v, w) for v in vals[cols]]
+            lines.append(f"{label:{lw}s}" + ''.join(cells))
     return '\n'.join(lines)
 
 # ----------------------------------------------------------------------------------------------
-# Plots (matplotlib is imported here only, so that train.py's import of probe stays light)
+# Training runs: trajectories of the statistics train.py logs at every evaluation
+
+THRESHOLDS = (10, 100, 1000)   # top1/median levels whose first crossing the trajectory summary reports
+REQUIRED_KEYS = ('top1_median', 'kurtosis', 'n_massive')      # in every log.jsonl since the first one
+NEWER_KEYS = ('start_mass', 'start_mass_dominant', 'top_channel', 'dominant_dim', 'peak_layer')  # later logs
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    return plt
+def read_log(path):
+    """[(line number, event dict)] of a log.jsonl; a line that is not a JSON event is an error."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such log file (train.py writes out_dir/log.jsonl)")
+    events = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {i} is not JSON ({e.msg}, column {e.colno}); a run killed while "
+                                 f"writing leaves a cut line: delete that line") from None
+            if not isinstance(ev, dict) or 'event' not in ev:
+                raise ValueError(f"{path}: line {i} is not a log event (a JSON object with an 'event' key)")
+            events.append((i, ev))
+    return events
 
 
-def _int_ticks(ax):
-    from matplotlib.ticker import MaxNLocator
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+def _check_stats(log, line, it, stats, shape):
+    """Raise unless stats is {stream: {key: [value per sublayer]}} with REQUIRED_KEYS and the same
+    streams and sublayer counts as `shape` (those of the first eval; None for the first eval)."""
+    if not isinstance(stats, dict) or not stats:
+        raise ValueError(f"{log}: line {line}: eval at iter {it} has no activation statistics (stats: "
+                         f"{json.dumps(stats)[:40]}); train with stats_seqs > 0 to log them")
+    mine = {}
+    for name, st in stats.items():
+        lists = {k: v for k, v in st.items() if isinstance(v, list)} if isinstance(st, dict) else {}
+        lack = [k for k in REQUIRED_KEYS if k not in lists or not lists[k]]
+        if lack:
+            raise ValueError(f"{log}: line {line}: eval at iter {it}: stream {name}'s stats lack {', '.join(lack)}")
+        bad = [k for k in REQUIRED_KEYS if not all(isinstance(v, (int, float)) for v in lists[k])]
+        if bad:
+            raise ValueError(f"{log}: line {line}: eval at iter {it}: stream {name}'s {bad[0]} holds non-numbers")
+        if len({len(v) for v in lists.values()}) > 1:
+            raise ValueError(f"{log}: line {line}: eval at iter {it}: stream {name}'s lists differ in length")
+        mine[name] = len(lists['top1_median'])
+    if shape is not None and mine != shape:
+        raise ValueError(f"{log}: line {line}: eval at iter {it} has streams {mine} (sublayers), earlier evals "
+                         f"{shape}: a different model was logged into the same file; give each run its own out_dir")
+    return mine
 
 
-def _blocks(ax, S, axis='x'):
-    """Dashed lines at block boundaries (between mlp_b and attn_{b+1})."""
-    from matplotlib.ticker import MaxNLocator
-    for b in range(1, S // 2):
-        (ax.axvline if axis == 'x' else ax.axhline)(2 * b - 0.5, color='gray', lw=0.6, ls='--')
-    (ax.xaxis if axis == 'x' else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+def read_run(path, name):
+    """One training run, from its log.jsonl, as trajectories over its evaluations (trajectory.json).
+
+    A resumed run appends a start event and may evaluate a step again: the last eval of each iter
+    is kept. tokens = iter x total_batch_size of the last start event before the eval (as train.py
+    counts them). Keys a log from before they were logged lacks are None, and listed in `missing`.
+    """
+    log = os.path.join(path, 'log.jsonl') if os.path.isdir(path) else path
+    start, n_starts, evals, shape = None, 0, {}, None
+    for line, ev in read_log(log):
+        if ev['event'] == 'start':
+            cfg = ev.get('config')
+            if not isinstance(cfg, dict) or not isinstance(cfg.get('total_batch_size'), int):
+                raise ValueError(f"{log}: line {line}: start event without config.total_batch_size")
+            for k in ('residual', 'n_layer', 'n_embd'):
+                if start is not None and cfg.get(k) != start[1].get(k):
+                    raise ValueError(f"{log}: line {line}: a different model was appended to this log ({k} {cfg.get(k)}, "
+                                     f"{start[1].get(k)} at line {start[0]}); give each run its own out_dir")
+            start, n_starts = (line, cfg), n_starts + 1
+        elif ev['event'] == 'eval':
+            it = ev.get('iter')
+            if not isinstance(it, int):
+                raise ValueError(f"{log}: line {line}: eval event without an integer iter")
+            if start is None:
+                raise ValueError(f"{log}: line {line}: eval event before any start event (tokens seen unknown)")
+            shape = _check_stats(log, line, it, ev.get('stats'), shape)
+            evals[it] = (ev, start[1])
+    if not evals:
+        raise ValueError(f"{log}: no eval events (train.py logs one every eval_interval steps: has the run "
+                         f"evaluated yet?)")
+    iters = sorted(evals)
+    tokens = [it * evals[it][1]['total_batch_size'] for it in iters]
+    cfg = start[1]
+    run = dict(name=name, path=path, log=log, residual=cfg.get('residual'), starts=n_starts,
+               total_batch_size=cfg['total_batch_size'], seq_len=cfg.get('block_size'),
+               iters=iters, tokens=tokens,
+               val_loss=[evals[it][0].get('val_loss') for it in iters],
+               val_commit=[evals[it][0].get('val_commit') for it in iters], streams={})
+    for sname in evals[iters[0]][0]['stats']:
+        rows = [evals[it][0]['stats'][sname] for it in iters]
+
+        def at_peak(key):
+            vals = [r[key][r['peak_layer']] if isinstance(r.get(key), list) and isinstance(r.get('peak_layer'), int)
+                    and 0 <= r['peak_layer'] < len(r[key]) else None for r in rows]
+            return vals if any(v is not None for v in vals) else None
+
+        def scalar(key):
+            vals = [r.get(key) for r in rows]
+            return vals if any(v is not None for v in vals) else None
+
+        ratio = [r['top1_median'] for r in rows]
+        st = dict(
+            n_sublayers=len(ratio[0]),
+            top1_median=ratio,
+            top1_median_max=[max(r) for r in ratio],
+            top1_median_max_sublayer=[int(np.argmax(r)) for r in ratio],
+            n_massive_total=[sum(r['n_massive']) for r in rows],
+            kurtosis_max=[max(r['kurtosis']) for r in rows],
+            start_mass=at_peak('start_mass'),
+            start_mass_dominant=at_peak('start_mass_dominant'),
+            dominant_dim=scalar('dominant_dim'),
+            peak_layer=scalar('peak_layer'),
+        )
+        st['crossings'] = first_crossings(iters, tokens, st['top1_median_max'])
+        st['dominant'] = channel_history(iters, tokens, st['dominant_dim'])
+        st['missing'] = [k for k in NEWER_KEYS if not any(k in r for r in rows)]
+        st['partial'] = [k for k in NEWER_KEYS if k not in st['missing'] and not all(k in r for r in rows)]
+        run['streams'][sname] = st
+    return run
 
 
-def plot_checkpoint(r, sample, out_dir):
-    """The four per-checkpoint figures; returns the file paths."""
-    plt = _pyplot()
-    from matplotlib.colors import LogNorm
-    name, streams = r['name'], r['streams']
-    files = []
-
-    def save(fig, suffix):
-        path = os.path.join(out_dir, f"{name}_{suffix}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
-
-    n = len(streams)
-    # Sun-style layerwise profile
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
-    for ax, (sname, st) in zip(axes[0], streams.items()):
-        p = st['per_sublayer']
-        S = len(p['top1'])
-        for key in ('top1', 'top2', 'top3', 'median'):
-            ax.plot(range(S), np.maximum(p[key], 1e-12), marker='o', ms=3, label=key)
-        ax.set_yscale('log')
-        _blocks(ax, S)
-        ax.set_xlabel('sublayer s (attn even, mlp odd; dashed: block boundaries)')
-        ax.set_ylabel('|x|')
-        ax.set_title(f"{name}: stream {sname}")
-        ax.legend(fontsize=8)
-    save(fig, 'layerwise')
-    # token x channel |x| at the peak layer, sequence 0
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
-    for ax, (sname, st) in zip(axes[0], streams.items()):
-        s = st['summary']['peak_layer']
-        img = sample[sname][s].float().numpy()
-        im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='viridis')
-        fig.colorbar(im, ax=ax, label='|x|')
-        _int_ticks(ax)
-        ax.set_xlabel('channel')
-        ax.set_ylabel('token position')
-        ax.set_title(f"{name}: {sname} at s={s} ({sublayer_name(s)}), seq 0", fontsize=9)
-    save(fig, 'tokens_channels')
-    # per-channel |x| of position 0 across depth
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
-    for ax, (sname, st) in zip(axes[0], streams.items()):
-        img = np.maximum(np.array(st['pos0_abs']), 1e-6)
-        im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='magma',
-                       norm=LogNorm(vmin=max(img.min(), img.max() * 1e-6), vmax=img.max()))
-        fig.colorbar(im, ax=ax, label='mean |x| at position 0')
-        _int_ticks(ax)
-        _blocks(ax, img.shape[0], axis='y')
-        ax.set_xlabel('channel')
-        ax.set_ylabel('sublayer s')
-        ax.set_title(f"{name}: {sname}, position 0 across depth", fontsize=9)
-    save(fig, 'pos0_depth')
-    # alpha_1 layer x head
-    a = r['attention']
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
-    for ax, key, T in ((axes[0][0], 'alpha1_prefix', a['prefix_T']), (axes[0][1], 'alpha1', a['T'])):
-        img = np.array(a[key])
-        im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='Blues', vmin=0, vmax=1)
-        fig.colorbar(im, ax=ax, label='alpha_1')
-        _int_ticks(ax)
-        ax.set_xlabel('head')
-        ax.set_ylabel('layer (block, 0-based)')
-        ax.set_title(f"{name}: alpha_1 at T={T}, Sink_1 = {sink_rate(a[key]):.1f}%", fontsize=9)
-    save(fig, 'alpha1')
-    return files
+def first_crossings(iters, tokens, values, thresholds=THRESHOLDS):
+    """{str(threshold): {iter, tokens} of the first eval with value >= threshold, or None (never)}."""
+    out = {}
+    for t in thresholds:
+        hit = next((i for i, v in enumerate(values) if v is not None and v >= t), None)
+        out[str(t)] = None if hit is None else dict(iter=iters[hit], tokens=tokens[hit])
+    return out
 
 
-def plot_overlay(results, out_dir):
-    """top1/median and top1 of each checkpoint's decoded stream (h or C) vs sublayer."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    S_max = 0
-    for r in results:
-        sname = 'h' if 'h' in r['streams'] else 'C'
-        p = r['streams'][sname]['per_sublayer']
-        S_max = max(S_max, len(p['top1']))
-        axes[0].plot(p['top1_median'], marker='o', ms=3, label=f"{r['name']} ({sname})")
-        axes[1].plot(p['top1'], marker='o', ms=3, label=f"{r['name']} ({sname})")
-    for ax, what in zip(axes, ('top1 / median', 'top1 |x|')):
-        ax.set_yscale('log')
-        _blocks(ax, S_max)
-        ax.set_xlabel('sublayer s (dashed: block boundaries)')
-        ax.set_ylabel(what)
-        ax.set_title(f"decoded stream: {what}")
-        ax.legend(fontsize=8)
-    path = os.path.join(out_dir, 'overlay_top1_median.png')
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+def channel_history(iters, tokens, channels):
+    """When the dominant channel changed: its runs of equal values [[channel, first iter, last iter]],
+    the number of changes, and from which eval on it stayed (None when the log has no channels)."""
+    segments = []
+    for it, tok, c in zip(iters, tokens, channels or []):
+        if c is None:
+            continue
+        if segments and segments[-1][0] == c:
+            segments[-1][2] = it
+        else:
+            segments.append([c, it, it, tok])
+    if not segments:
+        return None
+    c, first, _, tok = segments[-1]
+    return dict(channel=c, stable_from_iter=first, stable_from_tokens=tok, changes=len(segments) - 1,
+                segments=[s[:3] for s in segments], channels=sorted({s[0] for s in segments}))
+
+
+def _crossing(c):
+    return 'never' if c is None else f"step {c['iter']} ({c['tokens']:,} tokens)"
+
+
+def _history(h, limit=8):
+    if h is None:
+        return 'not logged'
+    if h['changes'] == 0:
+        return f"the same, {h['channel']}, at every eval"
+    segs = [f"{c} (steps {a}-{b})" if a != b else f"{c} (step {a})" for c, a, b in h['segments']]
+    segs = segs[:limit // 2] + ['...'] + segs[-limit // 2:] if len(segs) > limit else segs
+    return (f"changed {h['changes']} time(s): {', '.join(segs)}; stable at {h['channel']} from step "
+            f"{h['stable_from_iter']} ({h['stable_from_tokens']:,} tokens)")
+
+
+def trajectory_text(runs):
+    """The text summary of the trajectories: per run and stream, then a table of crossings."""
+    lines = []
+    for run in runs:
+        it, tok = run['iters'], run['tokens']
+        lines.append(f"=== run {run['name']}: {run['log']} ===")
+        resumed = f", resumed {run['starts'] - 1} time(s) (last eval of each step kept)" if run['starts'] > 1 else ""
+        loss = [v for v in run['val_loss'] if v is not None]
+        commit = [v for v in run['val_commit'] if v is not None]
+        lines.append(f"{run['residual']}, {len(it)} evals at steps {it[0]}..{it[-1]} ({tok[0]:,}..{tok[-1]:,} tokens, "
+                     f"{run['total_batch_size']:,} per step){resumed}"
+                     + (f"; val loss {loss[0]:.4g} -> {loss[-1]:.4g}" if loss else "")
+                     + (f", val commit {commit[0]:.4g} -> {commit[-1]:.4g}" if commit else ""))
+        for sname, st in run['streams'].items():
+            m = st['top1_median_max']
+            lines.append(f"  stream {sname} ({st['n_sublayers']} sublayers): first top1/median (max over sublayers) "
+                         + ', '.join(f">= {t}: {_crossing(st['crossings'][str(t)])}" for t in THRESHOLDS)
+                         + f"; largest {max(m):.4g} at step {it[int(np.argmax(m))]}")
+            lines.append(f"    dominant channel: {_history(st['dominant'])}")
+            last = (f"    last eval (step {it[-1]}): top1/median {m[-1]:.4g} at s={st['top1_median_max_sublayer'][-1]}, "
+                    f"massive entries {st['n_massive_total'][-1]}, kurtosis (max) {st['kurtosis_max'][-1]:.4g}")
+            for key in ('start_mass', 'start_mass_dominant'):
+                if st[key] is not None and st[key][-1] is not None:
+                    last += f", {key} {st[key][-1]:.4g}"
+            if st['start_mass'] is not None and run['seq_len']:
+                last += f" (uniform: 1/T = {1 / run['seq_len']:.4g})"
+            lines.append(last)
+            if st['missing']:
+                lines.append(f"    not in this log (written before train.py logged them; not plotted): "
+                             f"{', '.join(st['missing'])}")
+            if st['partial']:
+                lines.append(f"    logged at some evals only (gaps in the plots): {', '.join(st['partial'])}")
+        lines.append("")
+    rows = [(sname, run['name'], [_crossing(st['crossings'][str(t)]).replace('step ', '').replace(' tokens', '')
+                                  for t in THRESHOLDS],
+             'not logged' if st['dominant'] is None else
+             (f"{st['dominant']['channel']} throughout" if st['dominant']['changes'] == 0 else
+              f"{st['dominant']['channel']} from step {st['dominant']['stable_from_iter']}"))
+            for run in runs for sname, st in run['streams'].items()]
+    w = max(12, max(len(c) for r in rows for c in r[2]) + 2)
+    rw = max(len(r[1]) for r in rows) + 2
+    lines.append("=== first eval with top1/median (max over sublayers) >= threshold: step (tokens seen) ===")
+    lines.append(f"{'stream':8s}{'run':{rw}s}" + ''.join(f"{'>= ' + str(t):>{w}s}" for t in THRESHOLDS)
+                 + "   dominant channel")
+    order = {'h': 0, 'D': 1, 'C': 2, 'read': 3}
+    for sname, name, cells, dom in sorted(rows, key=lambda r: order.get(r[0], 4)):
+        lines.append(f"{sname:8s}{name:{rw}s}" + ''.join(f"{c:>{w}s}" for c in cells) + f"   {dom}")
+    return '\n'.join(lines)
+
+# ----------------------------------------------------------------------------------------------
+# Groups of runs (seeds): mean, sample std, bootstrap interval and permutation test (numpy only)
+
+STATS_SEED = 0             # fixed seed of the resampling, so a report can be reproduced exactly
+RESAMPLES = 10_000         # bootstrap resamples
+MAX_EXACT = 10_000         # enumerate every split of the runs when there are at most this many ...
+PERMUTATIONS = 10_000      # ... else this many random permutations
+
+
+def bootstrap_ci(a, b, resamples=RESAMPLES, level=0.95, seed=STATS_SEED):
+    """Percentile bootstrap interval of mean(b) - mean(a): runs resampled with replacement within
+    each group. None when a group has fewer than two runs (no interval exists)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    mean_b = b[rng.integers(0, len(b), (resamples, len(b)))].mean(1)
+    mean_a = a[rng.integers(0, len(a), (resamples, len(a)))].mean(1)
+    diffs = mean_b - mean_a
+    lo, hi = np.percentile(diffs, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
+
+
+def permutation_pvalue(a, b, max_exact=MAX_EXACT, permutations=PERMUTATIONS, seed=STATS_SEED):
+    """Two-sided permutation p-value of |mean(b) - mean(a)| under exchangeable group labels.
+
+    Returns (p, test): every split of the pooled runs into groups of the same sizes when there are
+    at most max_exact of them (p = share of splits at least as extreme, the observed one included;
+    test 'exact', count = the number of splits), else `permutations` random relabellings (p = (1 +
+    hits) / (1 + permutations); test 'random')."""
+    import itertools
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    pooled, na = np.concatenate([a, b]), len(a)
+    n = len(pooled)
+    observed = abs(b.mean() - a.mean())
+    tol = 1e-9 * max(1.0, observed, np.abs(pooled).max())       # equal differences up to rounding
+    n_splits = math.comb(n, na)
+    if n_splits <= max_exact:
+        in_a = np.zeros((n_splits, n), dtype=bool)
+        for i, idx in enumerate(itertools.combinations(range(n), na)):
+            in_a[i, list(idx)] = True
+        test, count = 'exact', n_splits
+    else:
+        rng = np.random.default_rng(seed)
+        in_a = rng.random((permutations, n)).argsort(1) < na
+        test, count = 'random', permutations
+    sum_a = (in_a * pooled).sum(1)
+    diffs = np.abs((pooled.sum() - sum_a) / (n - na) - sum_a / na)
+    hits = int((diffs >= observed - tol).sum())
+    p = hits / n_splits if test == 'exact' else (1 + hits) / (1 + permutations)
+    return float(p), dict(test=test, count=count)
+
+
+def group_metrics(r):
+    """The headline numbers of one probed checkpoint that groups compare: {metric: value or None}.
+    Streams as in the comparison table: the decoded one (h or C), and D and read of a ledger."""
+    out = {}
+    streams = r['streams']
+    for tag, sname in (('h|C', 'h' if 'h' in streams else 'C'), ('D', 'D'), ('read', 'read')):
+        sm = streams[sname]['summary'] if sname in streams else {}
+        for key in ('max_top1_median', 'bos_concentration', 'start_mass', 'start_mass_dominant', 'persistence'):
+            out[f'[{tag}] {key}'] = sm.get(key)
+    out['sink1_prefix (Sink_1 %, T=64)'] = r['attention']['sink1_prefix']
+    out['val_loss'] = r['val_loss']
+    return out
+
+
+def group_statistics(results, groups):
+    """The `groups` entry of probe.json: per metric, each group's runs, mean and sample std, and for
+    each pair of groups (A listed before B) mean(B) - mean(A), its bootstrap interval and p-value."""
+    by_name = {r['name']: r for r in results}
+    names = list(groups)
+    values = {g: [group_metrics(by_name[c]) for c in members] for g, members in groups.items()}
+    metrics = {}
+    for metric in group_metrics(results[0]):
+        per = {}
+        for g in names:
+            vals = [v[metric] for v in values[g]]
+            got = [v for v in vals if v is not None and math.isfinite(v)]
+            per[g] = dict(n=len(got), values=vals,
+                          mean=float(np.mean(got)) if got else None,
+                          std=float(np.std(got, ddof=1)) if len(got) > 1 else None,
+                          note=None if len(got) > 1 else
+                          ('one run: no std, no interval' if got else 'not measured in this group'))
+        if all(per[g]['n'] == 0 for g in names):
+            continue                                  # e.g. [D] when no group holds a ledger
+        pairs = []
+        for i, ga in enumerate(names):
+            for gb in names[i + 1:]:
+                a = [v for v in per[ga]['values'] if v is not None and math.isfinite(v)]
+                b = [v for v in per[gb]['values'] if v is not None and math.isfinite(v)]
+                pair = dict(a=ga, b=gb, diff=None, ci=None, p=None, test=None, note=None)
+                if a and b:
+                    p, test = permutation_pvalue(a, b)
+                    pair.update(diff=float(np.mean(b) - np.mean(a)), ci=bootstrap_ci(a, b), p=p,
+                                test=f"{test['test']}: {test['count']:,} " +
+                                     ('splits (all)' if test['test'] == 'exact' else 'random permutations'))
+                    small = [g for g, v in ((ga, a), (gb, b)) if len(v) < 2]
+                    if small:
+                        pair['note'] = f"one run in {' and '.join(small)}: no interval exists"
+                else:
+                    pair['note'] = f"not measured in {' and '.join(g for g, v in ((ga, a), (gb, b)) if not v)}"
+                pairs.append(pair)
+        metrics[metric] = dict(per_group=per, pairs=pairs)
+    return dict(names=names, members={g: list(m) for g, m in groups.items()},
+                bootstrap=dict(resamples=RESAMPLES, level=0.95, seed=STATS_SEED, kind='percentile'),
+                permutation=dict(max_exact=MAX_EXACT, permutations=PERMUTATIONS, seed=STATS_SEED,
+                                 sides='two-sided, |mean(B) - mean(A)|'),
+                metrics=metrics)
+
+
+def groups_text(g):
+    names, metrics = g['names'], g['metrics']
+    lw = max(len(m) for m in metrics) + 2
+
+    def cell(pg):
+        if pg['n'] == 0:
+            return '-'
+        return f"{pg['mean']:.4g} +- {pg['std']:.3g}" if pg['std'] is not None else f"{pg['mean']:.4g} (one run)"
+
+    cells = {m: [cell(st['per_group'][n]) for n in names] for m, st in metrics.items()}
+    heads = [f"{n} (n={len(g['members'][n])})" for n in names]
+    w = max(len(c) for c in heads + [c for cs in cells.values() for c in cs]) + 3
+    lines = ["=== groups: mean +- sample std over runs ===",
+             f"{'metric':{lw}s}" + ''.join(f"{h:>{w}s}" for h in heads)]
+    for m, cs in cells.items():
+        lines.append(f"{m:{lw}s}" + ''.join(f"{c:>{w}s}" for c in cs))
+    b = g['bootstrap']
+    for i, ga in enumerate(names):
+        for gb in names[i + 1:]:
+            lines.append("")
+            lines.append(f"=== {gb} - {ga}: difference of means; {int(100 * b['level'])}% percentile bootstrap "
+                         f"interval ({b['resamples']:,} resamples of the runs within each group, seed {b['seed']}); "
+                         f"two-sided permutation p ===")
+            lines.append(f"{'metric':{lw}s}{'diff':>11s}  {'95% interval':25s}{'p':>8s}  test")
+            for m, st in metrics.items():
+                pr = next(p for p in st['pairs'] if p['a'] == ga and p['b'] == gb)
+                ci = f"[{pr['ci'][0]:.4g}, {pr['ci'][1]:.4g}]" if pr['ci'] else 'none'
+                lines.append(f"{m:{lw}s}{num(pr['diff'], 11)}  {ci:25s}{num(pr['p'], 8)}  {pr['test'] or ''}"
+                             + (f"  ({pr['note']})" if pr['note'] else ""))
+    return '\n'.join(lines)
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 
 
-def checkpoint_names(paths):
-    """Short unique names: the folder for .../NAME/ckpt.pt, else the file stem; [A-Za-z0-9_.-] only."""
+def input_kind(path):
+    """'run' (a training run: a folder holding log.jsonl, or a .jsonl file) or 'checkpoint' (any other
+    path; a missing file is reported by the checkpoint loader). One place to add new kinds of input."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, 'log.jsonl')):
+            return 'run'
+        raise ValueError(f"{path}: a folder without log.jsonl; give a training run's out_dir or a checkpoint file "
+                         f"(e.g. {os.path.join(path, 'ckpt.pt')})")
+    if path.endswith('.jsonl'):
+        return 'run'
+    return 'checkpoint'
+
+
+def unique_names(bases):
+    """[A-Za-z0-9_.-] only, and _2, _3, ... appended to repeats."""
     names = []
-    for p in paths:
-        stem = os.path.splitext(os.path.basename(p))[0]
-        parent = os.path.basename(os.path.dirname(os.path.abspath(p)))
-        base = parent if stem in ('ckpt', 'model', 'checkpoint') and parent else stem
+    for base in bases:
         base = re.sub(r'[^A-Za-z0-9_.-]+', '_', base) or 'ckpt'
         name, i = base, 2
         while name in names:
@@ -1058,12 +1460,41 @@ def checkpoint_names(paths):
     return names
 
 
+def checkpoint_names(paths):
+    """Short unique names: the folder for .../NAME/ckpt.pt, NAME_i000100 for the snapshot
+    .../NAME/snapshots/ckpt_000100.pt, else the file stem."""
+    bases = []
+    for p in paths:
+        stem = os.path.splitext(os.path.basename(p))[0]
+        folder = os.path.dirname(os.path.abspath(p))
+        parent = os.path.basename(folder)
+        snap = re.fullmatch(r'ckpt_(\d+)', stem)
+        if snap and parent == 'snapshots':
+            run = os.path.basename(os.path.dirname(folder))
+            bases.append(f"{run}_i{snap.group(1)}" if run else f"i{snap.group(1)}")
+        else:
+            bases.append(parent if stem in ('ckpt', 'model', 'checkpoint') and parent else stem)
+    return unique_names(bases)
+
+
+def run_names(paths):
+    """The run's folder for DIR or DIR/log.jsonl, else the file stem."""
+    bases = []
+    for p in paths:
+        p = os.path.abspath(p)
+        if not os.path.isdir(p):
+            stem = os.path.splitext(os.path.basename(p))[0]
+            p = os.path.dirname(p) if stem == 'log' else stem
+        bases.append(os.path.basename(p) or 'run')
+    return unique_names(bases)
+
+
 def load(path, args):
     """(model, ckpt, x, y, data) or a ValueError/OSError with one line."""
     from model import load_model
     device = args.device
     try:
-        model, ckpt = load_model(path, device)
+        model, ckpt = load_model(path, device, trust=args.trust_checkpoint)
     except (TypeError, AttributeError, KeyError) as e:
         raise ValueError(f"{path}: not a train.py checkpoint ({type(e).__name__}: {e})") from None
     except RuntimeError as e:
@@ -1094,10 +1525,10 @@ def probe_checkpoint(path, name, args, loaded=None):
     bar = tqdm(total=n_batches(N, T, bs) * (6 if args.interventions else 1), desc=name, unit='batch', leave=False,
                file=sys.stderr, disable=None)
     result, obs = measure(model, x, y, bs, args.dtype, bar)
-    r = dict(path=path, name=name, iter_num=ckpt.get('iter_num'), model_args=dict(ckpt['model_args']),
-             params=model.num_params(), device=f"{args.device}, {args.dtype}", data=data,
-             sublayers=[dict(s=s, block=s // 2, layer=s // 2 + 1, kind='attn' if s % 2 == 0 else 'mlp')
-                        for s in range(2 * model.config.n_layer)],
+    r = dict(path=path, name=name, iter_num=ckpt.get('iter_num'), tokens=ckpt.get('tokens'),
+             model_args=dict(ckpt['model_args']), params=model.num_params(), device=f"{args.device}, {args.dtype}",
+             data=data, sublayers=[dict(s=s, block=s // 2, layer=s // 2 + 1, kind='attn' if s % 2 == 0 else 'mlp')
+                                   for s in range(2 * model.config.n_layer)],
              **result, interventions=None)
     if args.interventions:
         r['interventions'] = run_interventions(model, x, y, result, obs, args.soften_k, bs, args.dtype, bar)
@@ -1113,16 +1544,53 @@ def _jsonable(v):
     if isinstance(v, (np.integer,)):
         return int(v)
     if isinstance(v, (np.floating,)):
-        return float(v)
+        v = float(v)
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
 
 
+def parse_groups(specs):
+    """--group NAME=a.pt,b.pt,... (repeatable) -> {name: [paths]} in command-line order. An item
+    with * ? or [ that is not a file is a glob pattern (quote it so that the shell leaves it)."""
+    import glob
+    groups, owner = {}, {}
+    for spec in specs:
+        name, sep, rest = spec.partition('=')
+        if not sep or not re.fullmatch(r'[A-Za-z0-9_.-]+', name):
+            raise ValueError(f"--group {spec}: expected NAME=CKPT,CKPT,... (NAME of letters, digits, _ . -)")
+        if name in groups:
+            raise ValueError(f"--group {name} is given twice; list all its checkpoints in one --group {name}=a.pt,b.pt")
+        paths = []
+        for item in (s.strip() for s in rest.split(',')):
+            if item and any(c in item for c in '*?[') and not os.path.exists(item):
+                found = sorted(glob.glob(item))
+                if not found:
+                    raise ValueError(f"--group {name}: {item} matches no file")
+                paths += found
+            elif item:
+                paths.append(item)
+        if not paths:
+            raise ValueError(f"--group {name}: no checkpoints after '='")
+        for p in paths:
+            key = os.path.realpath(p)
+            if key in owner:
+                raise ValueError(f"{p} is listed twice (--group {owner[key]} and --group {name}); each run counts once")
+            owner[key] = name
+        groups[name] = paths
+    return groups
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Massive activations and attention sinks of train.py checkpoints.")
-    p.add_argument('checkpoints', nargs='+', help='checkpoint files written by train.py')
-    p.add_argument('--out', default='probe_out', help='folder for probe.json and the PNGs')
+    p = argparse.ArgumentParser(description="Massive activations and attention sinks of train.py checkpoints, "
+                                            "their trajectories over training runs, and groups of runs.")
+    p.add_argument('inputs', nargs='*', metavar='INPUT',
+                   help='checkpoint files written by train.py (ckpt.pt, snapshots/ckpt_*.pt), or training runs: '
+                        'an out_dir holding log.jsonl, or a log.jsonl file (trajectories; no model is run)')
+    p.add_argument('--group', action='append', default=None, metavar='NAME=CKPT,CKPT,...',
+                   help='a group of runs (e.g. seeds) to compare with the other groups: mean, sample std, bootstrap '
+                        'interval and permutation p-value of the headline numbers (repeatable, instead of INPUTs)')
+    p.add_argument('--out', default='probe_out', help='folder for probe.json (trajectory.json for runs) and the PNGs')
     p.add_argument('--num_seqs', type=int, default=16, help='validation windows to probe')
     p.add_argument('--seq_len', type=int, default=None, help="window length (default: the model's block_size)")
     p.add_argument('--text', action='append', default=None,
@@ -1136,6 +1604,9 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=1337, help='seed of the validation windows')
     p.add_argument('--doc_aligned', action='store_true', help='windows start at <|endoftext|>')
     p.add_argument('--batch_size', type=int, default=None, help='sequences per forward (default: 4096 tokens)')
+    p.add_argument('--trust_checkpoint', action='store_true',
+                   help='load checkpoints that hold pickled Python objects (which can run code), e.g. old ones of '
+                        'this repo; only for files you trust')
     args = p.parse_args(argv)
     if args.num_seqs < 1:
         p.error('--num_seqs must be >= 1')
@@ -1150,36 +1621,99 @@ def parse_args(argv=None):
     return args
 
 
+def check_inputs(args):
+    """Everything that can be wrong with the command line, before the long part: ('runs', [run]) or
+    ('checkpoints', paths, names, first loaded checkpoint, groups or None). Raises ValueError/OSError."""
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but CUDA is not available")
+    groups = parse_groups(args.group) if args.group else None
+    if groups and args.inputs:
+        raise ValueError(f"give checkpoints either as arguments ({args.inputs[0]}, ...) or in --group, not both")
+    paths = [q for members in groups.values() for q in members] if groups else list(args.inputs)
+    if not paths:
+        raise ValueError("nothing to probe: give checkpoint files, training runs (an out_dir holding log.jsonl), "
+                         "or --group NAME=a.pt,b.pt")
+    kinds = [input_kind(q) for q in paths]
+    if 'run' in kinds:
+        if groups:
+            raise ValueError(f"--group takes checkpoints; {paths[kinds.index('run')]} is a training run "
+                             f"(give its ckpt.pt)")
+        if 'checkpoint' in kinds:
+            raise ValueError(f"{paths[kinds.index('run')]} is a training run and {paths[kinds.index('checkpoint')]} "
+                             f"a checkpoint; run them separately: `probe.py RUN_DIR ...` for trajectories, "
+                             f"`probe.py CKPT.pt ...` for checkpoints")
+        seen = {}
+        for q in paths:
+            key = os.path.realpath(os.path.join(q, 'log.jsonl') if os.path.isdir(q) else q)
+            if key in seen:
+                raise ValueError(f"{q} and {seen[key]} are the same log; give each run once")
+            seen[key] = q
+        return 'runs', [read_run(q, n) for q, n in zip(paths, run_names(paths))]
+    names = checkpoint_names(paths)
+    if groups:   # group members by checkpoint name
+        it = iter(names)
+        groups = {g: [next(it) for _ in members] for g, members in groups.items()}
+    first = load(paths[0], args)
+    for q in paths[1:]:
+        load(q, args)
+    return 'checkpoints', paths, names, first, groups
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.device.startswith('cuda') and not torch.cuda.is_available():
-            raise ValueError("--device cuda, but CUDA is not available")
-        names = checkpoint_names(args.checkpoints)
-        first = load(args.checkpoints[0], args)   # check everything before the long part
-        for path in args.checkpoints[1:]:
-            load(path, args)
+        kind, *work = check_inputs(args)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"probe.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+        return 2
     os.makedirs(args.out, exist_ok=True)
+    if kind == 'runs':
+        return main_runs(work[0], args)
+    return main_checkpoints(*work, args)
+
+
+def main_runs(runs, args):
+    """Trajectories of training runs: text summary, trajectory.json, PNGs."""
+    print(trajectory_text(runs))
+    print()
+    files = plot_trajectories(runs, args.out, THRESHOLDS)
+    path = os.path.join(args.out, 'trajectory.json')
+    with open(path, 'w') as f:
+        json.dump(_jsonable(dict(args=vars(args), thresholds=list(THRESHOLDS), runs=runs)), f, indent=1)
+    print(f"wrote {path} and {len(files)} PNGs in {args.out}")
+    return 0
+
+
+def main_checkpoints(paths, names, first, groups, args):
+    """Probe every checkpoint; the comparison table for several; group statistics with --group.
+    In --group mode the per-checkpoint PNGs and the overlay are skipped: groups.png shows the groups."""
     results, files = [], []
-    for i, (path, name) in enumerate(zip(args.checkpoints, names)):
+    for i, (path, name) in enumerate(zip(paths, names)):
+        if groups and len(paths) > 1:
+            print(f"[{i + 1}/{len(paths)}] {path}", file=sys.stderr, flush=True)
         r, sample = probe_checkpoint(path, name, args, first if i == 0 else None)
         first = None
         print(report(r), flush=True)
         print(flush=True)
-        files += plot_checkpoint(r, sample, args.out)
+        if not groups:
+            files += plot_checkpoint(r, sample, args.out)
         results.append(r)
     comp = None
     if len(results) > 1:
         comp = comparison(results)
         print(comparison_text(comp))
         print()
-        files += plot_overlay(results, args.out)
+        if not groups:
+            files += plot_overlay(results, args.out)
+    stats = None
+    if groups:
+        stats = group_statistics(results, groups)
+        print(groups_text(stats))
+        print()
+        files += plot_groups(stats, args.out)
     path = os.path.join(args.out, 'probe.json')
     with open(path, 'w') as f:
-        json.dump(_jsonable(dict(args=vars(args), checkpoints=results, comparison=comp)), f, indent=1)
+        json.dump(_jsonable(dict(args=vars(args), checkpoints=results, comparison=comp, groups=stats)), f, indent=1)
     print(f"wrote {path} and {len(files)} PNGs in {args.out}")
     return 0
 

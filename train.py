@@ -32,7 +32,9 @@ What lands in out_dir (rank 0 writes):
                     mfu (null when unknown), tokens, elapsed_s
              eval:  iter (steps done), train_loss, val_loss (cross-entropy), train_commit, val_commit,
                     best_val_loss, eval_s, stats (probe.activation_stats of a fixed val batch:
-                    {stream: {top1_median|kurtosis|feat_maxmed|n_massive: [one value per sublayer]}})
+                    {stream: {top1_median|kurtosis|feat_maxmed|n_massive|start_mass|
+                    start_mass_dominant|top_channel: [one value per sublayer],
+                    dominant_dim|peak_layer: one integer}}; python probe.py out_dir plots them)
              stop:  iter, reason (max_iters, target_val_loss, sigterm, eval_only, non-finite loss)
 Checkpoints hold only tensors and plain Python values, and are read with torch.load(weights_only=True),
 so a checkpoint from a stranger cannot run code; a file that needs more is refused (trust_checkpoint).

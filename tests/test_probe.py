@@ -106,7 +106,8 @@ def test_sublayer_stats_keys_and_census():
     x[1, 4, 7] = -300.0
     st = probe.sublayer_stats(x)
     assert set(st) == {'top1', 'top2', 'top3', 'median', 'top1_median', 'n_massive', 'max_entry',
-                       'kurtosis', 'feat_maxmed', 'n_out50'}
+                       'kurtosis', 'feat_maxmed', 'n_out50', 'top_channel', 'start_mass', 'start_mass_dominant'}
+    assert st['top_channel'] == 7
     assert st['n_massive'] == 1
     assert st['max_entry'] == dict(seq=1, position=4, channel=7, value=-300.0)
     med = x.abs().reshape(2, -1).median(1).values.mean().item()
@@ -169,6 +170,38 @@ def test_planted_massive_activation():
     # the massive position is the sink position in every sequence
     assert r['attention']['cooccurrence'] == 1.0 and sm['cooccurrence'] == 1.0
     assert r['attention']['sink_positions'] == [[0, N]]
+
+
+def test_start_token_mass_by_hand():
+    """SPEC §4 'Start-token mass': per sequence, then averaged; 1/T when every position carries the same mass."""
+    t, d = 10, 4
+    st = probe.sublayer_stats(-2.0 * torch.ones(3, t, d))
+    assert st['start_mass'] == pytest.approx(1 / t) and st['start_mass_dominant'] == pytest.approx(1 / t)
+    x = torch.ones(2, t, d)
+    x[0, 0, 2], x[1, 0, 2] = 100.0, -50.0          # a start-token activation, different in each sequence
+    st = probe.sublayer_stats(x)
+    assert st['top_channel'] == 2
+    assert st['start_mass'] == pytest.approx(np.mean([(d - 1 + v) / (t * d - 1 + v) for v in (100, 50)]))
+    assert st['start_mass_dominant'] == pytest.approx(np.mean([v / (v + t - 1) for v in (100, 50)]))
+    # the planted model: channel 3 (dominant_dim) is 0 before mlp_0, then 500 at position 0 only
+    model = planted_model()
+    x, y = windows()
+    r, _ = probe.measure(model, x, y, batch_size=3)
+    p, sm = r['streams']['h']['per_sublayer'], r['streams']['h']['summary']
+    cap = probe.Capture()
+    model(x, observer=cap)
+    for s in range(4):
+        a = cap.streams['h'][s].abs().double()
+        assert p['start_mass'][s] == pytest.approx((a[:, 0].sum(-1) / a.sum(dim=(1, 2))).mean().item(), rel=1e-5)
+    assert p['start_mass_dominant'] == pytest.approx([0.0, 1.0, 1.0, 1.0], abs=1e-6)
+    assert (sm['start_mass'], sm['start_mass_dominant']) == (p['start_mass'][EMERGE], p['start_mass_dominant'][EMERGE])
+    # what train.py logs: the same numbers, with dominant_dim and peak_layer per stream
+    st = probe.activation_stats(model, x)
+    assert list(st) == ['h'] and set(st['h']) == set(probe.STATS_KEYS)
+    assert (st['h']['dominant_dim'], st['h']['peak_layer']) == (CH, EMERGE)
+    assert st['h']['top_channel'] == p['top_channel'] == [6, CH, CH, CH]
+    for key in ('start_mass', 'start_mass_dominant', 'top1_median', 'n_massive'):
+        assert st['h'][key] == pytest.approx(p[key], rel=1e-5), key
 
 
 def test_attention_alpha1_and_sink_rate_by_hand():
@@ -341,8 +374,9 @@ def test_cli_two_checkpoints_json_pngs_comparison(tmp_path, capsys):
     text = capsys.readouterr().out
     data = json.loads((out / 'probe.json').read_text())
     tree = documented_keys()
-    assert [k for k, _ in tree] == ['args', 'checkpoints[]', 'comparison']
-    check_keys(data, tree)
+    assert [k for k, _ in tree] == ['args', 'checkpoints[]', 'comparison', 'groups']
+    check_keys(data, [node for node in tree if node[0] != 'groups'])   # groups: tests/test_runs.py
+    assert data['groups'] is None
     v, l = data['checkpoints']
     assert v['name'] == 'vanilla' and l['name'] == 'ledger'
     assert set(v['streams']) == {'h'} and set(l['streams']) == {'D', 'C', 'read'}
@@ -395,7 +429,7 @@ def test_cli_errors_are_one_line(tmp_path):
              str(tmp_path / 'list.pt'), good]          # the last: its dataset is not on disk
     for path in cases:
         res = run_cli(path, '--out', str(tmp_path / 'out'))
-        assert res.returncode != 0, path
+        assert res.returncode == 2, path
         err = res.stderr.strip()
         assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
         assert err.startswith('probe.py: error:'), err
@@ -404,5 +438,5 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_seq_len_longer_than_block_size_is_an_error(tmp_path, capsys):
     path = save_ckpt(random_model('vanilla'), tmp_path / 'm.pt', val_shard(tmp_path / 'data'))
-    assert probe.main([path, '--seq_len', '1000', '--out', str(tmp_path / 'o')]) == 1
+    assert probe.main([path, '--seq_len', '1000', '--out', str(tmp_path / 'o')]) == 2
     assert 'block_size' in capsys.readouterr().err

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import probe
 import train
 from model import GPT, GPTConfig, load_model, read_checkpoint
 from prepare import write_shard
@@ -256,8 +257,13 @@ def test_end_to_end_writes_a_loadable_checkpoint_and_log(finished_run):
     stats = evals[0]['stats']
     assert set(stats) == {'D', 'C', 'read'}
     for s in stats.values():
-        assert set(s) == {'top1_median', 'kurtosis', 'feat_maxmed', 'n_massive'}
-        assert len(s['top1_median']) == 4  # one value per sublayer
+        assert set(s) == set(probe.STATS_KEYS)
+        for k in probe.STATS_KEYS:
+            if k in ('dominant_dim', 'peak_layer'):
+                assert isinstance(s[k], int) and s[k] >= 0
+            else:
+                assert len(s[k]) == 4  # one value per sublayer
+        assert all(0 < m <= 1 for m in s['start_mass'])  # a fraction of the mass over 32 positions
     assert log[-1] == {'event': 'stop', 'iter': 6, 'reason': 'max_iters'}
 
 

@@ -1,0 +1,329 @@
+"""
+The probe's figures (probe.py draws them; ../shared/SPEC.md §4 says which).
+
+matplotlib is imported inside the functions only, so that `import probe` (which train.py does at
+every evaluation) stays light. Every function takes the plain dicts that probe.py also writes to
+JSON and returns the paths of the PNGs it wrote.
+
+- plot_checkpoint: one checkpoint's layerwise profile, token x channel heatmap at the peak layer,
+  position 0 across depth, alpha_1 layer x head.
+- plot_overlay: several checkpoints' decoded stream vs sublayer (coloured by order when many).
+- plot_trajectories: training runs' log.jsonl statistics against tokens seen, one colour per run,
+  and a (step x sublayer) heatmap of top1/median per run.
+- plot_groups: groups of runs (seeds): mean +- sample std with each run as a dot.
+"""
+
+import os
+
+import numpy as np
+
+RUN_COLOURS = 'tab10'     # one colour per run/checkpoint while there are at most 10
+MANY = 8                  # more lines than this: colour by order with a colour bar instead of a legend
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    if fig.get_layout_engine() is None:      # figures with a suptitle or a shared colour bar are 'constrained'
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _int_ticks(ax):
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _blocks(ax, S, axis='x'):
+    """Dashed lines at block boundaries (between mlp_b and attn_{b+1})."""
+    from matplotlib.ticker import MaxNLocator
+    for b in range(1, S // 2):
+        (ax.axvline if axis == 'x' else ax.axhline)(2 * b - 0.5, color='gray', lw=0.6, ls='--')
+    (ax.xaxis if axis == 'x' else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+
+
+def _colours(n):
+    """n distinct colours: tab10 while it lasts, then evenly spaced viridis."""
+    plt = _pyplot()
+    if n <= 10:
+        return [plt.get_cmap(RUN_COLOURS)(i) for i in range(n)]
+    return [plt.get_cmap('viridis')(i / max(n - 1, 1)) for i in range(n)]
+
+
+def _where(s):
+    return f"block {s // 2}, layer {s // 2 + 1}, {'attn' if s % 2 == 0 else 'mlp'}"
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def plot_checkpoint(r, sample, out_dir):
+    """The four per-checkpoint figures; returns the file paths."""
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+    name, streams = r['name'], r['streams']
+    files = []
+
+    def save(fig, suffix):
+        files.append(_save(fig, os.path.join(out_dir, f"{name}_{suffix}.png")))
+
+    n = len(streams)
+    # Sun-style layerwise profile
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for ax, (sname, st) in zip(axes[0], streams.items()):
+        p = st['per_sublayer']
+        S = len(p['top1'])
+        for key in ('top1', 'top2', 'top3', 'median'):
+            ax.plot(range(S), np.maximum(p[key], 1e-12), marker='o', ms=3, label=key)
+        ax.set_yscale('log')
+        _blocks(ax, S)
+        ax.set_xlabel('sublayer s (attn even, mlp odd; dashed: block boundaries)')
+        ax.set_ylabel('|x|')
+        ax.set_title(f"{name}: stream {sname}")
+        ax.legend(fontsize=8)
+    save(fig, 'layerwise')
+    # token x channel |x| at the peak layer, sequence 0
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for ax, (sname, st) in zip(axes[0], streams.items()):
+        s = st['summary']['peak_layer']
+        img = sample[sname][s].float().numpy()
+        im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='viridis')
+        fig.colorbar(im, ax=ax, label='|x|')
+        _int_ticks(ax)
+        ax.set_xlabel('channel')
+        ax.set_ylabel('token position')
+        ax.set_title(f"{name}: {sname} at s={s} ({_where(s)}), seq 0", fontsize=9)
+    save(fig, 'tokens_channels')
+    # per-channel |x| of position 0 across depth
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    for ax, (sname, st) in zip(axes[0], streams.items()):
+        img = np.maximum(np.array(st['pos0_abs']), 1e-6)
+        im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='magma',
+                       norm=LogNorm(vmin=max(img.min(), img.max() * 1e-6), vmax=img.max()))
+        fig.colorbar(im, ax=ax, label='mean |x| at position 0')
+        _int_ticks(ax)
+        _blocks(ax, img.shape[0], axis='y')
+        ax.set_xlabel('channel')
+        ax.set_ylabel('sublayer s')
+        ax.set_title(f"{name}: {sname}, position 0 across depth", fontsize=9)
+    save(fig, 'pos0_depth')
+    # alpha_1 layer x head
+    a = r['attention']
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    for ax, key, T, sink in ((axes[0][0], 'alpha1_prefix', a['prefix_T'], a['sink1_prefix']),
+                             (axes[0][1], 'alpha1', a['T'], a['sink1'])):
+        img = np.array(a[key])
+        im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='Blues', vmin=0, vmax=1)
+        fig.colorbar(im, ax=ax, label='alpha_1')
+        _int_ticks(ax)
+        ax.set_xlabel('head')
+        ax.set_ylabel('layer (block, 0-based)')
+        ax.set_title(f"{name}: alpha_1 at T={T}, Sink_1 = {sink:.1f}%", fontsize=9)
+    save(fig, 'alpha1')
+    return files
+
+
+def plot_overlay(results, out_dir):
+    """top1/median and top1 of each checkpoint's decoded stream (h or C) vs sublayer.
+
+    Up to MANY checkpoints get a legend; more (e.g. every snapshot of a run) are coloured from dark
+    to light in command-line order, with a colour bar labelled by iter when every checkpoint has one."""
+    plt = _pyplot()
+    many = len(results) > MANY
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout='constrained' if many else None)
+    colours = _colours(len(results)) if not many else \
+        [plt.get_cmap('viridis')(i / max(len(results) - 1, 1)) for i in range(len(results))]
+    S_max = 0
+    for r, c in zip(results, colours):
+        sname = 'h' if 'h' in r['streams'] else 'C'
+        p = r['streams'][sname]['per_sublayer']
+        S_max = max(S_max, len(p['top1']))
+        for ax, key in zip(axes, ('top1_median', 'top1')):
+            ax.plot(p[key], marker='o', ms=3 if not many else 2, lw=1.5 if not many else 1, color=c,
+                    label=f"{r['name']} ({sname})")
+    for ax, what in zip(axes, ('top1 / median', 'top1 |x|')):
+        ax.set_yscale('log')
+        _blocks(ax, S_max)
+        ax.set_xlabel('sublayer s (dashed: block boundaries)')
+        ax.set_ylabel(what)
+        ax.set_title(f"decoded stream: {what}")
+        if not many:
+            ax.legend(fontsize=8)
+    if many:
+        from matplotlib.colors import Normalize
+        iters = [r.get('iter_num') for r in results]
+        by_iter = all(isinstance(i, int) for i in iters) and iters == sorted(iters) and iters[0] != iters[-1]
+        lo, hi = (iters[0], iters[-1]) if by_iter else (0, len(results) - 1)
+        sm = plt.cm.ScalarMappable(cmap='viridis', norm=Normalize(lo, hi))
+        fig.colorbar(sm, ax=axes, label='iter' if by_iter else 'checkpoint (command-line order)')
+        fig.suptitle(f"{len(results)} checkpoints: {results[0]['name']} ... {results[-1]['name']}", fontsize=9)
+    return [_save(fig, os.path.join(out_dir, 'overlay_top1_median.png'))]
+
+# ----------------------------------------------------------------------------------------------
+# Training runs (log.jsonl), against tokens seen
+
+TRAJECTORY_PANELS = (
+    # key in each run's stream dict, y label, y scale ('symlog': linear below 10, and only when
+    # something is above 10; kurtosis can be < 0)
+    ('top1_median_max', 'top1/median (max over sublayers)', 'log'),
+    ('n_massive_total', 'massive entries (summed over sublayers)', 'symlog'),
+    ('kurtosis_max', 'excess kurtosis (max over sublayers)', 'symlog'),
+    ('start_mass', 'start_mass at peak_layer', 'linear'),
+    ('start_mass_dominant', 'start_mass_dominant at peak_layer', 'linear'),
+    ('dominant_dim', 'dominant channel (dominant_dim)', 'linear'),
+)
+
+
+def _stream_views(runs):
+    """[(figure name, {run index: stream name})]: every stream, plus 'decoded' (h or C) when the
+    runs decode different streams (vanilla next to ledger), so that such runs share a figure."""
+    names = []
+    for run in runs:
+        names += [s for s in run['streams'] if s not in names]
+    order = {'h': 0, 'D': 1, 'C': 2, 'read': 3}
+    names.sort(key=lambda s: order.get(s, 4))
+    views = [(s, {i: s for i, run in enumerate(runs) if s in run['streams']}) for s in names]
+    decoded = {i: ('h' if 'h' in run['streams'] else 'C') for i, run in enumerate(runs)
+               if 'h' in run['streams'] or 'C' in run['streams']}
+    if len(set(decoded.values())) > 1:
+        views.append(('decoded', decoded))
+    return views
+
+
+def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000)):
+    """Per stream: the TRAJECTORY_PANELS against tokens seen, one colour per run (trajectory_<stream>.png);
+    val loss and commit rate (trajectory_loss.png); per run a (step x sublayer) heatmap of
+    top1/median for each stream (trajectory_heatmap_<run>.png). A metric a run did not log is left
+    out of its panel and named in the panel's corner."""
+    plt = _pyplot()
+    colours = _colours(len(runs))
+    files = []
+    for view, which in _stream_views(runs):
+        fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), layout='constrained')
+        for ax, (key, label, scale) in zip(axes.flat, TRAJECTORY_PANELS):
+            missing, biggest = [], 0.0
+            for i, sname in which.items():
+                run, st = runs[i], runs[i]['streams'][sname]
+                y = st.get(key)
+                if y is None:
+                    missing.append(run['name'])
+                    continue
+                x = np.array(run['tokens'], dtype=float)
+                y = np.array([np.nan if v is None else v for v in y], dtype=float)
+                biggest = max(biggest, float(np.nanmax(np.abs(y), initial=0.0)))
+                lbl = run['name'] + (f" ({sname})" if view == 'decoded' else '')
+                if key == 'dominant_dim':
+                    ax.step(x, y, where='post', color=colours[i], lw=1, alpha=0.6)
+                    ax.plot(x, y, 'o', ms=3, color=colours[i], label=lbl)
+                else:
+                    ax.plot(x, np.maximum(y, 1e-12) if scale == 'log' else y, marker='o', ms=2.5,
+                            color=colours[i], label=lbl)
+                if key == 'start_mass' and run.get('seq_len'):
+                    ax.axhline(1 / run['seq_len'], color=colours[i], ls=':', lw=0.8)
+            if key == 'top1_median_max':
+                for t in thresholds:
+                    ax.axhline(t, color='gray', ls='--', lw=0.6)
+            if key == 'start_mass':
+                ax.text(0.99, 0.01, 'dotted: 1/T (uniform)', transform=ax.transAxes, ha='right', va='bottom',
+                        fontsize=7, color='gray')
+            if missing:
+                ax.text(0.01, 0.99, 'not logged: ' + ', '.join(missing), transform=ax.transAxes, va='top',
+                        fontsize=7, color='firebrick')
+            if scale == 'symlog' and biggest > 10:
+                ax.set_yscale('symlog', linthresh=10)
+            elif scale == 'log':
+                ax.set_yscale('log')
+            if key == 'n_massive_total' and biggest < 1:
+                ax.set_ylim(-0.5, 1.5)                       # none anywhere: a plain 0 line
+            if key in ('dominant_dim', 'n_massive_total'):
+                from matplotlib.ticker import MaxNLocator
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel('tokens seen')
+            ax.set_ylabel(label, fontsize=9)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.suptitle(f"stream {view}" + (' (h of vanilla runs, C of ledger runs)' if view == 'decoded' else ''))
+        files.append(_save(fig, os.path.join(out_dir, f"trajectory_{view}.png")))
+    # losses
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, run in enumerate(runs):
+        x = np.array(run['tokens'], dtype=float)
+        axes[0].plot(x, [np.nan if v is None else v for v in run['val_loss']], marker='o', ms=2.5,
+                     color=colours[i], label=run['name'])
+        if any(v is not None for v in run['val_commit']):
+            axes[1].plot(x, [np.nan if v is None else v for v in run['val_commit']], marker='o', ms=2.5,
+                         color=colours[i], label=run['name'])
+    no_gates = [run['name'] for run in runs if all(v is None for v in run['val_commit'])]
+    if no_gates:
+        axes[1].text(0.01, 0.99, 'no commit gates: ' + ', '.join(no_gates), transform=axes[1].transAxes,
+                     va='top', fontsize=7, color='gray')
+    for ax, label in zip(axes, ('val loss (cross-entropy)', 'val commit rate (mean commit gate)')):
+        ax.set_xlabel('tokens seen')
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    files.append(_save(fig, os.path.join(out_dir, 'trajectory_loss.png')))
+    # (step x sublayer) heatmaps
+    from matplotlib.colors import LogNorm
+    for run in runs:
+        streams = run['streams']
+        fig, axes = plt.subplots(1, len(streams), figsize=(4.5 * len(streams), 4.5), squeeze=False)
+        for ax, (sname, st) in zip(axes[0], streams.items()):
+            img = np.maximum(np.array(st['top1_median'], dtype=float), 1e-3)     # (evals, sublayers)
+            im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='magma', origin='lower',
+                           norm=LogNorm(vmin=max(img.min(), 1.0), vmax=max(img.max(), 10.0)))
+            fig.colorbar(im, ax=ax, label='top1 / median')
+            _blocks(ax, img.shape[1])
+            rows = np.unique(np.linspace(0, len(run['iters']) - 1, min(8, len(run['iters']))).round().astype(int))
+            ax.set_yticks(rows)
+            ax.set_yticklabels([str(run['iters'][r]) for r in rows])
+            ax.set_xlabel('sublayer s (dashed: block boundaries)')
+            ax.set_ylabel('step (iter)')
+            ax.set_title(f"{run['name']}: stream {sname}", fontsize=9)
+        files.append(_save(fig, os.path.join(out_dir, f"trajectory_heatmap_{run['name']}.png")))
+    return files
+
+# ----------------------------------------------------------------------------------------------
+# Groups of runs (seeds)
+
+
+def plot_groups(groups, out_dir):
+    """One panel per metric: each group's mean +- sample std (error bar; a lone run has none) and
+    every run as a dot (groups.png)."""
+    plt = _pyplot()
+    metrics = [(m, st) for m, st in groups['metrics'].items()
+               if any(g['n'] for g in st['per_group'].values())]
+    names = groups['names']
+    ncol = min(4, max(1, len(metrics)))
+    nrow = max(1, -(-len(metrics) // ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.2 * nrow), squeeze=False, layout='constrained')
+    colours = _colours(len(names))
+    rng = np.random.default_rng(0)          # jitter of the dots only
+    for ax, (metric, st) in zip(axes.flat, metrics):
+        for i, g in enumerate(names):
+            pg = st['per_group'][g]
+            vals = [v for v in pg['values'] if v is not None]
+            if not vals:
+                continue
+            ax.plot(i + rng.uniform(-0.12, 0.12, len(vals)), vals, 'o', ms=4, alpha=0.6, color=colours[i])
+            ax.errorbar(i + 0.25, pg['mean'], yerr=pg['std'] if pg['std'] is not None else None, fmt='s',
+                        ms=6, capsize=4, color='black')
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([f"{g}\n(n={st['per_group'][g]['n']})" for g in names], fontsize=8)
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.set_title(metric, fontsize=9)
+        ax.grid(alpha=0.3, axis='y')
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis('off')
+    fig.suptitle('groups: runs (dots), mean +- sample std (black)', fontsize=10)
+    return [_save(fig, os.path.join(out_dir, 'groups.png'))]
