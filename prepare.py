@@ -15,6 +15,8 @@ and a training window may start anywhere (or, with doc_aligned=True, at a docume
 Files land in data/<dataset>/ next to this file; set LEDGER_DATA or pass --data_root to move them.
 Downloads come from huggingface.co unless --base_url or LEDGER_BASE_URL names a mirror; they
 resume after a dropped connection and retry with exponential backoff (base LEDGER_BACKOFF, 1 s).
+The same machinery fetches OpenAI's GPT-2 weights for the probe (fetch_gpt2, SPEC §5) into
+data/gpt2/<name>/.
 """
 
 import argparse
@@ -42,7 +44,8 @@ MAGIC, VERSION = 20240520, 1
 HEADER_BYTES = 256 * 4
 SHARD_TOKENS = 100_000_000  # tokens per shard we write, the size of the public FineWeb shards
 DATA_ROOT = os.environ.get('LEDGER_DATA') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
-HF_URL = 'https://huggingface.co/datasets'
+HF_HUB = 'https://huggingface.co'
+HF_URL = HF_HUB + '/datasets'
 
 # prefix: shard file names are <prefix>_{train,val}_NNNNNN.bin; train_shards: how many exist upstream
 DATASETS = {
@@ -91,8 +94,17 @@ def gpt2_encoding():
 # -----------------------------------------------------------------------------
 # shard files
 
+class Incomplete(ValueError):
+    """Raised by a file check when the file is a correct beginning that is only too short: a
+    download to resume, not garbage to throw away (see fetch)."""
+
+
 class ShardError(ValueError):
     """A shard file that is not a complete llm.c token shard."""
+
+
+class TruncatedShard(ShardError, Incomplete):
+    """A shard shorter than its header says, e.g. a download that stopped."""
 
 
 FIX = "Delete it and re-run prepare.py for this dataset (it re-fetches or rebuilds bad files)."
@@ -102,16 +114,17 @@ def check_shard(path):
     """Return the token count of a shard after checking its magic, version and file size."""
     size = os.path.getsize(path)
     if size < HEADER_BYTES:
-        raise ShardError(f"{path}: truncated: expected at least {HEADER_BYTES} bytes (the header), got {size}. {FIX}")
+        raise TruncatedShard(f"{path}: truncated: expected at least {HEADER_BYTES} bytes (the header), got {size}. {FIX}")
     magic, version, n = (int(v) for v in np.fromfile(path, dtype='<i4', count=3))
     if magic != MAGIC:
         raise ShardError(f"{path}: bad magic {magic} (expected {MAGIC}): not a token shard. {FIX}")
     if version != VERSION:
         raise ShardError(f"{path}: unsupported version {version} (expected {VERSION}). {FIX}")
     expected = HEADER_BYTES + 2 * n
-    if size != expected:
-        what = 'truncated' if size < expected else 'too long'
-        raise ShardError(f"{path}: {what}: expected {expected} bytes, got {size} (header says {n} tokens). {FIX}")
+    if size < expected:
+        raise TruncatedShard(f"{path}: truncated: expected {expected} bytes, got {size} (header says {n} tokens). {FIX}")
+    if size > expected:
+        raise ShardError(f"{path}: too long: expected {expected} bytes, got {size} (header says {n} tokens). {FIX}")
     return n
 
 
@@ -248,22 +261,29 @@ class Sampler:
         return x, y
 
 # -----------------------------------------------------------------------------
-# FineWeb downloads: resumable, retried, verified before they get their final name
+# Downloads (FineWeb shards, GPT-2 weights): resumable, retried, verified before they get their final name
 
 class DownloadError(RuntimeError):
-    """A download that failed for good (HTTP 4xx, too many retries, or not a valid shard)."""
+    """A download that failed for good (HTTP 4xx, too many retries, or not a valid file)."""
 
 
 class _Retry(Exception):
     """A failure worth retrying: HTTP 5xx/429 or a body that ended early."""
 
 
-def _is_complete(path):
+def _state(path, check):
+    """'complete', 'partial' (check raised Incomplete: resume it) or 'bad' (missing or garbage)."""
     try:
-        check_shard(path)
-        return True
-    except (OSError, ShardError):
-        return False
+        check(path)
+        return 'complete'
+    except Incomplete:
+        return 'partial'
+    except (OSError, ValueError):
+        return 'bad'
+
+
+def _is_complete(path, check=check_shard):
+    return _state(path, check) == 'complete'
 
 
 def _fetch_once(url, part, have, desc):
@@ -292,20 +312,21 @@ def _fetch_once(url, part, have, desc):
         raise _Retry(f"connection closed at byte {os.path.getsize(part)} of {total}")
 
 
-def fetch(url, path, tries=5, backoff=1.0):
+def fetch(url, path, tries=5, backoff=1.0, check=check_shard, what='a token shard'):
     """Download url to path via path + '.part', resuming with HTTP Range after a dropped connection.
 
-    Gives up after `tries` failures in a row that brought no new bytes, sleeping backoff * 2**k
-    between them. The file gets its final name only after its header and size check out.
+    check(path) says what a good file is: it returns when the file is complete and valid, raises
+    Incomplete for a correct beginning (resumed) and ValueError/OSError otherwise. A .part left by an
+    earlier run is resumed when it is a correct beginning, else started over. Gives up after
+    `tries` failures in a row that brought no new bytes, sleeping backoff * 2**k between them. The
+    file gets its final name only after check passes; a body that fails it is deleted.
     """
     part = path + '.part'
     desc = os.path.basename(path)
-    if os.path.exists(part) and os.path.getsize(part) >= HEADER_BYTES:
-        magic, version, n = (int(v) for v in np.fromfile(part, dtype='<i4', count=3))
-        if magic != MAGIC or version != VERSION or os.path.getsize(part) > HEADER_BYTES + 2 * n:
-            os.remove(part)  # left over from something else: start over
+    if os.path.exists(part) and _state(part, check) == 'bad':
+        os.remove(part)  # left over from something else: start over
     failures = 0
-    while not _is_complete(part):
+    while not _is_complete(part, check):
         have = os.path.getsize(part) if os.path.exists(part) else 0
         try:
             _fetch_once(url, part, have, desc)
@@ -320,11 +341,11 @@ def fetch(url, path, tries=5, backoff=1.0):
             print(f"{desc}: {e}; retrying in {wait:.1f} s", file=sys.stderr)
             time.sleep(wait)
     try:
-        check_shard(part)
-    except (OSError, ShardError) as e:
+        check(part)
+    except (OSError, ValueError) as e:
         if os.path.exists(part):
             os.remove(part)
-        raise DownloadError(f"{desc}: the server sent something that is not a token shard ({e}); "
+        raise DownloadError(f"{desc}: the server sent something that is not {what} ({e}); "
                             f"deleted the partial file. Check --base_url: {url}") from e
     os.replace(part, path)
 
@@ -345,6 +366,91 @@ def download(dataset, n_train=4, data_root=None, base_url=HF_URL, tries=5, backo
         if not _is_complete(path):
             fetch(f"{base_url.rstrip('/')}/{info['hf_repo']}/resolve/main/{name}", path, tries, backoff)
     return [os.path.join(folder, name) for name in names]
+
+# -----------------------------------------------------------------------------
+# OpenAI GPT-2 weights for the probe (SPEC §5): config.json + model.safetensors from the hub
+
+GPT2_MODELS = {
+    'gpt2': 'openai-community/gpt2',                # 124M: 12 layers, 12 heads, 768
+    'gpt2-medium': 'openai-community/gpt2-medium',  # 350M: 24, 16, 1024
+    'gpt2-large': 'openai-community/gpt2-large',    # 774M: 36, 20, 1280
+    'gpt2-xl': 'openai-community/gpt2-xl',          # 1.5B: 48, 25, 1600
+}
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers too
+
+
+def check_json_object(path):
+    """A complete config.json: parses as one JSON object. (A cut-off JSON file cannot be told from
+    a garbage one, so it is never Incomplete: such a small file is simply fetched again.)"""
+    with open(path, 'rb') as f:
+        data = f.read()
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: JSON {type(obj).__name__}, not an object")
+
+
+def check_safetensors(path):
+    """A complete .safetensors file: an 8-byte little-endian header length N, a JSON object of N bytes
+    whose tensors give data_offsets [begin, end) into the data, and exactly 8 + N + the largest end
+    bytes in all. Shorter, with a good header so far, is Incomplete (a download to resume)."""
+    size = os.path.getsize(path)
+    if size < 8:
+        raise Incomplete(f"{path}: truncated: {size} bytes, not even the 8-byte header length")
+    with open(path, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little')
+        if n > SAFETENSORS_MAX_HEADER:
+            raise ValueError(f"{path}: header length {n} is over {SAFETENSORS_MAX_HEADER}: not a safetensors file")
+        if size < 8 + n:
+            raise Incomplete(f"{path}: truncated: {size} bytes, shorter than the {8 + n}-byte header")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: the header is not JSON ({e}): not a safetensors file") from None
+    try:
+        expected = 8 + n + max([0] + [int(t['data_offsets'][1]) for k, t in header.items() if k != '__metadata__'])
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise ValueError(f"{path}: the header is not a safetensors header (tensor -> dtype, shape, data_offsets)") from None
+    if size < expected:
+        raise Incomplete(f"{path}: truncated: expected {expected} bytes, got {size}")
+    if size > expected:
+        raise ValueError(f"{path}: too long: expected {expected} bytes, got {size}")
+
+
+GPT2_WEIGHT_FILES = {  # file -> (check, what it is), in download order
+    'config.json': (check_json_object, 'a JSON object'),
+    'model.safetensors': (check_safetensors, 'a safetensors file'),
+}
+
+
+def hub_url(base_url, repo, name):
+    """<hub>/<repo>/resolve/main/<name> for a model repo on huggingface.co or a mirror of it.
+
+    A trailing /datasets is dropped from base_url: --base_url / LEDGER_BASE_URL name a mirror of
+    huggingface.co/datasets for the shards, and models live one level up (huggingface.co/<repo>),
+    so one mirror setting serves both."""
+    base = base_url.rstrip('/').removesuffix('/datasets')
+    return f"{base}/{repo}/resolve/main/{name}"
+
+
+def fetch_gpt2(name, data_root=None, base_url=None, tries=5, backoff=1.0):
+    """Download one of GPT2_MODELS (config.json, model.safetensors) into <data root>/gpt2/<name>/ and
+    return that folder (for model.load_gpt2). Complete files are not requested again, so a second
+    run is offline; an interrupted download resumes. base_url: the hub or a mirror (default
+    LEDGER_BASE_URL, else huggingface.co); see hub_url."""
+    if name not in GPT2_MODELS:
+        raise ValueError(f"unknown GPT-2 model {name!r}; choose from {', '.join(GPT2_MODELS)} "
+                         "or give a folder holding config.json and model.safetensors")
+    base_url = base_url or os.environ.get('LEDGER_BASE_URL') or HF_HUB
+    folder = os.path.join(_data_root(data_root), 'gpt2', name)
+    os.makedirs(folder, exist_ok=True)
+    for file, (check, what) in GPT2_WEIGHT_FILES.items():
+        path = os.path.join(folder, file)
+        if not _is_complete(path, check):
+            fetch(hub_url(base_url, GPT2_MODELS[name], file), path, tries, backoff, check, what)
+    return folder
 
 # -----------------------------------------------------------------------------
 # building shards from text: --dataset=text and --dataset=builtin share this path

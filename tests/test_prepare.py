@@ -1,16 +1,14 @@
 """prepare.py: shard format, offline tokenizer, downloads against a real local HTTP server,
 text/builtin corpus builds, and the Sampler. Offline, CPU, everything under tmp_path."""
-import http.server
 import json
 import os
-import socket
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 import prepare
+from http_server import FileServer
 from prepare import EOT, Sampler, ShardError, gpt2_encoding, read_shard, shard_paths, write_shard
 
 
@@ -96,62 +94,6 @@ def test_gpt2_encoding_refuses_files_with_the_wrong_hash(monkeypatch):
 # -----------------------------------------------------------------------------
 # downloads, against a real HTTP server on 127.0.0.1
 
-class ShardServer:
-    """A Hugging-Face-like file server that honours Range and misbehaves when told to."""
-
-    def __init__(self, files):
-        self.files = dict(files)  # name -> bytes
-        self.log = []             # (name, Range header or None) for every GET
-        self.fail_once = set()    # answer 503 once
-        self.drop_once = set()    # send half the body, then close the connection, once
-        self.ignore_range = False
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                name = self.path.rsplit('/', 1)[-1]
-                assert self.path == f"/kjj0/finewebedu10B-gpt2/resolve/main/{name}"
-                rng = self.headers.get('Range')
-                server.log.append((name, rng))
-                if name in server.fail_once:
-                    server.fail_once.discard(name)
-                    return self.send_error(503)
-                if name not in server.files:
-                    return self.send_error(404)
-                body, start = server.files[name], 0
-                if rng and not server.ignore_range:
-                    start = int(rng.removeprefix('bytes=').split('-')[0])
-                    if start >= len(body):
-                        self.send_response(416)
-                        self.send_header('Content-Range', f'bytes */{len(body)}')
-                        self.send_header('Content-Length', '0')
-                        return self.end_headers()
-                    self.send_response(206)
-                    self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
-                else:
-                    self.send_response(200)
-                self.send_header('Content-Length', str(len(body) - start))
-                self.end_headers()
-                if name in server.drop_once:
-                    server.drop_once.discard(name)
-                    self.wfile.write(body[start:start + (len(body) - start) // 2])
-                    self.wfile.flush()
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    self.close_connection = True
-                    return
-                self.wfile.write(body[start:])
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-    def gets(self, name=None):
-        return [r for r in self.log if name is None or r[0] == name]
-
-
 @pytest.fixture
 def fineweb(tmp_path, monkeypatch):
     """Three small shards (val + 2 train, 100k tokens each) behind a local server."""
@@ -162,10 +104,8 @@ def fineweb(tmp_path, monkeypatch):
         write_shard(str(tmp_path / name), make_tokens(100_000, seed=10 + i))
         files[name] = (tmp_path / name).read_bytes()
         os.remove(tmp_path / name)
-    server = ShardServer(files)
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    with FileServer(files, prefix='/kjj0/finewebedu10B-gpt2/resolve/main/') as server:
+        yield server
 
 
 def run_download(server, data_root):
@@ -210,6 +150,17 @@ def test_download_resumes_a_part_file_from_an_earlier_run(fineweb, tmp_path):
     assert run_download(fineweb, tmp_path / 'data') == 0
     assert_downloaded(fineweb, tmp_path / 'data')
     assert fineweb.gets(name) == [(name, 'bytes=12345-')]
+
+
+@pytest.mark.parametrize('leftover', [lambda b: b'GARBAGE!' * 200, lambda b: b + b'xx'], ids=['not-a-shard', 'too-long'])
+def test_download_starts_over_when_the_part_file_cannot_be_resumed(fineweb, tmp_path, leftover):
+    name = 'finewebedu_val_000000.bin'
+    folder = tmp_path / 'data' / 'finewebedu10B'
+    folder.mkdir(parents=True)
+    (folder / (name + '.part')).write_bytes(leftover(fineweb.files[name]))  # left over from something else
+    assert run_download(fineweb, tmp_path / 'data') == 0
+    assert_downloaded(fineweb, tmp_path / 'data')
+    assert fineweb.gets(name) == [(name, None)]
 
 
 def test_download_retries_server_errors(fineweb, tmp_path):
