@@ -1,6 +1,5 @@
 """probe.py on tiny CPU models whose answers are known by construction."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import probe
+from keytree import check_keys, documented_keys
 from model import GPT, GPTConfig
 from prepare import write_shard
 
@@ -329,40 +329,6 @@ def test_measure_overhead_returns_times():
 # The command line: JSON keys, PNGs, comparison table, errors
 
 
-def documented_keys():
-    """The key tree of probe.json as documented in the module docstring: [(key, children)]."""
-    doc = probe.__doc__
-    block = doc.split('probe.json (tests/test_probe.py checks that every key below is there):')[1]
-    lines = [l for l in block.split('\n\n')[1].split('\n') if l.strip()]
-    root = []
-    stack = [(-1, root)]
-    for line in lines:
-        indent = len(line) - len(line.lstrip())
-        node = (line.split()[0], [])
-        while stack[-1][0] >= indent:
-            stack.pop()
-        stack[-1][1].append(node)
-        stack.append((indent, node[1]))
-    return root
-
-
-def check_keys(obj, nodes, where='probe.json'):
-    for key, children in nodes:
-        if key.startswith('<'):
-            assert isinstance(obj, dict) and obj, f"{where}: expected a non-empty dict"
-            for k, v in obj.items():
-                check_keys(v, children, f"{where}.{k}")
-            continue
-        name = key.rstrip('[]')
-        assert isinstance(obj, dict) and name in obj, f"{where}: missing {name}"
-        if key.endswith('[]'):
-            assert obj[name], f"{where}.{name}: empty list"
-            for i, item in enumerate(obj[name]):
-                check_keys(item, children, f"{where}.{name}[{i}]")
-        elif children:
-            check_keys(obj[name], children, f"{where}.{name}")
-
-
 def test_cli_two_checkpoints_json_pngs_comparison(tmp_path, capsys):
     root = val_shard(tmp_path / 'data')
     a = save_ckpt(planted_model(), tmp_path / 'vanilla' / 'ckpt.pt', root)
@@ -373,9 +339,9 @@ def test_cli_two_checkpoints_json_pngs_comparison(tmp_path, capsys):
                        '--interventions', '--batch_size', '2']) == 0
     text = capsys.readouterr().out
     data = json.loads((out / 'probe.json').read_text())
-    tree = documented_keys()
+    tree = documented_keys(probe.__doc__, 'probe.json')
     assert [k for k, _ in tree] == ['args', 'checkpoints[]', 'comparison', 'groups']
-    check_keys(data, [node for node in tree if node[0] != 'groups'])   # groups: tests/test_runs.py
+    check_keys(data, [node for node in tree if node[0] != 'groups'], 'probe.json')   # groups: tests/test_runs.py
     assert data['groups'] is None
     v, l = data['checkpoints']
     assert v['name'] == 'vanilla' and l['name'] == 'ledger'

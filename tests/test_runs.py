@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import probe
+import runs
+from keytree import check_keys, documented_keys
 from prepare import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,39 +102,6 @@ def vanilla_old_events():
 # trajectories
 
 
-def documented_keys(what):
-    """The key tree of probe.json or trajectory.json as probe.py's docstring documents it: [(key, children)]."""
-    block = probe.__doc__.split(f'{what} (tests/')[1]
-    lines = [l for l in block.split('\n\n')[1].split('\n') if l.strip()]
-    root = []
-    stack = [(-1, root)]
-    for line in lines:
-        indent = len(line) - len(line.lstrip())
-        node = (line.split()[0], [])
-        while stack[-1][0] >= indent:
-            stack.pop()
-        stack[-1][1].append(node)
-        stack.append((indent, node[1]))
-    return root
-
-
-def check_keys(obj, nodes, where):
-    for key, children in nodes:
-        if key.startswith('<'):
-            assert isinstance(obj, dict) and obj, f"{where}: expected a non-empty dict"
-            for k, v in obj.items():
-                check_keys(v, children, f"{where}.{k}")
-            continue
-        name = key.rstrip('[]')
-        assert isinstance(obj, dict) and name in obj, f"{where}: missing {name}"
-        if key.endswith('[]'):
-            assert obj[name], f"{where}.{name}: empty list"
-            for i, item in enumerate(obj[name]):
-                check_keys(item, children, f"{where}.{name}[{i}]")
-        elif children and obj[name] is not None:
-            check_keys(obj[name], children, f"{where}.{name}")
-
-
 def test_trajectories_from_constructed_logs(tmp_path, capsys):
     ledger = write_log(tmp_path / 'ledger_run', ledger_events())
     vanilla = write_log(tmp_path / 'old', vanilla_old_events())
@@ -140,7 +109,7 @@ def test_trajectories_from_constructed_logs(tmp_path, capsys):
     code, text, err = run_main(capsys, ledger, os.path.join(vanilla, 'log.jsonl'), '--out', out)
     assert code == 0, err
     data = json.loads((out / 'trajectory.json').read_text())
-    check_keys(data, documented_keys('trajectory.json'), 'trajectory.json')
+    check_keys(data, documented_keys(runs.__doc__, 'trajectory.json'), 'trajectory.json')
     led, old = data['runs']
     assert (led['name'], old['name']) == ('ledger_run', 'old')
     # resumed: every iter once, the last eval of iter 300 kept
@@ -162,7 +131,7 @@ def test_trajectories_from_constructed_logs(tmp_path, capsys):
     assert h['crossings'] == {'10': dict(iter=10, tokens=1000), '100': dict(iter=20, tokens=2000),
                               '1000': dict(iter=20, tokens=2000)}
     assert h['start_mass'] is None and h['dominant'] is None
-    assert h['missing'] == list(probe.NEWER_KEYS) and old['val_commit'] == [None] * 3
+    assert h['missing'] == list(runs.NEWER_KEYS) and old['val_commit'] == [None] * 3
     assert "first top1/median (max over sublayers) >= 10: step 200 (200,000 tokens), >= 100: step 300 " \
            "(300,000 tokens), >= 1000: never" in text
     assert "changed 2 time(s): 5 (steps 0-100), 7 (steps 200-300), 3 (steps 400-600); stable at 3 from step 400 " \
@@ -185,7 +154,7 @@ def test_partial_keys_after_a_resume_with_newer_code(tmp_path, capsys):
     assert code == 0, err
     h = json.loads((tmp_path / 'o' / 'trajectory.json').read_text())['runs'][0]['streams']['h']
     assert h['start_mass'] == [None, 0.2] and h['dominant_dim'] == [None, 4] and h['missing'] == []
-    assert set(h['partial']) == set(probe.NEWER_KEYS)
+    assert set(h['partial']) == set(runs.NEWER_KEYS)
     assert 'logged at some evals only' in text
 
 
@@ -310,29 +279,29 @@ def test_trust_checkpoint(trained, tmp_path, capsys):
 def test_bootstrap_interval_covers_a_known_difference():
     rng = np.random.default_rng(1)
     a, b = 10 + rng.normal(0, 1, 8), 15 + rng.normal(0, 1, 8)
-    ci = probe.bootstrap_ci(a, b)
+    ci = runs.bootstrap_ci(a, b)
     assert ci[0] < 5 < ci[1] and ci[0] > 0 and ci[1] - ci[0] < 4
-    assert probe.bootstrap_ci(a, b) == ci                        # fixed seed: the same interval every time
-    assert probe.bootstrap_ci([1.0, 1.0, 1.0], [1.0, 1.0]) == [0.0, 0.0]
-    assert probe.bootstrap_ci([1.0], [2.0, 3.0]) is None         # one run: no interval exists
-    assert probe.bootstrap_ci([2.0, 3.0], [1.0]) is None
+    assert runs.bootstrap_ci(a, b) == ci                        # fixed seed: the same interval every time
+    assert runs.bootstrap_ci([1.0, 1.0, 1.0], [1.0, 1.0]) == [0.0, 0.0]
+    assert runs.bootstrap_ci([1.0], [2.0, 3.0]) is None         # one run: no interval exists
+    assert runs.bootstrap_ci([2.0, 3.0], [1.0]) is None
 
 
 def test_permutation_pvalue_exact_and_random():
     same = [1.0, 2.0, 3.0]
-    assert probe.permutation_pvalue(same, same) == (1.0, dict(test='exact', count=20))
-    assert probe.permutation_pvalue([1.0, 2.0, 3.0], [10.0, 11.0, 12.0]) == (2 / 20, dict(test='exact', count=20))
-    assert probe.permutation_pvalue([10.0, 11.0, 12.0], [1.0, 2.0, 3.0])[0] == 2 / 20     # two-sided
-    assert probe.permutation_pvalue([0.3, 0.1, 0.2], [0.1 + 0.2, 0.2, 0.1])[0] == 1.0     # equal up to rounding
+    assert runs.permutation_pvalue(same, same) == (1.0, dict(test='exact', count=20))
+    assert runs.permutation_pvalue([1.0, 2.0, 3.0], [10.0, 11.0, 12.0]) == (2 / 20, dict(test='exact', count=20))
+    assert runs.permutation_pvalue([10.0, 11.0, 12.0], [1.0, 2.0, 3.0])[0] == 2 / 20     # two-sided
+    assert runs.permutation_pvalue([0.3, 0.1, 0.2], [0.1 + 0.2, 0.2, 0.1])[0] == 1.0     # equal up to rounding
     # 7 + 7 runs: 3432 splits, enumerated; 8 + 8: 12870 > 10,000, so 10,000 random permutations
-    p, test = probe.permutation_pvalue(np.arange(7.0), np.arange(7.0) + 100)
+    p, test = runs.permutation_pvalue(np.arange(7.0), np.arange(7.0) + 100)
     assert test == dict(test='exact', count=math.comb(14, 7)) and p == 2 / math.comb(14, 7)
-    p, test = probe.permutation_pvalue(np.arange(8.0), np.arange(8.0) + 100)
+    p, test = runs.permutation_pvalue(np.arange(8.0), np.arange(8.0) + 100)
     assert test == dict(test='random', count=10_000) and 1 / 10_001 <= p < 0.001
-    p, test = probe.permutation_pvalue(np.arange(8.0), np.arange(8.0))
+    p, test = runs.permutation_pvalue(np.arange(8.0), np.arange(8.0))
     assert test['test'] == 'random' and p == 1.0
     # the switch is max_exact
-    assert probe.permutation_pvalue([1.0, 2.0, 3.0], [10.0, 11.0, 12.0], max_exact=19)[1] == dict(test='random',
+    assert runs.permutation_pvalue([1.0, 2.0, 3.0], [10.0, 11.0, 12.0], max_exact=19)[1] == dict(test='random',
                                                                                                   count=10_000)
 
 
@@ -345,7 +314,7 @@ def test_group_statistics_on_constructed_values():
     results = [fake_result('v1', 10.0, 3.0), fake_result('v2', 11.0, 3.1), fake_result('v3', 12.0, 3.2),
                fake_result('l1', 100.0, 3.0, 'C'), fake_result('l2', 110.0, 3.1, 'C'),
                fake_result('l3', 120.0, 3.2, 'C'), fake_result('solo', 50.0, 3.0)]
-    g = probe.group_statistics(results, dict(vanilla=['v1', 'v2', 'v3'], ledger=['l1', 'l2', 'l3'], one=['solo']))
+    g = runs.group_statistics(results, dict(vanilla=['v1', 'v2', 'v3'], ledger=['l1', 'l2', 'l3'], one=['solo']))
     assert g['names'] == ['vanilla', 'ledger', 'one']
     m = g['metrics']['[h|C] max_top1_median']
     assert m['per_group']['vanilla'] == dict(n=3, values=[10.0, 11.0, 12.0], mean=11.0, std=1.0, note=None)
@@ -359,7 +328,7 @@ def test_group_statistics_on_constructed_values():
     vs_one = [p for p in m['pairs'] if p['b'] == 'one']
     assert all(p['ci'] is None and 'no interval exists' in p['note'] for p in vs_one)
     assert '[D] max_top1_median' not in g['metrics']                # no group measured it
-    text = probe.groups_text(g)
+    text = runs.groups_text(g)
     assert '11 +- 1' in text and '50 (one run)' in text and '=== ledger - vanilla' in text
     assert 'exact: 20 splits (all)' in text and 'one run in one: no interval exists' in text
 
@@ -371,7 +340,7 @@ def test_groups_from_the_command_line(trained, tmp_path, capsys):
                                '--group', f"late={snaps / 'ckpt_000004.pt'}", '--out', out, '--num_seqs', 2)
     assert code == 0, err
     data = json.loads((out / 'probe.json').read_text())
-    check_keys(data['groups'], dict(documented_keys('probe.json'))['groups'], 'probe.json.groups')
+    check_keys(data['groups'], dict(documented_keys(probe.__doc__, 'probe.json'))['groups'], 'probe.json.groups')
     g = data['groups']
     assert g['members'] == dict(early=['tiny_i000000', 'tiny_i000002'], late=['tiny_i000004'])
     losses = [c['val_loss'] for c in data['checkpoints']]
