@@ -435,11 +435,16 @@ def hub_url(base_url, repo, name):
     return f"{base}/{repo}/resolve/main/{name}"
 
 
-def fetch_gpt2(name, data_root=None, base_url=None, tries=5, backoff=1.0):
+def default_backoff():
+    """Seconds before the first retry: LEDGER_BACKOFF, else 1 (tests shrink it)."""
+    return float(os.environ.get('LEDGER_BACKOFF', 1.0))
+
+
+def fetch_gpt2(name, data_root=None, base_url=None, tries=5, backoff=None):
     """Download one of GPT2_MODELS (config.json, model.safetensors) into <data root>/gpt2/<name>/ and
     return that folder (for model.load_gpt2). Complete files are not requested again, so a second
     run is offline; an interrupted download resumes. base_url: the hub or a mirror (default
-    LEDGER_BASE_URL, else huggingface.co); see hub_url."""
+    LEDGER_BASE_URL, else huggingface.co); see hub_url. backoff: default_backoff()."""
     if name not in GPT2_MODELS:
         raise ValueError(f"unknown GPT-2 model {name!r}; choose from {', '.join(GPT2_MODELS)} "
                          "or give a folder holding config.json and model.safetensors")
@@ -449,7 +454,7 @@ def fetch_gpt2(name, data_root=None, base_url=None, tries=5, backoff=1.0):
     for file, (check, what) in GPT2_WEIGHT_FILES.items():
         path = os.path.join(folder, file)
         if not _is_complete(path, check):
-            fetch(hub_url(base_url, GPT2_MODELS[name], file), path, tries, backoff, check, what)
+            fetch(hub_url(base_url, GPT2_MODELS[name], file), path, tries, backoff or default_backoff(), check, what)
     return folder
 
 # -----------------------------------------------------------------------------
@@ -687,8 +692,7 @@ def main(argv=None):
         elif args.dataset == 'text':
             build_corpus(text_documents(args.input), 'text', args.data_root, args.val_fraction, args.workers)
         else:
-            backoff = float(os.environ.get('LEDGER_BACKOFF', 1.0))  # seconds; tests shrink it
-            download(args.dataset, args.shards, args.data_root, args.base_url, backoff=backoff)
+            download(args.dataset, args.shards, args.data_root, args.base_url, backoff=default_backoff())
         print(summary(args.dataset, args.data_root, time.time() - t0))
     except (RuntimeError, ValueError, OSError) as e:  # ours, ShardError (ValueError), requests' (OSError)
         print(f"prepare.py: error: {e}", file=sys.stderr)

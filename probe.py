@@ -4,7 +4,8 @@ Massive activations and attention sinks, measured (../shared/SPEC.md §4).
     python probe.py out/ckpt.pt [more.pt ...] [--out DIR] [--num_seqs N] [--seq_len T]
                     [--text "..." ...] [--interventions] [--soften_k K] [--seed S] [--doc_aligned]
                     [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16] [--batch_size B]
-                    [--trust_checkpoint]
+                    [--trust_checkpoint] [--base_url URL] [--data_root DIR]
+    python probe.py gpt2 out/ledger_160m/ckpt.pt            # OpenAI GPT-2 (fetched once) next to a checkpoint
     python probe.py out/run/snapshots/*.pt                  # a run's snapshots (named run_i000100, ...)
     python probe.py out/run_a [out/run_b/log.jsonl ...]     # training runs: trajectories from log.jsonl
     python probe.py --group vanilla=a.pt,b.pt,c.pt --group ledger=d.pt,e.pt,f.pt   # seeds, statistics
@@ -12,6 +13,11 @@ Massive activations and attention sinks, measured (../shared/SPEC.md §4).
 Three modes, by input (input_kind): checkpoint files are probed (below); training runs (an out_dir
 holding log.jsonl, or a .jsonl file) are read, not run; --group probes checkpoints and compares
 groups. Runs and checkpoints cannot be mixed in one command. Bad input: one line and exit code 2.
+Wherever a checkpoint goes, OpenAI GPT-2 can go too: a name (gpt2, gpt2-medium, gpt2-large,
+gpt2-xl; prepare.fetch_gpt2 downloads config.json + model.safetensors once into
+<data_root>/gpt2/<name>/, resumable, then offline) or a folder holding a GPT-2 config.json and
+model.safetensors; model.load_gpt2 loads them into model.GPT (SPEC §5). Without --text GPT-2 is
+probed on validation windows of the built-in corpus (built on first use), and the report says so.
 
 For each checkpoint: N windows of T tokens from the validation shards of the checkpoint's dataset
 (prepare.Sampler, fixed seed, so every checkpoint of one dataset sees the same windows), or the
@@ -54,14 +60,15 @@ probe.json (tests/test_probe.py checks that every key below is there):
     checkpoints[]         one entry per checkpoint, in command-line order
       path                the checkpoint file
       name                short name used in tables and PNG file names
-      iter_num            training step of the checkpoint
+      iter_num            training step of the checkpoint (None for GPT-2 weights)
       tokens              tokens seen in training (None for checkpoints that do not say)
+      weights             None for a train.py checkpoint; GPT-2: {kind: 'gpt2', folder, dtype, name}
       model_args          GPTConfig fields
       params              parameter count
       device              where the probe ran, and dtype: float32 or bfloat16 (autocast)
       data                what was probed
         source            'val' (validation shards) or 'text' (--text prompts)
-        dataset           the checkpoint's dataset (None for text)
+        dataset           the checkpoint's dataset (None for text; 'builtin' for GPT-2)
         shards            validation shard files used (empty for text)
         texts             the prompts (empty for val)
         truncated_from    token count of each prompt before truncation (empty for val)
@@ -887,14 +894,21 @@ def report(r):
     cfg, data = r['model_args'], r['data']
     kind = model_kind(cfg)
     lines.append(f"=== {r['name']}: {r['path']} ===")
+    w = r.get('weights')
+    where = f"GPT-2 weights{' ' + w['name'] if w and w['name'] else ''} ({w['dtype']}) from {w['folder']}" if w \
+        else f"iter {r['iter_num']}"
     lines.append(f"model: {kind}, {cfg['n_layer']} layers x {cfg['n_embd']} wide x {cfg['n_head']} heads, "
-                 f"{r['params'] / 1e6:.2f}M params, iter {r['iter_num']}; ran on {r['device']}")
+                 f"{r['params'] / 1e6:.2f}M params, {where}; ran on {r['device']}")
     if data['source'] == 'val':
         lines.append(f"data: {data['num_seqs']} windows x T={data['seq_len']} from the {data['dataset']} val shards "
-                     f"(seed {data['seed']}{', doc-aligned' if data['doc_aligned'] else ''})")
+                     f"(seed {data['seed']}{', doc-aligned' if data['doc_aligned'] else ''})"
+                     + (" -- GPT-2 has no val split of ours: the built-in corpus (this Python's standard library); "
+                        "--text for your own" if w else ""))
     else:
         lines.append(f"data: {data['num_seqs']} --text prompt(s), T={data['seq_len']} "
                      f"(prompt lengths {data['truncated_from']}, truncated to the shortest)")
+    if w:
+        lines.append("blocks: Sun et al.'s raw output of block i is the h row of s = 2i + 1 (mlp) below")
     lines.append(f"position 0 holds <|endoftext|> in {100 * data['eot_at_pos0']:.0f}% of sequences; "
                  f"val loss {num(r['val_loss'], 0)}")
     for name, st in r['streams'].items():
@@ -1026,15 +1040,27 @@ def comparison_text(comp, width=160):
 
 
 def input_kind(path):
-    """'run' (a training run: a folder holding log.jsonl, or a .jsonl file) or 'checkpoint' (any other
-    path; a missing file is reported by the checkpoint loader). One place to add new kinds of input."""
+    """'run' (a training run: a folder holding log.jsonl, or a .jsonl file), 'gpt2' (a name in
+    prepare.GPT2_MODELS, or a folder holding config.json / model.safetensors) or 'checkpoint' (any
+    other path; a missing file is reported by the checkpoint loader). One place for kinds of input."""
+    from prepare import GPT2_MODELS
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, 'log.jsonl')):
             return 'run'
-        raise ValueError(f"{path}: a folder without log.jsonl; give a training run's out_dir or a checkpoint file "
-                         f"(e.g. {os.path.join(path, 'ckpt.pt')})")
+        if any(os.path.isfile(os.path.join(path, f)) for f in ('config.json', 'model.safetensors')):
+            return 'gpt2'  # model.load_gpt2 names the file that is missing
+        raise ValueError(f"{path}: a folder with neither log.jsonl (a training run) nor config.json and "
+                         f"model.safetensors (GPT-2 weights); give a run's out_dir, a checkpoint file "
+                         f"(e.g. {os.path.join(path, 'ckpt.pt')}) or a GPT-2 folder")
     if path.endswith('.jsonl'):
         return 'run'
+    if not os.path.exists(path):
+        if path in GPT2_MODELS:
+            return 'gpt2'
+        if os.sep not in path and '.' not in path:  # reads as a model name, not a file name
+            raise ValueError(f"{path}: no such file and no GPT-2 model of that name; known models: "
+                             f"{', '.join(GPT2_MODELS)} (or give a checkpoint file, or a folder holding "
+                             f"config.json and model.safetensors)")
     return 'checkpoint'
 
 
@@ -1054,8 +1080,8 @@ def checkpoint_names(paths):
     """Short unique names: the folder for .../NAME/ckpt.pt, NAME_i000100 for the snapshot
     .../NAME/snapshots/ckpt_000100.pt, else the file stem."""
     bases = []
-    for p in paths:
-        stem = os.path.splitext(os.path.basename(p))[0]
+    for p in map(os.path.normpath, paths):   # a folder's trailing / would leave no base name
+        stem = os.path.basename(p) if os.path.isdir(p) else os.path.splitext(os.path.basename(p))[0]
         folder = os.path.dirname(os.path.abspath(p))
         parent = os.path.basename(folder)
         snap = re.fullmatch(r'ckpt_(\d+)', stem)
@@ -1079,29 +1105,51 @@ def run_names(paths):
     return unique_names(bases)
 
 
-def load(path, args):
-    """(model, ckpt, x, y, data) or a ValueError/OSError with one line."""
+def load_checkpoint(path, args):
+    """(model, checkpoint dict without the weights) of a train.py checkpoint."""
     from model import load_model
-    device = args.device
     try:
-        model, ckpt = load_model(path, device, trust=args.trust_checkpoint)
+        model, ckpt = load_model(path, args.device, trust=args.trust_checkpoint)
     except (TypeError, AttributeError, KeyError) as e:
         raise ValueError(f"{path}: not a train.py checkpoint ({type(e).__name__}: {e})") from None
     except RuntimeError as e:
         raise ValueError(f"{path}: the weights do not fit model_args ({' '.join(str(e).split())[:300]})") from None
-    ckpt = {k: v for k, v in ckpt.items() if k not in ('model', 'optimizer')}   # the model holds the weights
+    return model, {k: v for k, v in ckpt.items() if k not in ('model', 'optimizer')}  # the model holds the weights
+
+
+def load_gpt2_weights(path, args):
+    """(model, checkpoint-like dict) of OpenAI GPT-2 weights: a model name, fetched once into
+    <data root>/gpt2/<name>/ by prepare.fetch_gpt2 (then offline), or a local folder. GPT-2 has no
+    validation split of ours, so its windows come from the built-in corpus unless --text is given."""
+    from model import load_gpt2
+    from prepare import ensure_dataset, fetch_gpt2
+    folder = path if os.path.isdir(path) else fetch_gpt2(path, args.data_root, args.base_url)
+    model, info = load_gpt2(folder, args.device)
+    if not args.text:
+        with contextlib.redirect_stdout(sys.stderr):  # builds it the first time (offline, seconds)
+            ensure_dataset('builtin', args.data_root)
+    weights = dict(kind='gpt2', folder=info['source'], dtype=info['dtype'], name=path if folder != path else None)
+    ckpt = dict(model_args=info['model_args'], iter_num=None, tokens=None, weights=weights,
+                config=dict(dataset='builtin', data_root=args.data_root))
+    return model, ckpt
+
+
+def load(path, args):
+    """(model, ckpt, x, y, data) or a ValueError/OSError/RuntimeError with one line."""
+    model, ckpt = (load_gpt2_weights if input_kind(path) == 'gpt2' else load_checkpoint)(path, args)
     T = args.seq_len or model.config.block_size
     if T > model.config.block_size:
         raise ValueError(f"--seq_len {T} exceeds the model's block_size {model.config.block_size}")
     if args.text:
         x, y, data = text_windows(args.text, T)
-        if int(x.max()) >= model.config.vocab_size:
-            raise ValueError(f"a --text token id {int(x.max())} is outside the model's vocab_size {model.config.vocab_size}")
     else:
         try:
             x, y, data = val_windows(ckpt, args.num_seqs, T, args.seed, args.doc_aligned)
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
+    if int(x.max()) >= model.config.vocab_size:
+        raise ValueError(f"{path}: token id {int(x.max())} of the {'--text prompts' if args.text else 'val windows'} "
+                         f"is outside the model's vocab_size {model.config.vocab_size}")
     data['eot_at_pos0'] = float((x[:, 0] == EOT).double().mean())
     return model, ckpt, x, y, data
 
@@ -1115,7 +1163,7 @@ def probe_checkpoint(path, name, args, loaded=None):
     bar = tqdm(total=n_batches(N, T, bs) * (6 if args.interventions else 1), desc=name, unit='batch', leave=False,
                file=sys.stderr, disable=None)
     result, obs = measure(model, x, y, bs, args.dtype, bar)
-    r = dict(path=path, name=name, iter_num=ckpt.get('iter_num'), tokens=ckpt.get('tokens'),
+    r = dict(path=path, name=name, iter_num=ckpt.get('iter_num'), tokens=ckpt.get('tokens'), weights=ckpt.get('weights'),
              model_args=dict(ckpt['model_args']), params=model.num_params(), device=f"{args.device}, {args.dtype}",
              data=data, sublayers=[dict(s=s, block=s // 2, layer=s // 2 + 1, kind='attn' if s % 2 == 0 else 'mlp')
                                    for s in range(2 * model.config.n_layer)],
@@ -1175,8 +1223,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Massive activations and attention sinks of train.py checkpoints, "
                                             "their trajectories over training runs, and groups of runs.")
     p.add_argument('inputs', nargs='*', metavar='INPUT',
-                   help='checkpoint files written by train.py (ckpt.pt, snapshots/ckpt_*.pt), or training runs: '
-                        'an out_dir holding log.jsonl, or a log.jsonl file (trajectories; no model is run)')
+                   help='checkpoint files written by train.py (ckpt.pt, snapshots/ckpt_*.pt); OpenAI GPT-2 '
+                        '(gpt2, gpt2-medium, gpt2-large, gpt2-xl: downloaded once) or a folder holding a GPT-2 '
+                        'config.json and model.safetensors; or training runs: an out_dir holding log.jsonl, or a '
+                        'log.jsonl file (trajectories; no model is run)')
     p.add_argument('--group', action='append', default=None, metavar='NAME=CKPT,CKPT,...',
                    help='a group of runs (e.g. seeds) to compare with the other groups: mean, sample std, bootstrap '
                         'interval and permutation p-value of the headline numbers (repeatable, instead of INPUTs)')
@@ -1194,6 +1244,11 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=1337, help='seed of the validation windows')
     p.add_argument('--doc_aligned', action='store_true', help='windows start at <|endoftext|>')
     p.add_argument('--batch_size', type=int, default=None, help='sequences per forward (default: 4096 tokens)')
+    p.add_argument('--base_url', default=None,
+                   help='mirror of huggingface.co for the GPT-2 weights (default: $LEDGER_BASE_URL, else the hub)')
+    p.add_argument('--data_root', default=None,
+                   help='where GPT-2 weights are cached (<data_root>/gpt2/<name>) and the built-in corpus GPT-2 is '
+                        'probed on lives (default: $LEDGER_DATA, else data/ next to prepare.py)')
     p.add_argument('--trust_checkpoint', action='store_true',
                    help='load checkpoints that hold pickled Python objects (which can run code), e.g. old ones of '
                         'this repo; only for files you trust')
@@ -1228,10 +1283,10 @@ def check_inputs(args):
         if groups:
             raise ValueError(f"--group takes checkpoints; {paths[kinds.index('run')]} is a training run "
                              f"(give its ckpt.pt)")
-        if 'checkpoint' in kinds:
-            raise ValueError(f"{paths[kinds.index('run')]} is a training run and {paths[kinds.index('checkpoint')]} "
-                             f"a checkpoint; run them separately: `probe.py RUN_DIR ...` for trajectories, "
-                             f"`probe.py CKPT.pt ...` for checkpoints")
+        models = [q for q, k in zip(paths, kinds) if k != 'run']
+        if models:
+            raise ValueError(f"{paths[kinds.index('run')]} is a training run and {models[0]} a model; run them "
+                             f"separately: `probe.py RUN_DIR ...` for trajectories, `probe.py CKPT.pt ...` for models")
         seen = {}
         for q in paths:
             key = os.path.realpath(os.path.join(q, 'log.jsonl') if os.path.isdir(q) else q)

@@ -4,11 +4,15 @@ and one clear error per kind of bad input. CPU, offline, everything under tmp_pa
 
 transformers is a test-only dependency (.ci/run installs it): the tests that need it skip when it
 is missing, except under CI (env CI set), where a missing transformers is a failure.
-The served tiny model is registered in GPT2_MODELS as 'tiny-gpt2' -> 'test-org/tiny-gpt2'.
+The served tiny model is registered in GPT2_MODELS as 'tiny-gpt2' -> 'test-org/tiny-gpt2'; the
+command-line tests serve one as openai-community/gpt2 instead, as a mirror would.
 """
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,7 +22,9 @@ import prepare
 import probe
 from http_server import FileServer
 from model import GPT, GPTConfig, load_gpt2
-from prepare import DownloadError, Incomplete, fetch_gpt2
+from prepare import DownloadError, Incomplete, fetch_gpt2, write_shard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -40,7 +46,7 @@ def need_transformers():
 V, BLOCK = 320, 64
 
 
-def save_tiny_gpt2(folder, n_layer=2, n_head=2, n_embd=32, seed=0, plant=None):
+def save_tiny_gpt2(folder, n_layer=2, n_head=2, n_embd=32, seed=0, plant=None, vocab=V):
     """A random transformers GPT2LMHeadModel (eval) saved to folder with save_pretrained.
 
     Weights N(0, 0.2) rather than 0.02, LayerNorm weights 1 + N(0, 0.3) and every bias N(0, 0.2), so
@@ -48,8 +54,8 @@ def save_tiny_gpt2(folder, n_layer=2, n_head=2, n_embd=32, seed=0, plant=None):
     plant=(channel, value) sets wpe.weight[0, channel], a massive activation at position 0."""
     transformers = need_transformers()
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=V, n_positions=BLOCK,
-                                  initializer_range=0.2, bos_token_id=V - 1, eos_token_id=V - 1)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, n_positions=BLOCK,
+                                  initializer_range=0.2, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -300,3 +306,111 @@ def test_garbage_served_over_http_is_rejected(tmp_path, monkeypatch, capsys, fil
     assert 'Check --base_url' in msg and '\n' not in msg
     folder = tmp_path / 'data' / 'gpt2' / 'tiny-gpt2'
     assert not (folder / file).exists() and not (folder / (file + '.part')).exists()
+
+# -----------------------------------------------------------------------------
+# the command line: python probe.py gpt2 [our checkpoints], python probe.py FOLDER
+
+GPT2_VOCAB = 50257
+
+
+def builtin_root(root):
+    """A small 'builtin' dataset (random GPT-2 token ids) in root, so that the probe's default data
+    for GPT-2 is there without building the real corpus (ensure_dataset finds it and builds nothing)."""
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        os.makedirs(root / 'builtin', exist_ok=True)
+        write_shard(str(root / 'builtin' / f'builtin_{split}_000000.bin'), rng.integers(0, GPT2_VOCAB, 4000))
+    return root
+
+
+def run_probe(*args):
+    env = {k: v for k, v in os.environ.items() if k not in ('LEDGER_BASE_URL', 'LEDGER_DATA')}
+    env.update(LEDGER_BACKOFF='0.01', OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'probe.py'), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def test_probe_gpt2_by_name_resumes_then_runs_offline_next_to_a_checkpoint(tmp_path):
+    c = 5
+    save_tiny_gpt2(tmp_path / 'tiny', plant=(c, 1e4), vocab=GPT2_VOCAB)
+    files = {f: (tmp_path / 'tiny' / f).read_bytes() for f in ('config.json', 'model.safetensors')}
+    data, out = builtin_root(tmp_path / 'data'), tmp_path / 'out'
+    with FileServer(files, prefix='/openai-community/gpt2/resolve/main/') as server:
+        server.fail_once.add('config.json')
+        server.drop_once.add('model.safetensors')
+        r = run_probe('gpt2', '--base_url', server.url, '--data_root', data, '--out', out, '--num_seqs', 2)
+        assert r.returncode == 0, r.stderr
+        assert [rng is not None for _, rng in server.gets('model.safetensors')] == [False, True]  # resumed
+        url = server.url
+    folder = data / 'gpt2' / 'gpt2'
+    assert sorted(os.listdir(folder)) == ['config.json', 'model.safetensors']
+    assert 'GPT-2 weights gpt2 (float32)' in r.stdout and 'the built-in corpus' in r.stdout
+    assert [l[:5] for l in r.stdout.splitlines() if l.startswith(('data:', 'blocks:'))] == ['data:', 'block']
+    g = json.loads((out / 'probe.json').read_text())['checkpoints'][0]
+    assert g['name'] == 'gpt2' and g['weights'] == dict(kind='gpt2', folder=str(folder), dtype='float32', name='gpt2')
+    assert g['data']['dataset'] == 'builtin' and g['data']['seq_len'] == BLOCK
+    lm = g['streams']['h']['summary']['largest_massive']
+    assert (lm['position'], lm['channel']) == (0, c)           # the planted wpe[0] outlier, through the CLI
+    # second run: the server is gone, the weights are cached; side by side with one of our checkpoints
+    ours = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=BLOCK, vocab_size=GPT2_VOCAB, residual='ledger'))
+    ckpt = tmp_path / 'ledger' / 'ckpt.pt'
+    ckpt.parent.mkdir()
+    torch.save(dict(model=ours.state_dict(), model_args=ours.config.__dict__, iter_num=3,
+                    config=dict(dataset='builtin', data_root=str(data))), ckpt)
+    r = run_probe('gpt2', ckpt, '--base_url', url, '--data_root', data, '--out', out, '--num_seqs', 2)
+    assert r.returncode == 0, r.stderr
+    assert 'retrying' not in r.stderr and '=== comparison ===' in r.stdout
+    assert [l[:5] for l in r.stdout.splitlines() if l.startswith(('data:', 'blocks:'))] == ['data:', 'block', 'data:']
+    both = json.loads((out / 'probe.json').read_text())
+    assert both['comparison']['columns'] == ['gpt2', 'ledger']
+    assert [c['weights'] is None for c in both['checkpoints']] == [False, True]
+    assert both['checkpoints'][0]['streams']['h']['summary'] == g['streams']['h']['summary']  # same windows, same numbers
+
+
+def test_probe_reads_a_gpt2_folder_with_text_prompts(tmp_path, capsys):
+    hf = save_tiny_gpt2(tmp_path / 'my model', vocab=GPT2_VOCAB)
+    out = tmp_path / 'out'
+    assert probe.main([str(tmp_path / 'my model') + '/', '--text', 'Hello world, this is a test.', '--out', str(out),
+                       '--data_root', str(tmp_path / 'no data needed')]) == 0
+    assert not (tmp_path / 'no data needed').exists()          # --text: no corpus built, nothing fetched
+    r = json.loads((out / 'probe.json').read_text())['checkpoints'][0]
+    assert r['name'] == 'my_model' and r['data']['source'] == 'text' and r['weights']['name'] is None
+    x, y, _ = probe.text_windows(['Hello world, this is a test.'], BLOCK)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(hf(x).logits[0], y[0], ignore_index=-1).item()
+    assert abs(r['val_loss'] - want) < 1e-4                     # transformers' loss on the same tokens
+
+
+def test_probe_gpt2_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'config_only').mkdir()
+    (tmp_path / 'config_only' / 'config.json').write_text(json.dumps(GPT2_JSON))
+    llama = tmp_path / 'llama'
+    llama.mkdir()
+    (llama / 'config.json').write_text(json.dumps(dict(model_type='llama', hidden_size=32, num_hidden_layers=2)))
+    save_file({'model.embed_tokens.weight': torch.zeros(V, 32)}, str(llama / 'model.safetensors'))
+    wrong = tmp_path / 'wrong'
+    save_tiny_gpt2(wrong)
+    (wrong / 'config.json').write_text(json.dumps(dict(json.loads((wrong / 'config.json').read_text()), n_embd=48)))
+    small_vocab = tmp_path / 'small_vocab'
+    save_tiny_gpt2(small_vocab)
+    data = builtin_root(tmp_path / 'data')
+    capsys.readouterr()                                     # save_pretrained's progress bars
+    with FileServer({}) as server:                          # a mirror without the model: 404
+        cases = [(('gpt3',), 'known models: gpt2, gpt2-medium, gpt2-large, gpt2-xl'),
+                 ((tmp_path / 'empty',), 'nor config.json and model.safetensors'),
+                 ((tmp_path / 'config_only',), 'no model.safetensors'),
+                 ((llama,), "model_type is 'llama', not 'gpt2'"),
+                 ((wrong,), 'expected shape (144,) from config.json, got (96,)'),
+                 ((small_vocab,), "outside the model's vocab_size 320"),
+                 (('gpt2-medium', '--base_url', server.url), 'gpt2-medium/resolve/main/config.json')]
+        for args, words in cases:
+            code = probe.main([str(a) for a in args] + ['--data_root', str(data), '--out', str(tmp_path / 'o')])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1 and err[0].startswith('probe.py: error:'), (args, err)
+            assert words in err[0], (words, err)
+    assert not (tmp_path / 'o').exists() and not (data / 'gpt2' / 'gpt3').exists()
+    r = run_probe('gpt3', '--out', tmp_path / 'o')                  # the same through the real command line
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        'probe.py: error: gpt3: no such file and no GPT-2 model of that name; known models: gpt2, gpt2-medium, '
+        'gpt2-large, gpt2-xl (or give a checkpoint file, or a folder holding config.json and model.safetensors)']

@@ -374,6 +374,8 @@ def test_cli_text_prompts(tmp_path, capsys):
     assert probe.main([path, '--out', str(out), '--text', 'Hello world, this is a longer prompt.',
                        '--text', '<|endoftext|>Hello world']) == 0
     data = json.loads((out / 'probe.json').read_text())['checkpoints'][0]['data']
+    assert [l for l in capsys.readouterr().out.splitlines() if l.startswith('data:')] == [
+        'data: 2 --text prompt(s), T=3 (prompt lengths [9, 3], truncated to the shortest)']
     assert data['source'] == 'text' and data['seq_len'] == 3 and data['num_seqs'] == 2
     assert data['eot_at_pos0'] == 0.5
     x, y, _ = probe.text_windows(['Hello world'], 100)

@@ -186,7 +186,7 @@ def test_inputs_that_cannot_go_together(tmp_path, capsys):
     ckpt.write_bytes(b'x')
     cases = [((run, ckpt), 'run them separately'),
              ((run, os.path.join(run, 'log.jsonl')), 'are the same log'),
-             ((tmp_path / 'empty',), 'a folder without log.jsonl'),
+             ((tmp_path / 'empty',), 'a folder with neither log.jsonl'),
              ((tmp_path / 'missing.jsonl',), 'no such log file'),
              (('--group', f'a={run}'), 'is a training run'),
              ((ckpt, '--group', f'a={ckpt}'), 'not both'),
