@@ -80,7 +80,7 @@ def option(default, help):
 class TrainConfig:
     # I/O
     out_dir: str = option('out', "folder for ckpt.pt and log.jsonl (written by rank 0 only)")
-    eval_interval: int = option(20, "evaluate and checkpoint every this many steps (and at the last step)")
+    eval_interval: int = option(10, "evaluate and checkpoint every this many steps (and at the last step)")
     log_interval: int = option(10, "print and log the training loss every this many steps")
     eval_iters: int = option(4, "batches per split in an evaluation, shared out over the ranks")
     eval_only: bool = option(False, "evaluate once (e.g. a resumed checkpoint) and exit, writing no checkpoint")
