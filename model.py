@@ -3,11 +3,15 @@ GPT with a pluggable residual operator: the standard residual stream, or the Led
 (Vemula 2026, "Massive Activations Are Architecturally Robust", arXiv 2606.20743).
 
 Everything except the residual operator is shared, so a vanilla and a ledger model differ only
-in the two small classes `Vanilla` and `Ledger` below (see ../shared/SPEC.md §1).
+in the two small classes `Vanilla` and `Ledger` below (docs/reference.md §1 has the equations).
 
 The network is a flat sequence of 2L sublayers attn_0, mlp_0, attn_1, mlp_1, ...; a sublayer asks
 its residual operator what to read, runs attention or the MLP on it, and hands the output back to
 the operator, which updates the stream(s). The LM head reads whatever the operator decodes.
+
+A new residual operator is one class (subclass `Residual`, fill in its attributes and methods) and
+one entry in RESIDUALS: train.py, probe.py and bench.py read its name, streams and decoded stream
+from the class and need no change.
 """
 
 import inspect
@@ -15,49 +19,56 @@ import math
 import os
 import pickle
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
+def option(default, help):
+    """A config field: its default, and the description that train.py --help prints."""
+    return field(default=default, metadata={'help': help})
+
+
 @dataclass
 class GPTConfig:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50257            # GPT-2 BPE; 50304 (a multiple of 64) is faster on GPUs
-    dropout: float = 0.0
-    residual: str = 'vanilla'          # 'vanilla' | 'ledger'
-    qk_norm: bool = False              # RMSNorm on q and k per head (the paper's "suppress" baseline)
-    norm: str = 'rmsnorm'              # 'rmsnorm' | 'layernorm'
-    norm_position: str = 'pre'         # 'pre' | 'post' (post-norm ablation, vanilla only)
-    ledger_rank: int = 64              # rank r of the ledger's gate/projection maps; <=0 or >=d: full rank
-    commit_bias_first: float = -4.0    # commit-gate bias of the first sublayer ...
-    commit_bias_last: float = 4.0      # ... linearly to this at the last one (gates open late)
-    commit_read: str = 'learned'       # 'learned': blocks read D + lam*C; 'off': strict ledger, lam = 0
-    decode_mix: float = 0.0            # gamma: the head decodes C + gamma*D
-    tie_embeddings: bool = False
-    scaled_init: bool = False          # nanoGPT's N(0, 0.02/sqrt(2L)) for output projections
-    bias: bool = False                 # biases on the attention Linears and LayerNorms (GPT-2); the MLP always has them
-    gelu: str = 'exact'                # 'exact' | 'tanh' (GPT-2's approximation, "gelu_new")
-    norm_eps: float = 1e-6             # epsilon of every norm (GPT-2: 1e-5)
+    """The model's shape and variant (defaults: GPT-2 small's shape, vanilla). train.py takes every
+    field as a config key, with the type and help given here."""
+    n_layer: int = option(12, "transformer blocks (each is an attention and an MLP sublayer)")
+    n_head: int = option(12, "attention heads")
+    n_embd: int = option(768, "width d of the residual stream(s)")
+    block_size: int = option(1024, "tokens per sequence (the model's context length)")
+    vocab_size: int = option(50257, "GPT-2 BPE has 50257 tokens; 50304 (a multiple of 64) is faster on GPUs")
+    dropout: float = option(0.0, "dropout after attention/MLP outputs and on the embeddings")
+    residual: str = option('vanilla', "the residual operator, a key of model.RESIDUALS: 'vanilla' "
+                                     "(h <- h + F(N(h))) or 'ledger' (D/C streams, docs/reference.md §1.3)")
+    qk_norm: bool = option(False, "RMSNorm on q and k per head (the paper's 'suppress' baseline)")
+    norm: str = option('rmsnorm', "'rmsnorm' or 'layernorm'")
+    norm_position: str = option('pre', "'pre' or 'post' (post-norm ablation, vanilla only)")
+    ledger_rank: int = option(64, "rank r of the ledger's gate and projection maps (<=0 or >=d: full rank)")
+    commit_bias_first: float = option(-4.0, "commit-gate bias of the first sublayer ...")
+    commit_bias_last: float = option(4.0, "... linearly to this at the last one (gates open late)")
+    commit_read: str = option('learned', "'learned': blocks read D + lam*C; 'off': strict ledger, lam = 0")
+    decode_mix: float = option(0.0, "gamma: the ledger's head decodes C + gamma*D")
+    tie_embeddings: bool = option(False, "share the token embedding with the LM head")
+    scaled_init: bool = option(False, "nanoGPT's N(0, 0.02/sqrt(2L)) init for output projections")
+    bias: bool = option(False, "biases on the attention Linears and LayerNorms, as GPT-2 (the MLP always has them)")
+    gelu: str = option('exact', "'exact' GELU or 'tanh' (GPT-2's approximation, 'gelu_new')")
+    norm_eps: float = option(1e-6, "epsilon of every RMSNorm/LayerNorm (GPT-2 uses 1e-5)")
 
     def __post_init__(self):
-        choices = dict(residual=('vanilla', 'ledger'), norm=('rmsnorm', 'layernorm'),
-                       norm_position=('pre', 'post'), commit_read=('learned', 'off'), gelu=('exact', 'tanh'))
+        choices = dict(residual=tuple(RESIDUALS), norm=('rmsnorm', 'layernorm'), norm_position=('pre', 'post'),
+                       commit_read=('learned', 'off'), gelu=('exact', 'tanh'))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.residual == 'ledger' and self.norm_position == 'post':
-            raise ValueError("the ledger residual is pre-norm only; use norm_position='pre'")
         for key in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        RESIDUALS[self.residual].check(self)
 
 
 def make_norm(config, dim=None):
@@ -80,47 +91,114 @@ class LowRank(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# The residual operators. A sublayer does:   u = op.read(state); y = F(u); state = op.write(state, u, y)
-# `state` is a tuple of streams of shape (B, T, d); `write` also returns the commit gate (or None).
+# The residual operators. A sublayer does:   u = op.read(state); y = F(u); state, aux = op.write(state, u, y)
 
-class Vanilla(nn.Module):
-    """The standard residual stream h. Pre-norm: h <- h + F(N(h)). Post-norm: h <- N(h + F(h))."""
-    streams = ('h',)
+
+class Residual(nn.Module):
+    """What a residual operator provides. One instance per sublayer s, holding that sublayer's own
+    parameters. `state` is a tuple of (B, T, d) tensors, one per entry of `streams`, in that order.
+
+    streams    name -> one line on what it holds (the probe and the training log report them by name)
+    views      name -> one line, for tensors derived from the state that the probe measures too
+    decoded    the name of the stream the LM head reads
+    aux        name -> one line, for each scalar that write() returns; GPT.forward averages them over
+               the sublayers, train.py logs them, and 'commit_rate' (the mean commit gate: the
+               operator has commit gates) is what train.py's commit_sparsity penalises
+    """
+    streams = {}
+    views = {}
+    decoded = None
+    aux = {}
 
     def __init__(self, config, s):
         super().__init__()
+
+    def init_weights(self):
+        """The operator's own init, applied after the generic N(0, 0.02) init of every Linear."""
+
+    @classmethod
+    def check(cls, config):
+        """Raise ValueError for a GPTConfig this operator cannot run."""
+        if config.norm_position == 'post':
+            raise ValueError(f"residual={config.residual!r} is pre-norm only; use norm_position='pre'")
+
+    @classmethod
+    def label(cls, args):
+        """A short name for reports, from the model's config dict (e.g. 'ledger strict')."""
+        return args['residual']
+
+    @staticmethod
+    def start(x):
+        """The state before the first sublayer, from the embeddings x (B, T, d)."""
+        raise NotImplementedError
+
+    def read(self, state):
+        """u, the (normalised) input of this sublayer's attention or MLP."""
+        raise NotImplementedError
+
+    def write(self, state, u, y):
+        """(new state, aux): the state after adding the sublayer output y; aux maps names to scalar
+        tensors that GPT.forward averages over the sublayers ({} when there are none)."""
+        raise NotImplementedError
+
+    def view(self, state):
+        """{name: tensor} for every entry of `views`, from the state before this sublayer."""
+        return {}
+
+    @staticmethod
+    def decode(state, config):
+        """What the final norm and the LM head read."""
+        raise NotImplementedError
+
+
+class Vanilla(Residual):
+    """The standard residual stream h. Pre-norm: h <- h + F(N(h)). Post-norm: h <- N(h + F(h))."""
+    streams = {'h': 'residual stream h'}
+    decoded = 'h'
+
+    def __init__(self, config, s):
+        super().__init__(config, s)
         self.norm = make_norm(config)
         self.post = config.norm_position == 'post'
+
+    @classmethod
+    def check(cls, config):
+        pass  # pre- and post-norm
+
+    @classmethod
+    def label(cls, args):
+        return 'vanilla' + (' post-norm' if args.get('norm_position') == 'post' else '')
 
     @staticmethod
     def start(x):
         return (x,)
-
-    def stream_read(self, state):
-        return state[0]
 
     def read(self, state):
         return state[0] if self.post else self.norm(state[0])
 
     def write(self, state, u, y):
         h = state[0] + y
-        return (self.norm(h) if self.post else h,), None
+        return (self.norm(h) if self.post else h,), {}
 
     @staticmethod
     def decode(state, config):
         return state[0]
 
 
-class Ledger(nn.Module):
+class Ledger(Residual):
     """Deliberation D (mutable scratch) and Commitment C (append-only, the only thing decoded).
 
     u = N(D + lam*C);  D <- D - be*(k.D)k + bw*(y + G y);  C <- C + c*(D + P D)
     with per-channel erase/write gates be, bw, unit erase direction k, and one scalar commit gate c.
     """
-    streams = ('D', 'C')
+    streams = {'D': 'scratch stream D (Deliberation: erased and written by every sublayer)',
+               'C': 'commitment stream C (append-only: c*(D + P D) is added after every sublayer)'}
+    views = {'read': 'D + lam*C as read by each sublayer (before its norm), i.e. the state before it'}
+    decoded = 'C'
+    aux = {'commit_rate': 'mean commit gate c over sublayers, sequences and positions'}
 
     def __init__(self, config, s):
-        super().__init__()
+        super().__init__(config, s)
         d, r = config.n_embd, config.ledger_rank
         self.norm = make_norm(config)
         self.erase = LowRank(d, r, bias=True)       # be = sigmoid(Ew u)
@@ -134,8 +212,8 @@ class Ledger(nn.Module):
         f = s / max(2 * config.n_layer - 1, 1)     # fractional depth of this sublayer
         self.commit_bias = config.commit_bias_first + f * (config.commit_bias_last - config.commit_bias_first)
 
-    def reset_ledger_parameters(self):
-        """The paper's stable init, applied after the generic N(0, 0.02) init."""
+    def init_weights(self):
+        """The paper's stable init: erase ~0.047, write ~0.953, G = P = 0, commit gates by depth."""
         with torch.no_grad():
             for m in (self.erase, self.write_gate, self.g, self.p):
                 m.up.weight.zero_()
@@ -146,16 +224,16 @@ class Ledger(nn.Module):
             if self.lam is not None:
                 self.lam.zero_()
 
+    @classmethod
+    def label(cls, args):
+        return 'ledger' + (' strict' if args.get('commit_read') == 'off' else '')
+
     @staticmethod
     def start(x):
         return (x, torch.zeros_like(x))
 
-    def stream_read(self, state):
-        D, C = state
-        return D if self.lam is None else D + self.lam * C
-
     def read(self, state):
-        return self.norm(self.stream_read(state))
+        return self.norm(self.view(state)['read'])
 
     def write(self, state, u, y):
         D, C = state
@@ -165,7 +243,11 @@ class Ledger(nn.Module):
         D = D - be * (k * D).sum(-1, keepdim=True) * k + bw * (y + self.g(y))
         c = torch.sigmoid(self.commit(u))           # (B, T, 1)
         C = C + c * (D + self.p(D))
-        return (D, C), c
+        return (D, C), {'commit_rate': c.float().mean()}   # fp32 even under bf16 autocast
+
+    def view(self, state):
+        D, C = state
+        return {'read': D if self.lam is None else D + self.lam * C}
 
     @staticmethod
     def decode(state, config):
@@ -174,6 +256,15 @@ class Ledger(nn.Module):
 
 
 RESIDUALS = {'vanilla': Vanilla, 'ledger': Ledger}
+
+
+def residual_info(name):
+    """What log.jsonl and probe.json record about a residual operator, so that the analysis tools
+    need no operator names: its streams, views and aux terms with their descriptions, the decoded
+    stream, and whether it has commit gates."""
+    op = RESIDUALS[name]
+    return dict(name=name, decoded=op.decoded, streams=dict(op.streams), views=dict(op.views), aux=dict(op.aux),
+                has_gates='commit_rate' in op.aux)
 
 # ----------------------------------------------------------------------------------------------
 
@@ -194,7 +285,8 @@ class Observer:
         """q, k, v: (B, H, T, hd) after QK-norm; att: (B, H, T, T) softmax probabilities."""
 
     def on_sublayer(self, s, streams):
-        """streams: dict name -> (B, T, d) after sublayer s; for the ledger also 'read', what s read."""
+        """streams: dict name -> (B, T, d) after sublayer s: the operator's streams, then its views
+        (computed from the state before s; the ledger's 'read' is what s read)."""
 
 
 class Attention(nn.Module):
@@ -258,15 +350,13 @@ class Sublayer(nn.Module):
         if observer is not None:
             u = _replace(u, observer.on_input(self.s, u))
         y = self.fn(u, observer)
-        new_state, gate = self.res.write(state, u, y)
+        new_state, aux = self.res.write(state, u, y)
         if observer is not None:
-            streams = dict(zip(self.res.streams, new_state))
-            if len(new_state) > 1:
-                streams['read'] = self.res.stream_read(state)
+            streams = {**dict(zip(self.res.streams, new_state)), **self.res.view(state)}
             out = observer.on_sublayer(self.s, streams)
             if out is not None:
                 new_state = tuple(out.get(name, t) for name, t in zip(self.res.streams, new_state))
-        return new_state, gate
+        return new_state, aux
 
 
 def _replace(x, new):
@@ -288,10 +378,8 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
-        for m in self.modules():
-            if isinstance(m, Ledger):
-                m.reset_ledger_parameters()
-        self.commit_rate = None  # mean commit gate of the last forward pass (ledger), for the penalty
+        for sublayer in self.sublayers:
+            sublayer.res.init_weights()
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -305,8 +393,10 @@ class GPT(nn.Module):
             nn.init.ones_(module.weight)
 
     def forward(self, idx, targets=None, observer=None):
-        """Returns (logits, loss); loss is cross-entropy only. The ledger's mean commit gate
-        (differentiable, for the sparsity penalty) is left in self.commit_rate."""
+        """Returns (logits, loss, aux). loss is the cross-entropy only (None without targets); aux
+        holds the operator's auxiliary terms, each averaged over the sublayers: for the ledger
+        aux['commit_rate'], the mean commit gate (differentiable, fp32) that train.py's
+        commit_sparsity penalty multiplies; {} for vanilla."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -315,17 +405,17 @@ class GPT(nn.Module):
                              f"[{int(idx.min())}, {int(idx.max())}]")
         pos = torch.arange(T, device=idx.device)
         state = self.residual.start(self.drop(self.wte(idx) + self.wpe(pos)))
-        gates = []
+        terms = {}
         for sublayer in self.sublayers:
-            state, gate = sublayer(state, observer)
-            if gate is not None:
-                gates.append(gate.float().mean())   # fp32 even under bf16 autocast
-        self.commit_rate = torch.stack(gates).mean() if gates else None
+            state, aux = sublayer(state, observer)
+            for name, value in aux.items():
+                terms.setdefault(name, []).append(value)
+        aux = {name: torch.stack(values).mean() for name, values in terms.items()}
         logits = self.lm_head(self.norm_f(self.residual.decode(state, self.config)))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, loss, aux
 
     # ------------------------------------------------------------------------------------------
 
@@ -362,7 +452,7 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Sample continuations of idx (B, T); temperature 0 means greedy."""
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = self(idx[:, -self.config.block_size:])[0]
             logits = logits[:, -1, :].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
@@ -374,6 +464,25 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, nxt), dim=1)
         return idx
+
+
+def resolve_device(device='auto', dtype='auto', compile='auto'):
+    """(device, dtype, compile) with 'auto' resolved the one way train.py, probe.py and bench.py
+    share: the device cuda, then mps, then cpu; bfloat16 autocast on CUDA when the GPU supports it,
+    else float32; torch.compile on CUDA only. ValueError (one line) for a device that is not there."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    kind = device.split(':')[0]
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but torch.cuda.is_available() is False (no CUDA GPU or a CPU-only "
+                         f"torch); use device='cpu'")
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}, but MPS is not available; use device='cpu'")
+    if dtype == 'auto':
+        dtype = 'bfloat16' if kind == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+    if compile == 'auto':
+        compile = kind == 'cuda'
+    return device, dtype, compile
 
 
 CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'iter_num')
@@ -416,7 +525,7 @@ def load_model(path, device='cpu', trust=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# OpenAI GPT-2 weights (SPEC §5), so the probe can be calibrated on the literature's model.
+# OpenAI GPT-2 weights (docs/reference.md §6), so the probe can be calibrated on the literature's model.
 # GPT-2 is this GPT with residual='vanilla', norm='layernorm', bias=True, gelu='tanh', eps 1e-5 and
 # a tied head; its block i is our sublayers 2i (attention, norm ln_1) and 2i+1 (MLP, norm ln_2).
 

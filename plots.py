@@ -1,8 +1,7 @@
 """
-The probe's figures (probe.py draws them; ../shared/SPEC.md §4 says which).
+The probe's figures (probe.py draws them; docs/reference.md §4 defines what they show).
 
-matplotlib is imported inside the functions only, so that `import probe` (which train.py does at
-every evaluation) stays light. Every function takes the plain dicts that probe.py also writes to
+matplotlib is imported inside the functions only, so that `import probe` stays light. Every function takes the plain dicts that probe.py also writes to
 JSON and returns the paths of the PNGs it wrote.
 
 - plot_checkpoint: one checkpoint's layerwise profile, token x channel heatmap at the peak layer,
@@ -132,7 +131,7 @@ def plot_checkpoint(r, sample, out_dir):
 
 
 def plot_overlay(results, out_dir):
-    """top1/median and top1 of each checkpoint's decoded stream (h or C) vs sublayer.
+    """top1/median and top1 of each checkpoint's decoded stream (h, C, ...) vs sublayer.
 
     Up to MANY checkpoints get a legend; more (e.g. every snapshot of a run) are coloured from dark
     to light in command-line order, with a colour bar labelled by iter when every checkpoint has one."""
@@ -143,7 +142,7 @@ def plot_overlay(results, out_dir):
         [plt.get_cmap('viridis')(i / max(len(results) - 1, 1)) for i in range(len(results))]
     S_max = 0
     for r, c in zip(results, colours):
-        sname = 'h' if 'h' in r['streams'] else 'C'
+        sname = r['residual']['decoded']
         p = r['streams'][sname]['per_sublayer']
         S_max = max(S_max, len(p['top1']))
         for ax, key in zip(axes, ('top1_median', 'top1')):
@@ -183,16 +182,12 @@ TRAJECTORY_PANELS = (
 
 
 def _stream_views(runs):
-    """[(figure name, {run index: stream name})]: every stream, plus 'decoded' (h or C) when the
-    runs decode different streams (vanilla next to ledger), so that such runs share a figure."""
-    names = []
-    for run in runs:
-        names += [s for s in run['streams'] if s not in names]
-    order = {'h': 0, 'D': 1, 'C': 2, 'read': 3}
-    names.sort(key=lambda s: order.get(s, 4))
+    """[(figure name, {run index: stream name})]: every stream (in order of first appearance), plus
+    'decoded' when the runs decode different streams (vanilla's h next to the ledger's C), so that
+    such runs share a figure."""
+    names = list(dict.fromkeys(s for run in runs for s in run['streams']))
     views = [(s, {i: s for i, run in enumerate(runs) if s in run['streams']}) for s in names]
-    decoded = {i: ('h' if 'h' in run['streams'] else 'C') for i, run in enumerate(runs)
-               if 'h' in run['streams'] or 'C' in run['streams']}
+    decoded = {i: run['decoded'] for i, run in enumerate(runs) if run['decoded'] in run['streams']}
     if len(set(decoded.values())) > 1:
         views.append(('decoded', decoded))
     return views
@@ -200,9 +195,9 @@ def _stream_views(runs):
 
 def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000)):
     """Per stream: the TRAJECTORY_PANELS against tokens seen, one colour per run (trajectory_<stream>.png);
-    val loss and commit rate (trajectory_loss.png); per run a (step x sublayer) heatmap of
-    top1/median for each stream (trajectory_heatmap_<run>.png). A metric a run did not log is left
-    out of its panel and named in the panel's corner."""
+    val loss and the operators' aux terms, e.g. the commit rate (trajectory_loss.png); per run a
+    (step x sublayer) heatmap of top1/median for each stream (trajectory_heatmap_<run>.png). A metric
+    a run did not log is left out of its panel and named in the panel's corner."""
     plt = _pyplot()
     colours = _colours(len(runs))
     files = []
@@ -251,7 +246,8 @@ def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000)):
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-        fig.suptitle(f"stream {view}" + (' (h of vanilla runs, C of ledger runs)' if view == 'decoded' else ''))
+        fig.suptitle(f"stream {view}" + (' (the stream each run decodes: ' + ', '.join(
+            f"{runs[i]['name']} {s}" for i, s in which.items()) + ')' if view == 'decoded' else ''))
         files.append(_save(fig, os.path.join(out_dir, f"trajectory_{view}.png")))
     # losses
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -259,14 +255,14 @@ def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000)):
         x = np.array(run['tokens'], dtype=float)
         axes[0].plot(x, [np.nan if v is None else v for v in run['val_loss']], marker='o', ms=2.5,
                      color=colours[i], label=run['name'])
-        if any(v is not None for v in run['val_commit']):
-            axes[1].plot(x, [np.nan if v is None else v for v in run['val_commit']], marker='o', ms=2.5,
-                         color=colours[i], label=run['name'])
-    no_gates = [run['name'] for run in runs if all(v is None for v in run['val_commit'])]
-    if no_gates:
-        axes[1].text(0.01, 0.99, 'no commit gates: ' + ', '.join(no_gates), transform=axes[1].transAxes,
-                     va='top', fontsize=7, color='gray')
-    for ax, label in zip(axes, ('val loss (cross-entropy)', 'val commit rate (mean commit gate)')):
+        for k, (term, values) in enumerate(run['val_aux'].items()):
+            axes[1].plot(x, [np.nan if v is None else v for v in values], marker='os^v'[k % 4], ms=2.5,
+                         color=colours[i], label=f"{run['name']}: {term}")
+    no_aux = [run['name'] for run in runs if not run['val_aux']]
+    if no_aux:
+        axes[1].text(0.01, 0.99, 'no aux terms (no commit gates): ' + ', '.join(no_aux),
+                     transform=axes[1].transAxes, va='top', fontsize=7, color='gray')
+    for ax, label in zip(axes, ('val loss (cross-entropy)', 'val aux terms (commit_rate: mean commit gate)')):
         ax.set_xlabel('tokens seen')
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

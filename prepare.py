@@ -1,6 +1,6 @@
 """
 Data for the ledger-residuals lab: token shards, the offline GPT-2 tokenizer, a batch sampler,
-and a CLI that fetches or builds the shards (SPEC §3).
+and a CLI that fetches or builds the shards (docs/reference.md §3).
 
     python prepare.py                                # FineWeb-Edu: val + 4 train shards (400M tokens)
     python prepare.py --dataset=fineweb10B --shards 8
@@ -15,7 +15,7 @@ and a training window may start anywhere (or, with doc_aligned=True, at a docume
 Files land in data/<dataset>/ next to this file; set LEDGER_DATA or pass --data_root to move them.
 Downloads come from huggingface.co unless --base_url or LEDGER_BASE_URL names a mirror; they
 resume after a dropped connection and retry with exponential backoff (base LEDGER_BACKOFF, 1 s).
-The same machinery fetches OpenAI's GPT-2 weights for the probe (fetch_gpt2, SPEC §5) into
+The same machinery fetches OpenAI's GPT-2 weights for the probe (fetch_gpt2, docs/reference.md §6) into
 data/gpt2/<name>/.
 """
 
@@ -368,7 +368,7 @@ def download(dataset, n_train=4, data_root=None, base_url=HF_URL, tries=5, backo
     return [os.path.join(folder, name) for name in names]
 
 # -----------------------------------------------------------------------------
-# OpenAI GPT-2 weights for the probe (SPEC §5): config.json + model.safetensors from the hub
+# OpenAI GPT-2 weights for the probe (docs/reference.md §6): config.json + model.safetensors from the hub
 
 GPT2_MODELS = {
     'gpt2': 'openai-community/gpt2',                # 124M: 12 layers, 12 heads, 768

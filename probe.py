@@ -1,5 +1,5 @@
 """
-Massive activations and attention sinks, measured (../shared/SPEC.md §4).
+Massive activations and attention sinks, measured (definitions: docs/reference.md §4).
 
     python probe.py out/ckpt.pt [more.pt ...] [--out DIR] [--num_seqs N] [--seq_len T]
                     [--text "..." ...] [--interventions] [--soften_k K] [--seed S] [--doc_aligned]
@@ -16,7 +16,7 @@ groups. Runs and checkpoints cannot be mixed in one command. Bad input: one line
 Wherever a checkpoint goes, OpenAI GPT-2 can go too: a name (gpt2, gpt2-medium, gpt2-large,
 gpt2-xl; prepare.fetch_gpt2 downloads config.json + model.safetensors once into
 <data_root>/gpt2/<name>/, resumable, then offline) or a folder holding a GPT-2 config.json and
-model.safetensors; model.load_gpt2 loads them into model.GPT (SPEC §5). Without --text GPT-2 is
+model.safetensors; model.load_gpt2 loads them into model.GPT (docs/reference.md §6). Without --text GPT-2 is
 probed on validation windows of the built-in corpus (built on first use), and the report says so.
 
 For each checkpoint: N windows of T tokens from the validation shards of the checkpoint's dataset
@@ -24,9 +24,10 @@ For each checkpoint: N windows of T tokens from the validation shards of the che
 --text prompts. Several prompts are truncated to the shortest one so that they stack into one
 batch; nothing is prepended (write <|endoftext|> into a prompt to start it with that token).
 
-What is measured (the names are the SPEC's):
-- every stream after every one of the 2L sublayers (vanilla: h; ledger: D, C, and `read`, the
-  D + lam*C that each sublayer reads): the Sun profile (top1/2/3, median, top1_median) and census
+What is measured (the names are those of docs/reference.md §4; stats.py computes the per-stream ones):
+- every stream of the model's residual operator after every one of the 2L sublayers, and its views
+  (vanilla: h; ledger: D, C, and `read`, the D + lam*C that each sublayer reads; the operator
+  class names and describes them, and says which one the head decodes): the Sun profile (top1/2/3, median, top1_median) and census
   (|x| > 100 and >= 1000 x the sequence's median: count, largest entry, emergence and last
   sublayer), kurtosis, feat_maxmed, n_out50; across depth on the per-channel mean |x|:
   dominant_dim, persistence, peak_layer, peak_feat_ratio, bos_concentration; position-0 rigidity
@@ -64,6 +65,12 @@ probe.json (tests/test_probe.py checks that every key below is there):
       tokens              tokens seen in training (None for checkpoints that do not say)
       weights             None for a train.py checkpoint; GPT-2: {kind: 'gpt2', folder, dtype, name}
       model_args          GPTConfig fields
+      residual            the residual operator, as the class describes itself (model.residual_info)
+        name              its key in model.RESIDUALS
+        decoded           the stream the LM head reads
+        streams           stream name -> what it holds, in state order
+        views             name -> what it is, for tensors derived from the state (may be empty)
+        has_gates         whether it has commit gates (a commit rate, the sparsity penalty)
       params              parameter count
       device              where the probe ran, and dtype: float32 or bfloat16 (autocast)
       data                what was probed
@@ -83,7 +90,7 @@ probe.json (tests/test_probe.py checks that every key below is there):
         layer
         kind
       val_loss            mean next-token cross-entropy over the probe windows (None: no targets)
-      streams             stream name -> statistics (h; or D, C, read)
+      streams             stream and view name -> statistics (h; or D, C, read)
         <stream>
           where           what the stream is and when it is measured
           per_sublayer    lists over the 2L sublayers
@@ -171,8 +178,8 @@ probe.json (tests/test_probe.py checks that every key below is there):
             test          'exact: N splits (all)' or 'random: N random permutations'
             note          why ci or p is None, if they are
 
-The statistics are plain functions of a (N, T, d) activation tensor so that train.py logs the same
-numbers during training (sublayer_stats, activation_stats) that the probe reports afterwards.
+The per-stream statistics live in stats.py, so that train.py logs the same numbers during training
+(activation_stats) that the probe reports afterwards.
 """
 
 import argparse
@@ -189,217 +196,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Observer
+from model import RESIDUALS, Observer, residual_info, resolve_device
 from plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
 from runs import THRESHOLDS, group_statistics, groups_text, read_run, trajectory_text
 from prepare import EOT
+from stats import MASSIVE_ABS, MASSIVE_REL, SublayerAccumulator, depth_structure, lower_median
 
-MASSIVE_ABS = 100.0       # Sun et al.: |x| > 100 ...
-MASSIVE_REL = 1000.0      # ... and |x| >= 1000 x median(|x|) of that sequence at that sublayer
-OUTLIER_REL = 50.0        # reference code's n_out50: |x| >= 50 x the token's median
 SINK_EPS = 0.3            # Gu et al.: a head is a sink head when alpha_1 > 0.3 ...
 SINK_T = 64               # ... measured on the first 64 tokens
-STREAM_WHERE = {
-    'h': 'residual stream h after each sublayer (decoded)',
-    'D': 'scratch stream D after each sublayer',
-    'C': 'commitment stream C after each sublayer (decoded)',
-    'read': 'D + lam*C as read by each sublayer (before its norm), i.e. the state before it',
-}
-
-# ----------------------------------------------------------------------------------------------
-# Per-sublayer statistics, accumulated over batches of sequences
-
-
-def lower_median(v):
-    """torch's median convention (the lower of the two middle values), for numpy arrays."""
-    k = (np.shape(v)[-1] - 1) // 2
-    return np.partition(np.asarray(v), k, axis=-1)[..., k]
-
-
-def median_last(a):
-    """torch.median(a, dim=-1).values, exactly; on the CPU through numpy's SIMD partition, which is
-    ~10x faster than torch's median there (the medians were most of the probe's overhead)."""
-    if a.device.type != 'cpu':
-        return a.median(dim=-1).values
-    return torch.from_numpy(lower_median(a.numpy()))
-
-
-class SublayerAccumulator:
-    """Running sums of one stream at one sublayer over batches of sequences.
-
-    Elementwise work is done in float32 (exact for the order statistics, and sums over one
-    sequence's entries are pairwise); the running sums across batches are float64. The census
-    mask is only built when some entry is above the absolute 100 at all.
-    """
-
-    def __init__(self):
-        self.n_seq = 0
-        self.n_tok = 0
-        self.top = None          # (3,) summed over sequences
-        self.median = 0.0
-        self.kurt = 0.0
-        self.out50 = 0.0
-        self.chan = None         # (d,) sum of |x| over tokens
-        self.pos0 = None         # (d,) sum of |x| at position 0 over sequences
-        self.start = 0.0         # sum over sequences of the start-token mass
-        self.start_chan = None   # (d,) sum over sequences of |x[0, c]| / sum_t |x[t, c]|
-        self.n_massive = 0
-        self.massive_channels = None   # (d,) massive entries per channel
-        self.massive_positions = None  # (T,) massive entries per position
-        self.massive_pos0 = None       # (d,) massive entries at position 0 per channel
-        self.largest = None      # (|value|, seq, position, channel, value) overall
-        self.largest_massive = None
-        self.seq_top = []        # per batch: (position, channel, value) of each sequence's largest |x|
-
-    @torch.no_grad()
-    def add(self, x, offset=0):
-        """Add a batch x (B, T, d) whose first sequence is number `offset` of the probe set.
-        Returns the massive entries as (seq, position, channel, value) tensors, or None."""
-        x = x.detach().float()
-        B, T, d = x.shape
-        a = x.abs()
-        flat = a.view(B, T * d)
-        k = min(3, T * d)
-        top_v, top_i = flat.topk(k, dim=1)
-        top_v = torch.cat([top_v, top_v[:, -1:].expand(B, 3 - k)], 1)
-        med = median_last(flat)                                           # (B,)
-        # excess kurtosis over channels, per token
-        z2 = (x - x.mean(-1, keepdim=True)).square_()      # in place: fresh CPU memory is slow
-        var = z2.mean(-1)
-        kurt = z2.square_().mean(-1) / var.square().clamp_min(1e-30) - 3.0
-        tok_med = median_last(a).unsqueeze(-1)
-        out50 = (a >= OUTLIER_REL * tok_med).sum(-1, dtype=torch.int32)
-        seq_chan = a.sum(1)                                                # (B, d)
-        chan = seq_chan.sum(0)
-        pos0 = a[:, 0, :].sum(0)
-        # start-token mass: the share of each sequence's |x| at position 0, overall and per channel
-        start = a[:, 0, :].sum(-1) / seq_chan.sum(-1).clamp_min(1e-30)
-        start_chan = (a[:, 0, :] / seq_chan.clamp_min(1e-30)).sum(0)
-        # each sequence's largest entry
-        pos, ch = top_i[:, 0] // d, top_i[:, 0] % d
-        val = x.reshape(B, T * d).gather(1, top_i[:, :1]).squeeze(1)
-
-        self.n_seq += B
-        self.n_tok += B * T
-        sums = dict(top=top_v.sum(0).double().cpu(), chan=chan.double().cpu(), pos0=pos0.double().cpu(),
-                    start_chan=start_chan.double().cpu())
-        for name, v in sums.items():
-            cur = getattr(self, name)
-            setattr(self, name, v if cur is None else cur + v)
-        self.median += med.double().sum().item()
-        self.start += start.double().sum().item()
-        self.kurt += kurt.double().sum().item()
-        self.out50 += out50.double().sum().item()
-        b = int(top_v[:, 0].argmax())
-        self._keep_largest('largest', top_v[b, 0], offset + b, pos[b], ch[b], val[b])
-        self.seq_top.append((pos.cpu(), ch.cpu(), val.cpu()))
-        if self.massive_channels is None:
-            self.massive_channels = torch.zeros(d, dtype=torch.long)
-            self.massive_positions = torch.zeros(T, dtype=torch.long)
-            self.massive_pos0 = torch.zeros(d, dtype=torch.long)
-        if float(top_v[b, 0]) <= MASSIVE_ABS:
-            return None
-        massive = (a > MASSIVE_ABS) & (a >= MASSIVE_REL * med.view(B, 1, 1))
-        n = int(massive.sum())
-        if n == 0:
-            return None
-        self.n_massive += n
-        self.massive_channels += massive.sum(dim=(0, 1)).cpu()
-        self.massive_positions += massive.sum(dim=(0, 2)).cpu()
-        self.massive_pos0 += massive[:, 0, :].sum(0).cpu()
-        seq, p, c = massive.nonzero(as_tuple=True)
-        v = x[seq, p, c]
-        i = int(v.abs().argmax())
-        self._keep_largest('largest_massive', v[i].abs(), offset + seq[i], p[i], c[i], v[i])
-        return (seq.cpu() + offset, p.cpu(), c.cpu(), v.cpu())
-
-    def _keep_largest(self, attr, absval, seq, pos, ch, val):
-        cur = getattr(self, attr)
-        if cur is None or float(absval) > cur[0]:
-            setattr(self, attr, (float(absval), int(seq), int(pos), int(ch), float(val)))
-
-    def top_channel(self):
-        """The channel with the largest mean |x| (the first on ties)."""
-        return int(np.argmax(self.chan.numpy()))
-
-    def result(self, channel=None):
-        """The sublayer_stats dict: Python numbers only. start_mass_dominant is measured on `channel`
-        (the stream's dominant_dim, which only the whole depth decides), by default on top_channel."""
-        n = self.n_seq
-        top = (self.top / n).tolist()
-        median = self.median / n
-        chan = self.chan
-        _, seq, pos, ch, val = self.largest
-        top_ch = self.top_channel()
-        channel = top_ch if channel is None else channel
-        return dict(
-            top1=top[0], top2=top[1], top3=top[2], median=median,
-            top1_median=top[0] / max(median, 1e-30),
-            n_massive=self.n_massive,
-            max_entry=dict(seq=seq, position=pos, channel=ch, value=val),
-            kurtosis=self.kurt / self.n_tok,
-            feat_maxmed=(chan.max() / chan.median().clamp_min(1e-30)).item(),
-            n_out50=self.out50 / self.n_tok,
-            top_channel=top_ch,
-            start_mass=self.start / n,
-            start_mass_dominant=float(self.start_chan[channel]) / n,
-        )
-
-
-@torch.no_grad()
-def sublayer_stats(x):
-    """Scalar statistics of one stream after one sublayer; x is (N, T, d), any dtype.
-
-    Computed in float32/float64 whatever the model ran in. Returns a dict of Python numbers:
-    top1/top2/top3/median (Sun profile, per sequence then averaged), top1_median, n_massive and the
-    largest entry max_entry (Sun census), kurtosis, feat_maxmed, n_out50 (reference-code metrics),
-    top_channel, start_mass and start_mass_dominant (on top_channel: one sublayer has no depth).
-    """
-    acc = SublayerAccumulator()
-    acc.add(x)
-    return acc.result()
-
-
-def depth_structure(accs):
-    """(chan (S, d) mean |x| per channel, pos0 (S, d) mean |x| at position 0, dominant_dim, peak_layer)
-    of one stream's accumulators over its S sublayers (SPEC §4 'Structure across depth')."""
-    chan = np.stack([a.chan.numpy() / a.n_tok for a in accs])
-    pos0 = np.stack([a.pos0.numpy() / a.n_seq for a in accs])
-    dom = int(chan.mean(0).argmax())
-    return chan, pos0, dom, int(chan[:, dom].argmax())
-
-
-class StreamStats(Observer):
-    """A SublayerAccumulator per stream and sublayer, filled as the forward pass runs."""
-
-    def __init__(self):
-        self.acc = {}        # stream name -> [SublayerAccumulator per sublayer]
-
-    def on_sublayer(self, s, streams):
-        for name, x in streams.items():
-            acc = SublayerAccumulator()
-            acc.add(x)
-            self.acc.setdefault(name, []).append(acc)
-
-
-# what train.py logs at every evaluation: lists over sublayers, then two integers per stream
-STATS_KEYS = ('top1_median', 'kurtosis', 'feat_maxmed', 'n_massive', 'start_mass', 'start_mass_dominant',
-              'top_channel', 'dominant_dim', 'peak_layer')
-
-
-@torch.no_grad()
-def activation_stats(model, idx, keys=STATS_KEYS):
-    """One forward pass on idx; returns {stream: {key: [value per sublayer]}} for the training log,
-    except dominant_dim and peak_layer, one integer per stream (start_mass_dominant is on dominant_dim)."""
-    obs = StreamStats()
-    model(idx, observer=obs)
-    out = {}
-    for name, accs in obs.acc.items():
-        _, _, dom, peak = depth_structure(accs)
-        per = [a.result(channel=dom) for a in accs]
-        scalars = dict(dominant_dim=dom, peak_layer=peak)
-        out[name] = {k: scalars[k] if k in scalars else [st[k] for st in per] for k in keys}
-    return out
 
 # ----------------------------------------------------------------------------------------------
 # Observers: measure a forward pass, or change it (interventions)
@@ -577,7 +381,7 @@ def run_passes(model, x, y=None, observer=None, batch_size=None, dtype='float32'
         if observer is not None and hasattr(observer, 'begin_batch'):
             observer.begin_batch(i, xb.size(0))
         with _autocast(device, dtype):
-            logits, _ = model(xb, observer=observer)
+            logits = model(xb, observer=observer)[0]
         if observer is not None and hasattr(observer, 'end_batch'):
             observer.end_batch()
         if y is not None:
@@ -681,23 +485,31 @@ def measure(model, x, y=None, batch_size=None, dtype='float32', bar=None):
     att = attention_summary(obs, model.config.n_layer)
     T = x.size(1)
     sink_pos = torch.cat(obs.sink_pos)
+    info = residual_info(model.config.residual)
+    decoded = info['decoded']
     streams, massive_pos = {}, {}
     for name, accs in obs.acc.items():
         streams[name], massive_pos[name] = stream_summary(accs, obs.cos.get(name, []), sink_pos)
-        streams[name] = dict(where=STREAM_WHERE.get(name, name), **streams[name])
-    decoded = 'h' if 'h' in streams else 'C'
+        streams[name] = dict(where=stream_where(info, name), **streams[name])
     attention = dict(T=T, prefix_T=min(T, SINK_T), epsilon=SINK_EPS, **att,
                      sink_positions=_counts(sink_pos.numpy()),
                      massive_positions=_counts(massive_pos[decoded].numpy()),
                      cooccurrence=streams[decoded]['summary']['cooccurrence'])
-    result = dict(val_loss=loss_sum / count if count else None, streams=streams, attention=attention)
+    result = dict(residual=info, val_loss=loss_sum / count if count else None, streams=streams, attention=attention)
     return result, obs
+
+
+def stream_where(info, name):
+    """What a measured stream is, in words, from the operator's own descriptions (residual_info)."""
+    if name in info['streams']:
+        return f"{info['streams'][name]}, after each sublayer" + (" (decoded)" if name == info['decoded'] else "")
+    return info['views'].get(name, name)
 
 
 def measure_overhead(model, idx, repeats=3):
     """(plain seconds, instrumented seconds): a plain forward of idx (N, T) vs the probe's
     measurement of idx (every statistic, explicit attention), both in one batch; best of `repeats`
-    alternating runs, the least disturbed by other processes. The SPEC's goal: at most 1.5x."""
+    alternating runs, the least disturbed by other processes. The goal: at most 1.5x."""
     device = next(model.parameters()).device
 
     def timed(fn):
@@ -746,16 +558,16 @@ def fake_quantized(model, bits):
 def intervention_targets(result, measure_obs, soften_k=None):
     """Where and what the zero/mean/soften interventions change, from the census.
 
-    The massive entries are taken at the emergence sublayer of the model's own streams (h; or D and
-    C — `read` is derived from them, so it is never edited directly); when D and C emerge at the
-    same sublayer both are edited. Without any massive entry, the fallback is each sequence's
+    The massive entries are taken at the emergence sublayer of the operator's own streams (h; or D
+    and C — views such as the ledger's `read` are derived from them, so they are never edited
+    directly); when several streams emerge at the same sublayer all of them are edited. Without any massive entry, the fallback is each sequence's
     largest |x| at the sublayer where the stream's top1 peaks, in the stream with the largest top1.
     mean: every target entry is set to the mean of the target entries of its channel.
     soften: the same sublayer's input, top-k channels of position 0; k = soften_k, else the number
     of channels massive at position 0 in the edited streams (at least 1).
     """
     streams = result['streams']
-    own = [n for n in ('h', 'D', 'C') if n in streams]
+    own = [n for n in result['residual']['streams'] if n in streams]
     emerging = {n: streams[n]['summary']['emergence_sublayer'] for n in own
                 if streams[n]['summary']['emergence_sublayer'] is not None}
     if emerging:
@@ -867,13 +679,12 @@ def text_windows(texts, seq_len):
 
 
 def model_kind(cfg):
-    """'vanilla', 'vanilla+qk_norm', 'vanilla post-norm', 'ledger', 'ledger strict', ..."""
-    kind = cfg['residual'] + ('+qk_norm' if cfg.get('qk_norm') else '')
-    if cfg.get('norm_position') == 'post':
-        kind += ' post-norm'
-    if cfg['residual'] == 'ledger' and cfg.get('commit_read') == 'off':
-        kind += ' strict'
-    return kind
+    """'vanilla', 'vanilla+qk_norm', 'vanilla post-norm', 'ledger', 'ledger strict', ...: the
+    operator's own label (Residual.label), then the backbone's variants."""
+    op = RESIDUALS.get(cfg['residual'])
+    label = op.label(cfg) if op else cfg['residual']
+    name, _, rest = label.partition(' ')
+    return name + ('+qk_norm' if cfg.get('qk_norm') else '') + (f' {rest}' if rest else '')
 
 
 def sublayer_name(s):
@@ -993,12 +804,12 @@ def comparison(results):
     add('Sink_1 % (T=64)', lambda r: r['attention']['sink1_prefix'])
     add('Sink_1 % (T=full)', lambda r: r['attention']['sink1'])
     add('massive pos == sink pos (frac)', lambda r: r['attention']['cooccurrence'])
-    for role in ('decoded', 'D', 'read'):
+    add('decoded stream', lambda r: r['residual']['decoded'])
+    others = [n for r in results for n in r['streams'] if n != r['residual']['decoded']]
+    for role in ['decoded'] + list(dict.fromkeys(others)):   # the decoded stream, then the rest by name
         def stream(r, role=role):
-            if role == 'decoded':
-                return r['streams']['h' if 'h' in r['streams'] else 'C']
-            return r['streams'][role]
-        tag = 'h|C' if role == 'decoded' else role
+            return r['streams'][r['residual']['decoded'] if role == 'decoded' else role]
+        tag = role
         add(f'[{tag}] max top1/median', lambda r: stream(r)['summary']['max_top1_median'])
         add(f'[{tag}] max top1', lambda r: max(stream(r)['per_sublayer']['top1']))
         add(f'[{tag}] peak_layer (s)', lambda r: stream(r)['summary']['peak_layer'])
@@ -1164,10 +975,11 @@ def probe_checkpoint(path, name, args, loaded=None):
                file=sys.stderr, disable=None)
     result, obs = measure(model, x, y, bs, args.dtype, bar)
     r = dict(path=path, name=name, iter_num=ckpt.get('iter_num'), tokens=ckpt.get('tokens'), weights=ckpt.get('weights'),
-             model_args=dict(ckpt['model_args']), params=model.num_params(), device=f"{args.device}, {args.dtype}",
+             model_args=dict(ckpt['model_args']), residual=result['residual'], params=model.num_params(),
+             device=f"{args.device}, {args.dtype}",
              data=data, sublayers=[dict(s=s, block=s // 2, layer=s // 2 + 1, kind='attn' if s % 2 == 0 else 'mlp')
                                    for s in range(2 * model.config.n_layer)],
-             **result, interventions=None)
+             **{k: v for k, v in result.items() if k != 'residual'}, interventions=None)
     if args.interventions:
         r['interventions'] = run_interventions(model, x, y, result, obs, args.soften_k, bs, args.dtype, bar)
     bar.close()
@@ -1259,18 +1071,13 @@ def parse_args(argv=None):
         p.error('--seq_len must be >= 1')
     if args.batch_size is not None and args.batch_size < 1:
         p.error('--batch_size must be >= 1')
-    if args.device == 'auto':
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if args.dtype == 'auto':
-        args.dtype = 'bfloat16' if args.device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
     return args
 
 
 def check_inputs(args):
     """Everything that can be wrong with the command line, before the long part: ('runs', [run]) or
     ('checkpoints', paths, names, first loaded checkpoint, groups or None). Raises ValueError/OSError."""
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but CUDA is not available")
+    args.device, args.dtype, _ = resolve_device(args.device, args.dtype)
     groups = parse_groups(args.group) if args.group else None
     if groups and args.inputs:
         raise ValueError(f"give checkpoints either as arguments ({args.inputs[0]}, ...) or in --group, not both")

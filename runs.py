@@ -29,14 +29,15 @@ trajectory.json (tests/test_runs.py checks that every key below is there):
       name                short name (the run's folder)
       path                as given
       log                 the log.jsonl read
-      residual            the run's residual ('vanilla' or 'ledger')
+      residual            the run's residual operator (a key of model.RESIDUALS)
+      decoded             the stream its LM head reads (h, C, ...)
       starts              start events (more than one: resumed)
       total_batch_size    tokens per step (the last start event's)
       seq_len             block_size: T of the statistics batch
       iters               steps of the evals, ascending, each once (the last eval of a step wins)
       tokens              tokens seen at each eval: iter x total_batch_size
       val_loss            per eval
-      val_commit          per eval (None: vanilla)
+      val_aux             aux term name -> per eval (e.g. commit_rate, the mean commit gate; {} for vanilla)
       streams             stream name -> its trajectories (lists over evals)
         <stream>
           n_sublayers
@@ -67,12 +68,17 @@ import os
 
 import numpy as np
 
+from stats import STATS_KEYS
+
 # ----------------------------------------------------------------------------------------------
 # Training runs: trajectories of the statistics train.py logs at every evaluation
 
 THRESHOLDS = (10, 100, 1000)   # top1/median levels whose first crossing the trajectory summary reports
 REQUIRED_KEYS = ('top1_median', 'kurtosis', 'n_massive')      # in every log.jsonl since the first one
-NEWER_KEYS = ('start_mass', 'start_mass_dominant', 'top_channel', 'dominant_dim', 'peak_layer')  # later logs
+NEWER_KEYS = STATS_KEYS[STATS_KEYS.index('start_mass'):]    # logged since the start-token mass was added
+# logs from before the start event described the residual operator: its decoded stream, and the one
+# aux term, logged then as train_commit / val_commit
+LEGACY_DECODED = {'vanilla': 'h', 'ledger': 'C'}
 
 
 def read_log(path):
@@ -137,7 +143,7 @@ def read_run(path, name):
                 if start is not None and cfg.get(k) != start[1].get(k):
                     raise ValueError(f"{log}: line {line}: a different model was appended to this log ({k} {cfg.get(k)}, "
                                      f"{start[1].get(k)} at line {start[0]}); give each run its own out_dir")
-            start, n_starts = (line, cfg), n_starts + 1
+            start, n_starts = (line, cfg, ev.get('residual')), n_starts + 1
         elif ev['event'] == 'eval':
             it = ev.get('iter')
             if not isinstance(it, int):
@@ -152,11 +158,19 @@ def read_run(path, name):
     iters = sorted(evals)
     tokens = [it * evals[it][1]['total_batch_size'] for it in iters]
     cfg = start[1]
-    run = dict(name=name, path=path, log=log, residual=cfg.get('residual'), starts=n_starts,
+    info = start[2] or {}
+    aux = {}
+    for i, it in enumerate(iters):
+        ev = evals[it][0]
+        values = ev.get('val_aux') if isinstance(ev.get('val_aux'), dict) else \
+            ({'commit_rate': ev['val_commit']} if ev.get('val_commit') is not None else {})
+        for k, v in values.items():
+            aux.setdefault(k, [None] * len(iters))[i] = v
+    run = dict(name=name, path=path, log=log, residual=cfg.get('residual'),
+               decoded=info.get('decoded', LEGACY_DECODED.get(cfg.get('residual'))), starts=n_starts,
                total_batch_size=cfg['total_batch_size'], seq_len=cfg.get('block_size'),
                iters=iters, tokens=tokens,
-               val_loss=[evals[it][0].get('val_loss') for it in iters],
-               val_commit=[evals[it][0].get('val_commit') for it in iters], streams={})
+               val_loss=[evals[it][0].get('val_loss') for it in iters], val_aux=aux, streams={})
     for sname in evals[iters[0]][0]['stats']:
         rows = [evals[it][0]['stats'][sname] for it in iters]
 
@@ -240,11 +254,11 @@ def trajectory_text(runs):
         lines.append(f"=== run {run['name']}: {run['log']} ===")
         resumed = f", resumed {run['starts'] - 1} time(s) (last eval of each step kept)" if run['starts'] > 1 else ""
         loss = [v for v in run['val_loss'] if v is not None]
-        commit = [v for v in run['val_commit'] if v is not None]
-        lines.append(f"{run['residual']}, {len(it)} evals at steps {it[0]}..{it[-1]} ({tok[0]:,}..{tok[-1]:,} tokens, "
-                     f"{run['total_batch_size']:,} per step){resumed}"
+        aux = {k: [v for v in vals if v is not None] for k, vals in run['val_aux'].items()}
+        lines.append(f"{run['residual']} (decodes {run['decoded']}), {len(it)} evals at steps {it[0]}..{it[-1]} "
+                     f"({tok[0]:,}..{tok[-1]:,} tokens, {run['total_batch_size']:,} per step){resumed}"
                      + (f"; val loss {loss[0]:.4g} -> {loss[-1]:.4g}" if loss else "")
-                     + (f", val commit {commit[0]:.4g} -> {commit[-1]:.4g}" if commit else ""))
+                     + ''.join(f", val {k} {v[0]:.4g} -> {v[-1]:.4g}" for k, v in aux.items() if v))
         for sname, st in run['streams'].items():
             m = st['top1_median_max']
             lines.append(f"  stream {sname} ({st['n_sublayers']} sublayers): first top1/median (max over sublayers) "
@@ -276,8 +290,8 @@ def trajectory_text(runs):
     lines.append("=== first eval with top1/median (max over sublayers) >= threshold: step (tokens seen) ===")
     lines.append(f"{'stream':8s}{'run':{rw}s}" + ''.join(f"{'>= ' + str(t):>{w}s}" for t in THRESHOLDS)
                  + "   dominant channel")
-    order = {'h': 0, 'D': 1, 'C': 2, 'read': 3}
-    for sname, name, cells, dom in sorted(rows, key=lambda r: order.get(r[0], 4)):
+    order = list(dict.fromkeys(sname for sname, *_ in rows))   # streams in order of first appearance
+    for sname, name, cells, dom in sorted(rows, key=lambda r: order.index(r[0])):
         lines.append(f"{sname:8s}{name:{rw}s}" + ''.join(f"{c:>{w}s}" for c in cells) + f"   {dom}")
     return '\n'.join(lines)
 

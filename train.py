@@ -1,5 +1,5 @@
 """
-Train a GPT with the vanilla or the Ledger residual stream (../shared/SPEC.md §2).
+Train a GPT with the vanilla or the Ledger residual stream (docs/reference.md §2).
 
     python train.py                                       # laptop demo: small ledger model, builtin corpus, CPU
     python train.py config/ledger_160m.py                 # a paper preset on one GPU
@@ -26,15 +26,17 @@ What lands in out_dir (rank 0 writes):
   snapshots/ckpt_<iter>.pt  with snapshot_interval > 0: weights only (model, model_args, config,
              iter_num, tokens, val_loss), iter zero-padded to 6 digits so a glob lists them in order.
   log.jsonl  one JSON object per line, appended to (a resumed run continues it):
-             start: iter, params, world_size, grad_accum, device, dtype, compile, config
-             train: iter (index of the step just taken), loss (= ce + commit_sparsity * commit), ce,
-                    commit (mean commit gate; null for vanilla), lr, ms_per_iter, tokens_per_s,
-                    mfu (null when unknown), tokens, elapsed_s
-             eval:  iter (steps done), train_loss, val_loss (cross-entropy), train_commit, val_commit,
-                    best_val_loss, eval_s, stats (probe.activation_stats of a fixed val batch:
-                    {stream: {top1_median|kurtosis|feat_maxmed|n_massive|start_mass|
-                    start_mass_dominant|top_channel: [one value per sublayer],
-                    dominant_dim|peak_layer: one integer}}; python probe.py out_dir plots them)
+             start: iter, params, world_size, grad_accum, device, dtype, compile, residual (the
+                    operator's name, streams, views, aux terms and decoded stream:
+                    model.residual_info), config
+             train: iter (index of the step just taken), loss (= ce + the penalties: commit_sparsity
+                    x aux commit_rate), ce, aux (the operator's aux terms, e.g. {commit_rate: mean
+                    commit gate}; {} for vanilla), lr, ms_per_iter, tokens_per_s, mfu (null when
+                    unknown), tokens, elapsed_s
+             eval:  iter (steps done), train_loss, val_loss (cross-entropy), train_aux, val_aux,
+                    best_val_loss, eval_s, stats (stats.activation_stats of a fixed val batch:
+                    {stream: {key: [one value per sublayer]}} for the keys in stats.STATS_KEYS,
+                    dominant_dim and peak_layer one integer each; python probe.py out_dir plots them)
              stop:  iter, reason (max_iters, target_val_loss, sigterm, eval_only, non-finite loss)
 Checkpoints hold only tensors and plain Python values, and are read with torch.load(weights_only=True),
 so a checkpoint from a stranger cannot run code; a file that needs more is refused (trust_checkpoint).
@@ -64,20 +66,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig, read_checkpoint
+from model import GPT, RESIDUALS, GPTConfig, option, read_checkpoint, residual_info, resolve_device
 from prepare import Sampler, ensure_dataset, shard_paths
+from stats import activation_stats
 
 # -----------------------------------------------------------------------------
 # configuration
 
 
-def option(default, help):
-    """A config key: its default, and the description that --help prints."""
-    return dataclasses.field(default=default, metadata={'help': help})
-
-
 @dataclass
-class TrainConfig:
+class TrainKeys:
+    """The keys of a training run that are not the model's (those follow in TrainConfig)."""
     # I/O
     out_dir: str = option('out', "folder for ckpt.pt and log.jsonl (written by rank 0 only)")
     eval_interval: int = option(10, "evaluate and checkpoint every this many steps (and at the last step)")
@@ -103,29 +102,9 @@ class TrainConfig:
     doc_aligned: bool = option(False, "start every training window at a document start (<|endoftext|>)")
     total_batch_size: int = option(16 * 128, "tokens per optimizer step, summed over ranks and micro-steps")
     batch_size: int = option(16, "micro-batch: sequences per forward pass on each rank")
-    block_size: int = option(128, "tokens per sequence (the model's context length)")
-    # model (the fields of model.GPTConfig)
-    n_layer: int = option(4, "transformer blocks (each is an attention and an MLP sublayer)")
-    n_head: int = option(4, "attention heads")
-    n_embd: int = option(128, "width d of the residual stream(s)")
-    vocab_size: int = option(50257, "GPT-2 BPE has 50257 tokens; 50304 (a multiple of 64) is faster on GPUs")
-    dropout: float = option(0.0, "dropout after attention/MLP outputs and on the embeddings")
-    residual: str = option('ledger', "'vanilla' (h <- h + F(N(h))) or 'ledger' (D/C streams, SPEC §1.2)")
-    qk_norm: bool = option(False, "RMSNorm on q and k per head (the paper's 'suppress' baseline)")
-    norm: str = option('rmsnorm', "'rmsnorm' or 'layernorm'")
-    norm_position: str = option('pre', "'pre' or 'post' (post-norm ablation, vanilla only)")
-    ledger_rank: int = option(64, "rank r of the ledger's gate and projection maps (<=0 or >=d: full rank)")
-    commit_bias_first: float = option(-4.0, "commit-gate bias of the first sublayer ...")
-    commit_bias_last: float = option(4.0, "... linearly to this at the last one")
-    commit_read: str = option('learned', "'learned': blocks read D + lam*C; 'off': strict ledger, lam = 0")
-    decode_mix: float = option(0.0, "gamma: the head decodes C + gamma*D")
-    tie_embeddings: bool = option(False, "share the token embedding with the LM head")
-    scaled_init: bool = option(False, "nanoGPT's N(0, 0.02/sqrt(2L)) init for output projections")
-    bias: bool = option(False, "biases on the attention Linears and LayerNorms, as GPT-2 (the MLP always has them)")
-    gelu: str = option('exact', "'exact' GELU or 'tanh' (GPT-2's approximation)")
-    norm_eps: float = option(1e-6, "epsilon of every RMSNorm/LayerNorm (GPT-2 uses 1e-5)")
     # loss
-    commit_sparsity: float = option(0.02, "alpha: loss = CE + alpha * mean commit gate (ledger only)")
+    commit_sparsity: float = option(0.02, "alpha: loss = CE + alpha * mean commit gate (models with commit "
+                                          "gates, such as the ledger)")
     # optimizer: AdamW
     learning_rate: float = option(2e-3, "peak learning rate")
     max_iters: int = option(60, "optimizer steps in the whole run")
@@ -140,7 +119,7 @@ class TrainConfig:
     lr_decay_iters: int | None = option(None, "step at which the cosine reaches min_lr (None: max_iters)")
     min_lr: float | None = option(None, "final learning rate (None: 0.1 * learning_rate)")
     target_val_loss: float | None = option(None, "stop (after saving) once val loss <= this (None: off)")
-    # activation statistics (probe.activation_stats), logged at every evaluation
+    # activation statistics (stats.activation_stats), logged at every evaluation
     stats_seqs: int = option(4, "val sequences for the massive-activation statistics at each eval (0: off)")
     # system
     device: str = option('auto', "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
@@ -151,7 +130,17 @@ class TrainConfig:
     debug_nan_at_iter: int | None = option(None, "test hook: make the loss NaN at this step")
 
 
+# The laptop demo's model (`python train.py`): GPTConfig's defaults except these (config/demo.py).
+DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, residual='ledger')
+
+# A run's config: the keys above, then every field of model.GPTConfig (n_layer, residual, ...) with
+# the type and help defined there, so that a model key is defined in one place.
+TrainConfig = dataclasses.make_dataclass(
+    'TrainConfig', [(f.name, f.type, option(DEMO_MODEL.get(f.name, f.default), f.metadata['help']))
+                    for f in fields(GPTConfig)],
+    bases=(TrainKeys,))
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
+PENALTIES = {'commit_rate': 'commit_sparsity'}  # aux term of the forward -> the key that weights it in the loss
 RESUME_MAY_CHANGE = {'dropout'}  # model fields that do not change the weights' shapes or meaning
 CHOICES = dict(init_from=('scratch', 'resume'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
                compile=('auto', True, False))
@@ -259,11 +248,13 @@ def validate(cfg, world_size):
         GPTConfig(**model_args(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.commit_sparsity < 0:
-        raise ConfigError(f"commit_sparsity must be >= 0, got {cfg.commit_sparsity}")
-    if cfg.commit_sparsity > 0 and cfg.residual != 'ledger':
-        raise ConfigError(f"commit_sparsity={cfg.commit_sparsity} needs commit gates, but "
-                          f"residual={cfg.residual!r} has none; set commit_sparsity=0")
+    for name, key in PENALTIES.items():
+        weight = getattr(cfg, key)
+        if weight < 0:
+            raise ConfigError(f"{key} must be >= 0, got {weight}")
+        if weight > 0 and name not in RESIDUALS[cfg.residual].aux:
+            raise ConfigError(f"{key}={weight} penalises the {name}, but residual={cfg.residual!r} has no "
+                              f"{'commit gates' if name == 'commit_rate' else name}; set {key}=0")
     for key in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'total_batch_size'):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
@@ -327,6 +318,8 @@ def print_help():
     print("\nConfig files (plain Python assignments) are applied in order, then the --key=value overrides.")
     print("Values are Python literals (True, 3e-4, None, 'text'); a bare word is a string.\n")
     for f in fields(TrainConfig):
+        if f.name == MODEL_KEYS[0]:
+            print("\n  model (the fields of model.GPTConfig):")
         print(f"  --{f.name}={f.default!r}  [{type_name(f.type)}]")
         print(textwrap.fill(f.metadata['help'], width=100, initial_indent=' ' * 8, subsequent_indent=' ' * 8))
 
@@ -351,6 +344,15 @@ def get_lr(it, cfg):
         return min_lr
     ratio = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - min_lr)
+
+
+def total_loss(ce, aux, cfg):
+    """The training loss: cross-entropy plus each penalised aux term times its weight (PENALTIES)."""
+    loss = ce
+    for name, key in PENALTIES.items():
+        if name in aux:
+            loss = loss + getattr(cfg, key) * aux[name]
+    return loss
 
 
 def micro_step_seed(seed, step, micro_step):
@@ -471,13 +473,11 @@ def train(cfg, ckpt=None):
     master = rank == 0
 
     # device and precision
-    device = cfg.device
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else \
-            'mps' if torch.backends.mps.is_available() else 'cpu'
+    try:
+        device, dtype, use_compile = resolve_device(cfg.device, cfg.dtype, cfg.compile)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if device.startswith('cuda'):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={cfg.device!r} but torch.cuda.is_available() is False")
         if ddp:
             if device != 'cuda':
                 raise ConfigError(f"device={cfg.device!r}: under torchrun use device='cuda' (each rank takes cuda:LOCAL_RANK)")
@@ -485,15 +485,11 @@ def train(cfg, ckpt=None):
         elif device == 'cuda':
             device = 'cuda:0'
         torch.cuda.set_device(device)
-    elif device == 'mps' and (ddp or not torch.backends.mps.is_available()):
-        raise ConfigError("device='mps' is not available" + (" under torchrun" if ddp else ""))
+    elif device == 'mps' and ddp:
+        raise ConfigError("device='mps' is not available under torchrun")
     device_type = device.split(':')[0]
-    dtype = cfg.dtype
-    if dtype == 'auto':
-        dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     autocast = contextlib.nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
-    use_compile = device_type == 'cuda' if cfg.compile == 'auto' else cfg.compile
     if device_type == 'cuda':
         torch.set_float32_matmul_precision('high')  # TF32 for the fp32 matmuls
     else:
@@ -557,7 +553,8 @@ def train(cfg, ckpt=None):
         val_loss, val_loss_iter = ckpt['val_loss'], ckpt['val_loss_iter']
         ckpt.clear()  # drop the CPU copy of the weights and moments
     resumed_after_eval = val_loss_iter == iter_num  # the checkpoint was written right after evaluating
-    has_gates = gptconf.residual == 'ledger'  # commit gates: a commit rate to log (and to penalise)
+    residual = residual_info(gptconf.residual)   # the operator's streams and aux terms, for the log
+    aux_names = list(residual['aux'])
     model = torch.compile(raw_model) if use_compile else raw_model  # checkpoints use raw_model: no _orig_mod.
     train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
 
@@ -575,31 +572,28 @@ def train(cfg, ckpt=None):
               f"{cfg.total_batch_size:,} tokens per step" + (f", resuming at iter {iter_num}" if resumed else ""))
     log = Log(cfg, master)
     log('start', iter=iter_num, params=raw_model.num_params(), world_size=world_size, grad_accum=grad_accum,
-        device=device, dtype=dtype, compile=use_compile, config=asdict(cfg))
+        device=device, dtype=dtype, compile=use_compile, residual=residual, config=asdict(cfg))
 
     @torch.no_grad()
     def evaluate():
-        """Mean CE (and commit rate) over eval_iters fixed batches per split, computed by all ranks."""
+        """Mean CE and aux terms over eval_iters fixed batches per split, computed by all ranks."""
         model.eval()
         out = {}
         for split, data in eval_data.items():
-            total = torch.zeros(3, device=device)  # ce sum, commit sum, batches
+            total = torch.zeros(2 + len(aux_names), device=device)  # ce sum, batches, aux sums
             for j in range(rank, cfg.eval_iters, world_size):
                 x, y = (t.to(device) for t in data.get(j))
                 with autocast:
-                    _, ce = model(x, y)
-                commit = raw_model.commit_rate
-                commit = torch.zeros_like(ce) if commit is None else commit
-                total += torch.stack([ce.float(), commit.float(), torch.ones_like(ce, dtype=torch.float)])
+                    _, ce, aux = model(x, y)
+                total += torch.stack([ce.float(), torch.ones_like(ce, dtype=torch.float)] +
+                                     [aux[name].float() for name in aux_names])
             if ddp:
                 dist.all_reduce(total)
-            ce_sum, commit_sum, n = total.tolist()
+            ce_sum, n, *aux_sums = total.tolist()
             out[f'{split}_loss'] = ce_sum / n
-            if has_gates:
-                out[f'{split}_commit'] = commit_sum / n
+            out[f'{split}_aux'] = {name: v / n for name, v in zip(aux_names, aux_sums)}
         stats = None
         if stats_x is not None:
-            from probe import activation_stats
             with autocast:
                 stats = activation_stats(raw_model, stats_x.to(device))
         model.train()
@@ -654,8 +648,8 @@ def train(cfg, ckpt=None):
                 best_val_loss = min(best_val_loss, val_loss)  # restored on resume, only ever lowered
                 reached = cfg.target_val_loss is not None and val_loss <= cfg.target_val_loss
                 if master:
-                    commit = f", val commit {losses['val_commit']:.4f}" if 'val_commit' in losses else ""
-                    print(f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {val_loss:.4f}{commit} "
+                    aux = ''.join(f", val {name} {v:.4f}" for name, v in losses['val_aux'].items())
+                    print(f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {val_loss:.4f}{aux} "
                           f"[{eval_seconds:.1f} s]")
                     if stats:
                         print('    top1/median per stream (max over sublayers): ' + ', '.join(
@@ -683,28 +677,28 @@ def train(cfg, ckpt=None):
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            sums = torch.zeros(3, device=device)  # loss, ce, commit rate over this rank's micro-steps
+            sums = torch.zeros(2 + len(aux_names), device=device)  # loss, ce, aux terms over this rank's micro-steps
             for m in range(grad_accum):
                 g = rank * grad_accum + m  # the micro-step's index in the global batch
                 torch.manual_seed(micro_step_seed(cfg.seed, iter_num, g))
                 sync = not ddp or m == grad_accum - 1
                 with contextlib.nullcontext() if sync else train_model.no_sync():
                     with autocast:
-                        _, ce = train_model(x, y)
-                    commit = raw_model.commit_rate  # differentiable mean commit gate (None for vanilla)
-                    loss = ce if commit is None else ce + cfg.commit_sparsity * commit
+                        _, ce, aux = train_model(x, y)
+                    loss = total_loss(ce, aux, cfg)
                     if iter_num == cfg.debug_nan_at_iter:
                         loss = loss * float('nan')
                     # fetch the next batch while the device works on this one
                     x, y = get_batch(*((iter_num, g + 1) if m + 1 < grad_accum else (iter_num + 1, rank * grad_accum)))
                     scaler.scale(loss / grad_accum).backward()
-                sums += torch.stack([loss.detach().float(), ce.detach().float(),
-                                     commit.detach().float() if commit is not None else torch.zeros((), device=device)])
+                sums += torch.stack([loss.detach().float(), ce.detach().float()] +
+                                    [aux[name].detach().float() for name in aux_names])
             # one small all-reduce: the global mean losses, and whether any rank got a SIGTERM
             flags = torch.cat([sums / (grad_accum * world_size), torch.tensor([float(stop['sigterm'])], device=device)])
             if ddp:
                 dist.all_reduce(flags)
-            loss_f, ce_f, commit_f, sigterm = flags.tolist()
+            loss_f, ce_f, *aux_f, sigterm = flags.tolist()
+            aux_f = dict(zip(aux_names, aux_f))
             if not math.isfinite(loss_f):
                 log('stop', iter=iter_num, reason='non-finite loss', loss=str(loss_f))
                 raise NonFiniteLoss(f"loss is {loss_f} at iter {iter_num} (ce {ce_f}); stopped before the update. "
@@ -726,12 +720,11 @@ def train(cfg, ckpt=None):
                     (cfg.max_iters % cfg.eval_interval != 0)
                 eta = (cfg.max_iters - iter_num - 1) * dt + evals_left * eval_seconds
                 if master:
-                    commit = f", commit {commit_f:.4f}" if has_gates else ""
-                    print(f"iter {iter_num}: loss {loss_f:.4f} (ce {ce_f:.4f}{commit}), lr {lr:.2e}, "
+                    aux = ''.join(f", {name} {v:.4f}" for name, v in aux_f.items())
+                    print(f"iter {iter_num}: loss {loss_f:.4f} (ce {ce_f:.4f}{aux}), lr {lr:.2e}, "
                           f"{dt * 1000:.0f} ms/iter, {tokens_per_s:,.0f} tok/s, "
                           f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}, eta {format_time(eta)}")
-                log('train', iter=iter_num, loss=loss_f, ce=ce_f,
-                    commit=commit_f if has_gates else None, lr=lr,
+                log('train', iter=iter_num, loss=loss_f, ce=ce_f, aux=aux_f, lr=lr,
                     ms_per_iter=1000 * dt, tokens_per_s=tokens_per_s, mfu=mfu,
                     tokens=(iter_num + 1) * cfg.total_batch_size, elapsed_s=time.time() - t_start)
             iter_num += 1

@@ -1,4 +1,4 @@
-# ledger_160m: Ledger residual, sparsity alpha = 0.02; 12 x 768 x 12 (SPEC §2).
+# ledger_160m: Ledger residual, sparsity alpha = 0.02; 12 x 768 x 12 (docs/reference.md §2).
 # 24 sequences x 1024 tokens per step, 14000 steps = 344M tokens of FineWeb-Edu (python prepare.py).
 # total_batch_size fixes the step whatever the number of GPUs; batch_size is per GPU:
 #   3 fits 1, 2, 4 or 8 GPUs (8, 4, 2 or 1 micro-steps); with fewer GPUs a larger one is faster

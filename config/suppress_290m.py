@@ -1,4 +1,4 @@
-# suppress_290m: vanilla + QK-norm, the paper's 'suppress' baseline; 12 x 1024 x 16 (SPEC §2).
+# suppress_290m: vanilla + QK-norm, the paper's 'suppress' baseline; 12 x 1024 x 16 (docs/reference.md §2).
 # 16 sequences x 1024 tokens per step, 8000 steps = 131M tokens of FineWeb-Edu (python prepare.py).
 # total_batch_size fixes the step whatever the number of GPUs; batch_size is per GPU:
 #   2 fits 1, 2, 4 or 8 GPUs (8, 4, 2 or 1 micro-steps); with fewer GPUs a larger one is faster

@@ -1,4 +1,4 @@
-"""GPT-2 weights (SPEC §5): model.load_gpt2 against the real client (transformers) on tiny random
+"""GPT-2 weights (docs/reference.md §6): model.load_gpt2 against the real client (transformers) on tiny random
 GPT-2s, prepare.fetch_gpt2 against a local HTTP server, the probe's census on a planted outlier,
 and one clear error per kind of bad input. CPU, offline, everything under tmp_path.
 
@@ -9,8 +9,6 @@ command-line tests serve one as openai-community/gpt2 instead, as a mirror would
 """
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,18 +21,6 @@ import probe
 from http_server import FileServer
 from model import GPT, GPTConfig, load_gpt2
 from prepare import DownloadError, Incomplete, fetch_gpt2, write_shard
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny shapes: one intra-op thread is faster, and much faster on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def need_transformers():
     if os.environ.get('CI'):
@@ -323,14 +309,7 @@ def builtin_root(root):
     return root
 
 
-def run_probe(*args):
-    env = {k: v for k, v in os.environ.items() if k not in ('LEDGER_BASE_URL', 'LEDGER_DATA')}
-    env.update(LEDGER_BACKOFF='0.01', OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'probe.py'), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=300)
-
-
-def test_probe_gpt2_by_name_resumes_then_runs_offline_next_to_a_checkpoint(tmp_path):
+def test_probe_gpt2_by_name_resumes_then_runs_offline_next_to_a_checkpoint(tmp_path, cli):
     c = 5
     save_tiny_gpt2(tmp_path / 'tiny', plant=(c, 1e4), vocab=GPT2_VOCAB)
     files = {f: (tmp_path / 'tiny' / f).read_bytes() for f in ('config.json', 'model.safetensors')}
@@ -338,7 +317,7 @@ def test_probe_gpt2_by_name_resumes_then_runs_offline_next_to_a_checkpoint(tmp_p
     with FileServer(files, prefix='/openai-community/gpt2/resolve/main/') as server:
         server.fail_once.add('config.json')
         server.drop_once.add('model.safetensors')
-        r = run_probe('gpt2', '--base_url', server.url, '--data_root', data, '--out', out, '--num_seqs', 2)
+        r = cli('probe.py', 'gpt2', '--base_url', server.url, '--data_root', data, '--out', out, '--num_seqs', 2)
         assert r.returncode == 0, r.stderr
         assert [rng is not None for _, rng in server.gets('model.safetensors')] == [False, True]  # resumed
         url = server.url
@@ -357,7 +336,7 @@ def test_probe_gpt2_by_name_resumes_then_runs_offline_next_to_a_checkpoint(tmp_p
     ckpt.parent.mkdir()
     torch.save(dict(model=ours.state_dict(), model_args=ours.config.__dict__, iter_num=3,
                     config=dict(dataset='builtin', data_root=str(data))), ckpt)
-    r = run_probe('gpt2', ckpt, '--base_url', url, '--data_root', data, '--out', out, '--num_seqs', 2)
+    r = cli('probe.py', 'gpt2', ckpt, '--base_url', url, '--data_root', data, '--out', out, '--num_seqs', 2)
     assert r.returncode == 0, r.stderr
     assert 'retrying' not in r.stderr and '=== comparison ===' in r.stdout
     assert [l[:5] for l in r.stdout.splitlines() if l.startswith(('data:', 'blocks:'))] == ['data:', 'block', 'data:']
@@ -381,7 +360,7 @@ def test_probe_reads_a_gpt2_folder_with_text_prompts(tmp_path, capsys):
     assert abs(r['val_loss'] - want) < 1e-4                     # transformers' loss on the same tokens
 
 
-def test_probe_gpt2_bad_input_is_one_line(tmp_path, capsys):
+def test_probe_gpt2_bad_input_is_one_line(tmp_path, capsys, cli):
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'config_only').mkdir()
     (tmp_path / 'config_only' / 'config.json').write_text(json.dumps(GPT2_JSON))
@@ -410,7 +389,7 @@ def test_probe_gpt2_bad_input_is_one_line(tmp_path, capsys):
             assert code == 2 and len(err) == 1 and err[0].startswith('probe.py: error:'), (args, err)
             assert words in err[0], (words, err)
     assert not (tmp_path / 'o').exists() and not (data / 'gpt2' / 'gpt3').exists()
-    r = run_probe('gpt3', '--out', tmp_path / 'o')                  # the same through the real command line
+    r = cli('probe.py', 'gpt3', '--out', tmp_path / 'o')                  # the same through the real command line
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         'probe.py: error: gpt3: no such file and no GPT-2 model of that name; known models: gpt2, gpt2-medium, '
         'gpt2-large, gpt2-xl (or give a checkpoint file, or a folder holding config.json and model.safetensors)']

@@ -1,20 +1,17 @@
 """probe.py on tiny CPU models whose answers are known by construction."""
 import json
 import os
-import subprocess
-import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
 import probe
+import stats
 from keytree import check_keys, documented_keys
 from model import GPT, GPTConfig
 from prepare import write_shard
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 512          # small vocabulary: the synthetic val shard only uses ids below it
 T = 96               # > 64, so Sink_1 on the first 64 tokens differs from the full length
 N = 4
@@ -73,14 +70,6 @@ def val_shard(root, vocab=VOCAB, n=20000):
     return str(root)
 
 
-def save_ckpt(model, path, data_root, dataset='builtin'):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(dict(model=model.state_dict(), model_args=asdict(model.config),
-                    config=dict(dataset=dataset, data_root=data_root, block_size=model.config.block_size),
-                    iter_num=7), path)
-    return str(path)
-
-
 def windows(n=N, t=T, vocab=VOCAB, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab, (n, t + 1), generator=g)
@@ -104,7 +93,7 @@ def assert_unchanged(model, before):
 def test_sublayer_stats_keys_and_census():
     x = torch.randn(2, 8, 16) * 0.01
     x[1, 4, 7] = -300.0
-    st = probe.sublayer_stats(x)
+    st = stats.sublayer_stats(x)
     assert set(st) == {'top1', 'top2', 'top3', 'median', 'top1_median', 'n_massive', 'max_entry',
                        'kurtosis', 'feat_maxmed', 'n_out50', 'top_channel', 'start_mass', 'start_mass_dominant'}
     assert st['top_channel'] == 7
@@ -114,10 +103,10 @@ def test_sublayer_stats_keys_and_census():
     assert st['median'] == pytest.approx(med, rel=1e-6)
     top1 = x.abs().reshape(2, -1).max(1).values.mean().item()
     assert st['top1'] == pytest.approx(top1, rel=1e-6)
-    # the float32 implementation agrees with a plain float64 one of the SPEC's definitions
+    # the float32 implementation agrees with a plain float64 one of the definitions (docs/reference.md §4)
     xs = (torch.randn(3, 10, 24) * torch.rand(24) * 5).double()
     xs[0, 0, 5] = 1000.0
-    st = probe.sublayer_stats(xs)
+    st = stats.sublayer_stats(xs)
     a = xs.abs()
     z = xs - xs.mean(-1, keepdim=True)
     kurt = (z.pow(4).mean(-1) / z.pow(2).mean(-1).pow(2) - 3).mean().item()
@@ -128,8 +117,8 @@ def test_sublayer_stats_keys_and_census():
     assert st['n_out50'] == pytest.approx(n_out50) and st['n_out50'] > 0
     assert st['top2'] == pytest.approx(a.reshape(3, -1).topk(2).values[:, 1].mean().item(), rel=1e-6)
     # batches accumulate to the same numbers as one big batch
-    st = probe.sublayer_stats(x)
-    acc = probe.SublayerAccumulator()
+    st = stats.sublayer_stats(x)
+    acc = stats.SublayerAccumulator()
     acc.add(x[:1])
     acc.add(x[1:], offset=1)
     for k, v in acc.result().items():
@@ -173,13 +162,13 @@ def test_planted_massive_activation():
 
 
 def test_start_token_mass_by_hand():
-    """SPEC §4 'Start-token mass': per sequence, then averaged; 1/T when every position carries the same mass."""
+    """Start-token mass (docs/reference.md §4.5): per sequence, then averaged; 1/T when every position carries the same mass."""
     t, d = 10, 4
-    st = probe.sublayer_stats(-2.0 * torch.ones(3, t, d))
+    st = stats.sublayer_stats(-2.0 * torch.ones(3, t, d))
     assert st['start_mass'] == pytest.approx(1 / t) and st['start_mass_dominant'] == pytest.approx(1 / t)
     x = torch.ones(2, t, d)
     x[0, 0, 2], x[1, 0, 2] = 100.0, -50.0          # a start-token activation, different in each sequence
-    st = probe.sublayer_stats(x)
+    st = stats.sublayer_stats(x)
     assert st['top_channel'] == 2
     assert st['start_mass'] == pytest.approx(np.mean([(d - 1 + v) / (t * d - 1 + v) for v in (100, 50)]))
     assert st['start_mass_dominant'] == pytest.approx(np.mean([v / (v + t - 1) for v in (100, 50)]))
@@ -196,8 +185,8 @@ def test_start_token_mass_by_hand():
     assert p['start_mass_dominant'] == pytest.approx([0.0, 1.0, 1.0, 1.0], abs=1e-6)
     assert (sm['start_mass'], sm['start_mass_dominant']) == (p['start_mass'][EMERGE], p['start_mass_dominant'][EMERGE])
     # what train.py logs: the same numbers, with dominant_dim and peak_layer per stream
-    st = probe.activation_stats(model, x)
-    assert list(st) == ['h'] and set(st['h']) == set(probe.STATS_KEYS)
+    st = stats.activation_stats(model, x)
+    assert list(st) == ['h'] and set(st['h']) == set(stats.STATS_KEYS)
     assert (st['h']['dominant_dim'], st['h']['peak_layer']) == (CH, EMERGE)
     assert st['h']['top_channel'] == p['top_channel'] == [6, CH, CH, CH]
     for key in ('start_mass', 'start_mass_dominant', 'top1_median', 'n_massive'):
@@ -329,7 +318,7 @@ def test_measure_overhead_returns_times():
 # The command line: JSON keys, PNGs, comparison table, errors
 
 
-def test_cli_two_checkpoints_json_pngs_comparison(tmp_path, capsys):
+def test_cli_two_checkpoints_json_pngs_comparison(tmp_path, capsys, save_ckpt):
     root = val_shard(tmp_path / 'data')
     a = save_ckpt(planted_model(), tmp_path / 'vanilla' / 'ckpt.pt', root)
     b = save_ckpt(random_model('ledger'), tmp_path / 'ledger.pt', root)
@@ -367,7 +356,7 @@ def test_cli_two_checkpoints_json_pngs_comparison(tmp_path, capsys):
             assert torch.equal(sd[k], w), k
 
 
-def test_cli_text_prompts(tmp_path, capsys):
+def test_cli_text_prompts(tmp_path, capsys, save_ckpt):
     model = random_model('vanilla', vocab=50257, d=16)
     path = save_ckpt(model, tmp_path / 'tiny.pt', str(tmp_path / 'nowhere'))
     out = tmp_path / 'out'
@@ -382,12 +371,7 @@ def test_cli_text_prompts(tmp_path, capsys):
     assert x.tolist() == [[15496, 995]] and y.tolist() == [[995, -1]]
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'probe.py'), *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
-
-
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, cli, one_line_error, save_ckpt):
     good = save_ckpt(random_model('vanilla'), tmp_path / 'good.pt', str(tmp_path / 'empty_root'))
     raw = open(good, 'rb').read()
     (tmp_path / 'trunc.pt').write_bytes(raw[:len(raw) // 2])
@@ -396,15 +380,13 @@ def test_cli_errors_are_one_line(tmp_path):
     cases = [str(tmp_path / 'missing.pt'), str(tmp_path / 'trunc.pt'), str(tmp_path / 'notes.pt'),
              str(tmp_path / 'list.pt'), good]          # the last: its dataset is not on disk
     for path in cases:
-        res = run_cli(path, '--out', str(tmp_path / 'out'))
+        res = cli('probe.py', path, '--out', tmp_path / 'out')
         assert res.returncode == 2, path
-        err = res.stderr.strip()
-        assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
-        assert err.startswith('probe.py: error:'), err
-    assert 'prepare.py' in err                          # the dataset error names the fix
+        one_line_error(res.stderr, 'probe.py')
+    assert 'prepare.py' in res.stderr                   # the dataset error names the fix
 
 
-def test_seq_len_longer_than_block_size_is_an_error(tmp_path, capsys):
+def test_seq_len_longer_than_block_size_is_an_error(tmp_path, capsys, save_ckpt):
     path = save_ckpt(random_model('vanilla'), tmp_path / 'm.pt', val_shard(tmp_path / 'data'))
     assert probe.main([path, '--seq_len', '1000', '--out', str(tmp_path / 'o')]) == 2
     assert 'block_size' in capsys.readouterr().err

@@ -2,8 +2,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,17 +9,11 @@ import torch
 
 import probe
 import runs
+from stats import STATS_KEYS
 from keytree import check_keys, documented_keys
 from prepare import write_shard
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')   # tiny models: one thread is fastest
 TBS = 1000           # total_batch_size of the constructed logs: tokens = iter x 1000
-
-
-def cli(*args, script='probe.py', timeout=120):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=ENV, timeout=timeout)
 
 
 def run_main(capsys, *args):
@@ -29,14 +21,6 @@ def run_main(capsys, *args):
     code = probe.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_one_line_error(code, err, *words):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('probe.py: error:'), err
-    for w in words:
-        assert w in lines[0], (w, err)
 
 
 def stats(ratio, channel=None, new=True):
@@ -120,7 +104,7 @@ def test_trajectories_from_constructed_logs(tmp_path, capsys):
     assert D['crossings'] == {'10': dict(iter=200, tokens=200_000), '100': dict(iter=300, tokens=300_000),
                               '1000': None}
     assert D['n_massive_total'] == [3] * 7 and D['start_mass'] == [0.4] * 7      # at peak_layer 3
-    assert led['val_loss'][3] == pytest.approx(3.5) and led['val_commit'] == [0.2] * 7
+    assert led['val_loss'][3] == pytest.approx(3.5) and led['val_aux'] == {'commit_rate': [0.2] * 7}
     # a changing dominant channel, and one that stays
     assert D['dominant'] == dict(channel=3, stable_from_iter=400, stable_from_tokens=400_000, changes=2,
                                  segments=[[5, 0, 100], [7, 200, 300], [3, 400, 600]], channels=[3, 5, 7])
@@ -131,7 +115,7 @@ def test_trajectories_from_constructed_logs(tmp_path, capsys):
     assert h['crossings'] == {'10': dict(iter=10, tokens=1000), '100': dict(iter=20, tokens=2000),
                               '1000': dict(iter=20, tokens=2000)}
     assert h['start_mass'] is None and h['dominant'] is None
-    assert h['missing'] == list(runs.NEWER_KEYS) and old['val_commit'] == [None] * 3
+    assert h['missing'] == list(runs.NEWER_KEYS) and old['val_aux'] == {}
     assert "first top1/median (max over sublayers) >= 10: step 200 (200,000 tokens), >= 100: step 300 " \
            "(300,000 tokens), >= 1000: never" in text
     assert "changed 2 time(s): 5 (steps 0-100), 7 (steps 200-300), 3 (steps 400-600); stable at 3 from step 400 " \
@@ -171,15 +155,16 @@ BAD_LOGS = {
 
 
 @pytest.mark.parametrize('case', sorted(BAD_LOGS))
-def test_malformed_logs_are_one_line_errors(tmp_path, capsys, case):
+def test_malformed_logs_are_one_line_errors(tmp_path, capsys, case, one_line_error):
     events, words = BAD_LOGS[case]
     folder = write_log(tmp_path / case, events)
     code, _, err = run_main(capsys, folder, '--out', tmp_path / 'o')
-    assert_one_line_error(code, err, os.path.join(folder, 'log.jsonl'), words)
+    assert code == 2
+    one_line_error(err, 'probe.py', os.path.join(folder, 'log.jsonl'), words)
     assert not (tmp_path / 'o').exists()                  # nothing written
 
 
-def test_inputs_that_cannot_go_together(tmp_path, capsys):
+def test_inputs_that_cannot_go_together(tmp_path, capsys, cli, one_line_error):
     run = write_log(tmp_path / 'run', vanilla_old_events())
     (tmp_path / 'empty').mkdir()
     ckpt = tmp_path / 'm.pt'
@@ -197,10 +182,12 @@ def test_inputs_that_cannot_go_together(tmp_path, capsys):
              ((), 'nothing to probe')]
     for args, words in cases:
         code, _, err = run_main(capsys, *args, '--out', tmp_path / 'o')
-        assert_one_line_error(code, err, words)
+        assert code == 2
+        one_line_error(err, 'probe.py', words)
     # and through the real command line
-    r = cli(run, ckpt, '--out', tmp_path / 'o')
-    assert_one_line_error(r.returncode, r.stderr, 'run them separately')
+    r = cli('probe.py', run, ckpt, '--out', tmp_path / 'o')
+    assert r.returncode == 2
+    one_line_error(r.stderr, 'probe.py', 'run them separately')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +195,7 @@ def test_inputs_that_cannot_go_together(tmp_path, capsys):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, cli):
     """A 2 x 32 ledger model trained 4 steps by train.py, evaluated and snapshotted every 2 steps."""
     root = tmp_path_factory.mktemp('runs')
     rng = np.random.default_rng(0)
@@ -220,16 +207,16 @@ def trained(tmp_path_factory):
                 vocab_size=512, block_size=32, batch_size=4, total_batch_size=128, ledger_rank=8, eval_iters=1,
                 eval_interval=2, log_interval=1, stats_seqs=2, max_iters=4, warmup_iters=1, device='cpu',
                 compile=False, snapshot_interval=2)
-    r = cli(*[f'--{k}={v}' for k, v in args.items()], script='train.py')
+    r = cli('train.py', *[f'--{k}={v}' for k, v in args.items()])
     assert r.returncode == 0, r.stderr
     return out
 
 
-def test_snapshots_are_probed_from_the_command_line(trained, tmp_path):
+def test_snapshots_are_probed_from_the_command_line(trained, tmp_path, cli):
     snaps = sorted(str(trained / 'snapshots' / f) for f in os.listdir(trained / 'snapshots'))
     assert [os.path.basename(s) for s in snaps] == ['ckpt_000000.pt', 'ckpt_000002.pt', 'ckpt_000004.pt']
     out = tmp_path / 'out'
-    r = cli(*snaps, '--out', out, '--num_seqs', 2)
+    r = cli('probe.py', *snaps, '--out', out, '--num_seqs', 2)
     assert r.returncode == 0, r.stderr
     data = json.loads((out / 'probe.json').read_text())
     names = ['tiny_i000000', 'tiny_i000002', 'tiny_i000004']
@@ -255,17 +242,18 @@ def test_the_trajectory_of_a_real_run(trained, tmp_path, capsys):
         assert all(isinstance(c, int) for c in st['dominant_dim']) and st['dominant'] is not None
     logged = [json.loads(l) for l in open(trained / 'log.jsonl')]
     evals = [e for e in logged if e['event'] == 'eval']
-    assert set(evals[0]['stats']['D']) == set(probe.STATS_KEYS)
+    assert set(evals[0]['stats']['D']) == set(STATS_KEYS)
     assert 'tiny' in text and 'never' in text
 
 
-def test_trust_checkpoint(trained, tmp_path, capsys):
+def test_trust_checkpoint(trained, tmp_path, capsys, one_line_error):
     """A checkpoint holding a pickled object (numpy's RNG state, as old train.py wrote) needs --trust_checkpoint."""
     ckpt = torch.load(trained / 'snapshots' / 'ckpt_000004.pt', weights_only=True)
     ckpt['rng'] = np.random.get_state()
     torch.save(ckpt, tmp_path / 'old.pt')
     code, _, err = run_main(capsys, tmp_path / 'old.pt', '--out', tmp_path / 'o', '--num_seqs', 1)
-    assert_one_line_error(code, err, f"{tmp_path / 'old.pt'}: contains pickled Python objects, which could run code; "
+    assert code == 2
+    one_line_error(err, 'probe.py', f"{tmp_path / 'old.pt'}: contains pickled Python objects, which could run code; "
                                      f"refusing", '--trust_checkpoint')
     code, _, err = run_main(capsys, tmp_path / 'old.pt', '--out', tmp_path / 'o', '--num_seqs', 1,
                             '--trust_checkpoint')
@@ -362,7 +350,7 @@ def test_many_snapshots_stay_readable(tmp_path):
     text = probe.comparison_text(comp)
     assert max(len(line) for line in text.splitlines()) <= 160
     assert all(n in text for n in names) and '(20 checkpoints,' in text
-    results = [dict(name=n, iter_num=100 * i, streams=dict(C=dict(per_sublayer=dict(
+    results = [dict(name=n, iter_num=100 * i, residual=dict(decoded='C'), streams=dict(C=dict(per_sublayer=dict(
         top1_median=[1.0 + i, 2.0, 3.0, 4.0], top1=[0.1, 0.2, 0.3, 0.4 + i])))) for i, n in enumerate(names)]
     import plots
     [path] = plots.plot_overlay(results, str(tmp_path))

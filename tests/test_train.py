@@ -20,13 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-import probe
 import train
+from stats import STATS_KEYS
 from model import GPT, GPTConfig, load_model, read_checkpoint
 from prepare import write_shard
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, 'train.py')
 VOCAB = 512
 CKPT_KEYS = {'model', 'optimizer', 'scaler', 'model_args', 'config', 'iter_num', 'best_val_loss', 'val_loss',
              'val_loss_iter', 'rng', 'world_size', 'tokens'}
@@ -60,45 +58,29 @@ def tiny(data_root, out_dir, **overrides):
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-# one thread: on a busy 2-core machine, OpenMP's spinning threads make tiny models 5x slower
-ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-
-
-def run(args, timeout=120):
-    return subprocess.run([sys.executable, TRAIN] + args, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=ENV)
-
-
 def read_log(out_dir, event=None):
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
         lines = [json.loads(line) for line in f]
     return [line for line in lines if event is None or line['event'] == event]
 
 
-def assert_one_line_error(err, *words):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith('train.py: error:'), err
-    for w in words:
-        assert w in lines[0], (w, err)
-
 # -----------------------------------------------------------------------------
 # configuration
 
 
-def test_unknown_key_in_file(tmp_path, capsys):
+def test_unknown_key_in_file(tmp_path, capsys, one_line_error):
     path = tmp_path / 'bad.py'
     path.write_text("n_layer = 2\nn_layers = 3\n")
     assert train.main([str(path), f'--out_dir={tmp_path / "out"}']) == 2
-    assert_one_line_error(capsys.readouterr().err, "'n_layers'", str(path), 'n_layer')
+    one_line_error(capsys.readouterr().err, 'train.py', "'n_layers'", str(path), 'n_layer')
     assert not (tmp_path / 'out').exists()
 
 
-def test_unknown_key_on_command_line_lists_close_matches(tmp_path, capsys):
+def test_unknown_key_on_command_line_lists_close_matches(tmp_path, capsys, one_line_error):
     assert train.main(['--learning_rat=1e-3', f'--out_dir={tmp_path / "out"}']) == 2
-    assert_one_line_error(capsys.readouterr().err, "'learning_rat'", 'learning_rate')
+    one_line_error(capsys.readouterr().err, 'train.py', "'learning_rat'", 'learning_rate')
     assert train.main(['--zzz=1']) == 2
-    assert_one_line_error(capsys.readouterr().err, "'zzz'", '--help')
+    one_line_error(capsys.readouterr().err, 'train.py', "'zzz'", '--help')
     assert not (tmp_path / 'out').exists()
 
 
@@ -111,9 +93,9 @@ def test_unknown_key_on_command_line_lists_close_matches(tmp_path, capsys):
     ('--residual=ledgr', ['residual', 'ledgr']),
     ('--n_layer', ['--key=value']),
 ])
-def test_bad_values_are_one_line_errors(arg, words, capsys):
+def test_bad_values_are_one_line_errors(arg, words, capsys, one_line_error):
     assert train.main([arg]) == 2
-    assert_one_line_error(capsys.readouterr().err, *words)
+    one_line_error(capsys.readouterr().err, 'train.py', *words)
 
 
 def test_values_parse_to_their_types(tmp_path):
@@ -150,21 +132,21 @@ def test_train_config_holds_every_model_field():
     assert {f.name for f in fields(GPTConfig)} <= keys
 
 
-def test_demo_config_spells_out_the_defaults():
-    cfg, _ = train.load_config([os.path.join(ROOT, 'config', 'demo.py')])
+def test_demo_config_spells_out_the_defaults(root):
+    cfg, _ = train.load_config([os.path.join(root, 'config', 'demo.py')])
     assert cfg == train.TrainConfig()
-    given = train.read_config_file(os.path.join(ROOT, 'config', 'demo.py'))
+    given = train.read_config_file(os.path.join(root, 'config', 'demo.py'))
     assert set(given) == {f.name for f in fields(train.TrainConfig)} - {'debug_nan_at_iter'}
 
 
-def test_sparsity_on_vanilla_and_bad_batch_are_config_errors(capsys):
+def test_sparsity_on_vanilla_and_bad_batch_are_config_errors(capsys, one_line_error):
     assert train.main(['--residual=vanilla', '--commit_sparsity=0.1']) == 2
-    assert_one_line_error(capsys.readouterr().err, 'commit_sparsity', 'vanilla')
+    one_line_error(capsys.readouterr().err, 'train.py', 'commit_sparsity', 'vanilla')
     assert train.main(['--batch_size=3', '--total_batch_size=1000']) == 2
-    assert_one_line_error(capsys.readouterr().err, 'total_batch_size=1000', 'batch_size')
+    one_line_error(capsys.readouterr().err, 'train.py', 'total_batch_size=1000', 'batch_size')
 
 
-SPEC = {  # preset: (layers, width, heads, seqs per step, steps, residual, qk_norm, alpha, params in M)
+PRESETS = {  # docs/reference.md §2; preset: (layers, width, heads, seqs per step, steps, residual, qk_norm, alpha, params in M)
     'vanilla_160m': (12, 768, 12, 24, 14000, 'vanilla', False, 0.0, 163.0),
     'suppress_160m': (12, 768, 12, 24, 14000, 'vanilla', True, 0.0, 163.0),
     'ledger_160m': (12, 768, 12, 24, 14000, 'ledger', False, 0.02, 174.9),
@@ -176,15 +158,15 @@ SPEC = {  # preset: (layers, width, heads, seqs per step, steps, residual, qk_no
 }
 
 
-def test_every_preset_is_covered():
-    names = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'config', '*.py'))}
-    assert names == set(SPEC) | {'demo'}
+def test_every_preset_is_covered(root):
+    names = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(root, 'config', '*.py'))}
+    assert names == set(PRESETS) | {'demo'}
 
 
-@pytest.mark.parametrize('name', sorted(SPEC))
-def test_preset_matches_spec(name):
-    L, d, H, seqs, steps, residual, qk_norm, alpha, params = SPEC[name]
-    cfg, _ = train.load_config([os.path.join(ROOT, 'config', f'{name}.py')])
+@pytest.mark.parametrize('name', sorted(PRESETS))
+def test_preset_matches_the_reference(name, root):
+    L, d, H, seqs, steps, residual, qk_norm, alpha, params = PRESETS[name]
+    cfg, _ = train.load_config([os.path.join(root, 'config', f'{name}.py')])
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.block_size) == (L, d, H, 1024)
     assert cfg.total_batch_size == seqs * 1024 and cfg.max_iters == steps
     assert (cfg.residual, cfg.qk_norm, cfg.commit_sparsity) == (residual, qk_norm, alpha)
@@ -222,10 +204,10 @@ def test_lr_schedule():
 
 
 @pytest.fixture(scope='session')
-def finished_run(data_root, tmp_path_factory):
+def finished_run(data_root, tmp_path_factory, cli):
     """One short run (alpha 0.5) that several tests read: (out_dir, completed process)."""
     out = tmp_path_factory.mktemp('run') / 'out'
-    r = run(tiny(data_root, out, max_iters=6, commit_sparsity=0.5, snapshot_interval=4))
+    r = cli('train.py', *tiny(data_root, out, max_iters=6, commit_sparsity=0.5, snapshot_interval=4))
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -248,7 +230,8 @@ def test_end_to_end_writes_a_loadable_checkpoint_and_log(finished_run):
     trains = read_log(out, 'train')
     assert [t['iter'] for t in trains] == list(range(6))
     for t in trains:
-        assert {'loss', 'ce', 'commit', 'lr', 'ms_per_iter', 'tokens_per_s', 'mfu', 'tokens'} <= set(t)
+        assert {'loss', 'ce', 'aux', 'lr', 'ms_per_iter', 'tokens_per_s', 'mfu', 'tokens'} <= set(t)
+        assert set(t['aux']) == {'commit_rate'}
         assert t['mfu'] is None  # n/a on CPU
     evals = read_log(out, 'eval')
     assert [e['iter'] for e in evals] == [0, 4, 6]
@@ -257,8 +240,8 @@ def test_end_to_end_writes_a_loadable_checkpoint_and_log(finished_run):
     stats = evals[0]['stats']
     assert set(stats) == {'D', 'C', 'read'}
     for s in stats.values():
-        assert set(s) == set(probe.STATS_KEYS)
-        for k in probe.STATS_KEYS:
+        assert set(s) == set(STATS_KEYS)
+        for k in STATS_KEYS:
             if k in ('dominant_dim', 'peak_layer'):
                 assert isinstance(s[k], int) and s[k] >= 0
             else:
@@ -284,14 +267,14 @@ def assert_same_state(a, b):
     assert a['iter_num'] == b['iter_num'] and a['best_val_loss'] == b['best_val_loss']
 
 
-def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path):
+def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path, cli, root, env):
     # dropout on, so that the dropout masks have to be reproduced too
     args = dict(max_iters=40, eval_interval=5, dropout=0.1, stats_seqs=0)
     whole, killed = tmp_path / 'whole', tmp_path / 'killed'
-    uninterrupted = subprocess.Popen([sys.executable, TRAIN] + tiny(data_root, whole, **args), cwd=ROOT, env=ENV,
+    uninterrupted = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, whole, **args), cwd=root, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen([sys.executable, TRAIN] + tiny(data_root, killed, **args), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+    proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, killed, **args), cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in proc.stdout:
         if line.startswith('iter 12:'):  # checkpoints exist for iters 0, 5 and 10
             proc.send_signal(signal.SIGKILL)
@@ -301,7 +284,7 @@ def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path):
     k = final_state(killed)['iter_num']
     assert 10 <= k < 40
 
-    r = run([f'--out_dir={killed}', '--init_from=resume'])  # the checkpoint's config fills in the rest
+    r = cli('train.py', *[f'--out_dir={killed}', '--init_from=resume'])  # the checkpoint's config fills in the rest
     assert r.returncode == 0, r.stderr
     assert uninterrupted.wait(timeout=120) == 0, uninterrupted.stderr.read()
     assert f'resuming at iter {k}' in r.stdout
@@ -310,20 +293,20 @@ def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path):
     assert_same_state(final_state(whole), final_state(killed))
 
 
-def test_resume_keeps_best_val_loss_and_rejects_shape_changes(finished_run, tmp_path, capsys):
+def test_resume_keeps_best_val_loss_and_rejects_shape_changes(finished_run, tmp_path, capsys, cli, one_line_error):
     out = tmp_path / 'out'
     shutil.copytree(finished_run[0], out)
     ckpt = final_state(out)
     ckpt['best_val_loss'] = -1.0  # a best that the resumed run cannot beat: it must not be raised
     train.save_checkpoint(ckpt, str(out))
     assert train.main([f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--n_layer=3']) == 2
-    assert_one_line_error(capsys.readouterr().err, '--n_layer', 'n_layer=3', 'n_layer=2')
+    one_line_error(capsys.readouterr().err, 'train.py', '--n_layer', 'n_layer=3', 'n_layer=2')
     assert train.main([f'--out_dir={tmp_path / "nothing"}', '--init_from=resume']) == 2
-    assert_one_line_error(capsys.readouterr().err, 'no such checkpoint')
+    one_line_error(capsys.readouterr().err, 'train.py', 'no such checkpoint')
     cfg, _ = train.load_config([f'--out_dir={out}', '--init_from=resume'])
     assert cfg.commit_sparsity == 0.5 and cfg.n_embd == 32 and cfg.max_iters == 6  # from the checkpoint
 
-    r = run([f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--n_layer=2', '--dropout=0.1'])
+    r = cli('train.py', *[f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--n_layer=2', '--dropout=0.1'])
     assert r.returncode == 0, r.stderr
     ckpt = final_state(out)
     assert ckpt['iter_num'] == 8 and ckpt['best_val_loss'] == -1.0 and ckpt['config']['dropout'] == 0.1
@@ -348,7 +331,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ['ckpt.pt']  # the temp file was removed
 
 
-def test_sigkill_during_save_leaves_a_complete_checkpoint(tmp_path):
+def test_sigkill_during_save_leaves_a_complete_checkpoint(tmp_path, root, env):
     script = textwrap.dedent(f"""
         import sys, torch, train
         base = {{'model_args': {{}}, 'config': {{}}}}
@@ -357,7 +340,7 @@ def test_sigkill_during_save_leaves_a_complete_checkpoint(tmp_path):
         train.save_checkpoint(dict(base, model={{'w': torch.ones(60_000_000)}}, iter_num=2), {str(tmp_path)!r})
         print('saved', flush=True)
     """)
-    proc = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen([sys.executable, '-c', script], cwd=root, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout.readline().strip() == 'saving'
     time.sleep(0.3)
     proc.kill()
@@ -371,15 +354,15 @@ def test_sigkill_during_save_leaves_a_complete_checkpoint(tmp_path):
     assert os.listdir(tmp_path) == ['ckpt.pt']
 
 
-def test_ddp_matches_single_process(data_root, tmp_path):
+def test_ddp_matches_single_process(data_root, tmp_path, root, env):
     """2 ranks x 1 micro-step see the same sequences as 1 rank x 2 micro-steps."""
     single, ddp = tmp_path / 'single', tmp_path / 'ddp'
     args = dict(max_iters=3, eval_interval=100, stats_seqs=0)
-    one = subprocess.Popen([sys.executable, TRAIN] + tiny(data_root, single, **args), cwd=ROOT, env=ENV,
+    one = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, single, **args), cwd=root, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    env = dict(ENV, GLOO_SOCKET_IFNAME=os.environ.get('GLOO_SOCKET_IFNAME', 'lo'))
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', TRAIN]
-                       + tiny(data_root, ddp, **args), capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
+    env = dict(env, GLOO_SOCKET_IFNAME=os.environ.get('GLOO_SOCKET_IFNAME', 'lo'))
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', os.path.join(root, 'train.py')]
+                       + tiny(data_root, ddp, **args), capture_output=True, text=True, timeout=180, cwd=root, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert one.wait(timeout=120) == 0, one.stderr.read()
     assert 'world size 2, 1 micro-steps' in r.stdout
@@ -387,8 +370,9 @@ def test_ddp_matches_single_process(data_root, tmp_path):
     a, b = read_log(single, 'train'), read_log(ddp, 'train')
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
-        for key in ('loss', 'ce', 'commit'):
+        for key in ('loss', 'ce'):
             assert y[key] == pytest.approx(x[key], rel=1e-5), (x['iter'], key)
+        assert y['aux']['commit_rate'] == pytest.approx(x['aux']['commit_rate'], rel=1e-5)
     ea, eb = read_log(single, 'eval'), read_log(ddp, 'eval')
     assert eb[0]['val_loss'] == pytest.approx(ea[0]['val_loss'], rel=1e-5)  # eval batches are shared out, not multiplied
     wa, wb = final_state(single)['model'], final_state(ddp)['model']
@@ -396,26 +380,26 @@ def test_ddp_matches_single_process(data_root, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
 
 
-def test_penalty_adds_alpha_times_the_commit_rate(finished_run, data_root, tmp_path):
+def test_penalty_adds_alpha_times_the_commit_rate(finished_run, data_root, tmp_path, cli):
     out = tmp_path / 'alpha0'
-    r = run(tiny(data_root, out, max_iters=1, eval_interval=100, stats_seqs=0, commit_sparsity=0.0))
+    r = cli('train.py', *tiny(data_root, out, max_iters=1, eval_interval=100, stats_seqs=0, commit_sparsity=0.0))
     assert r.returncode == 0, r.stderr
     runs = {0.0: read_log(out, 'train'), 0.5: read_log(finished_run[0], 'train')}
     for t in runs[0.5]:
-        assert t['loss'] - t['ce'] == pytest.approx(0.5 * t['commit'], abs=1e-5)
+        assert t['loss'] - t['ce'] == pytest.approx(0.5 * t['aux']['commit_rate'], abs=1e-5)
     for t in runs[0.0]:
         assert t['loss'] == t['ce']
     first0, first5 = runs[0.0][0], runs[0.5][0]  # same init, same batch: only the penalty differs
-    assert first0['ce'] == first5['ce'] and first0['commit'] == first5['commit']
-    assert first5['loss'] - first0['loss'] == pytest.approx(0.5 * first0['commit'], abs=1e-5)
-    assert 0.0 < first0['commit'] < 1.0
+    assert first0['ce'] == first5['ce'] and first0['aux'] == first5['aux']
+    assert first5['loss'] - first0['loss'] == pytest.approx(0.5 * first0['aux']['commit_rate'], abs=1e-5)
+    assert 0.0 < first0['aux']['commit_rate'] < 1.0
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_root, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_root, tmp_path, cli, one_line_error):
     out = tmp_path / 'out'
-    r = run(tiny(data_root, out, max_iters=10, eval_interval=2, debug_nan_at_iter=5))
+    r = cli('train.py', *tiny(data_root, out, max_iters=10, eval_interval=2, debug_nan_at_iter=5))
     assert r.returncode == 3
-    assert_one_line_error(r.stderr, 'nan', 'iter 5')
+    one_line_error(r.stderr, 'train.py', 'nan', 'iter 5')
     ckpt = read_checkpoint(str(out / 'ckpt.pt'))
     assert ckpt['iter_num'] == 4
     assert all(torch.isfinite(t).all() for t in ckpt['model'].values())
@@ -423,9 +407,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_root, tmp_path
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']
 
 
-def test_target_val_loss_stops_after_saving_and_eval_only_writes_no_checkpoint(finished_run, data_root, tmp_path):
+def test_target_val_loss_stops_after_saving_and_eval_only_writes_no_checkpoint(finished_run, data_root, tmp_path, cli):
     out = tmp_path / 'target'
-    r = run(tiny(data_root, out, max_iters=50, target_val_loss=100.0))  # reached at the first evaluation
+    r = cli('train.py', *tiny(data_root, out, max_iters=50, target_val_loss=100.0))  # reached at the first evaluation
     assert r.returncode == 0, r.stderr
     assert read_checkpoint(str(out / 'ckpt.pt'))['iter_num'] == 0
     assert read_log(out)[-1] == {'event': 'stop', 'iter': 0, 'reason': 'target_val_loss'}
@@ -433,19 +417,19 @@ def test_target_val_loss_stops_after_saving_and_eval_only_writes_no_checkpoint(f
     out = tmp_path / 'eval_only'
     shutil.copytree(finished_run[0], out)
     before = os.stat(out / 'ckpt.pt').st_mtime_ns
-    r = run([f'--out_dir={out}', '--init_from=resume', '--eval_only=True'])
+    r = cli('train.py', *[f'--out_dir={out}', '--init_from=resume', '--eval_only=True'])
     assert r.returncode == 0, r.stderr
     evals = read_log(out, 'eval')
     assert evals[-1]['iter'] == 6 and evals[-1]['val_loss'] == pytest.approx(evals[-2]['val_loss'], rel=1e-6)
     assert os.stat(out / 'ckpt.pt').st_mtime_ns == before
 
 
-def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
+def test_sigterm_saves_and_exits_zero(data_root, tmp_path, root, env):
     """(on a vanilla model, which has no commit rate to log)"""
     out = tmp_path / 'out'
     args = tiny(data_root, out, max_iters=100_000, eval_interval=1000, residual='vanilla', commit_sparsity=0)
-    proc = subprocess.Popen([sys.executable, TRAIN] + args,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + args,
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
         if line.startswith('iter 3:'):
             proc.send_signal(signal.SIGTERM)
@@ -457,7 +441,8 @@ def test_sigterm_saves_and_exits_zero(data_root, tmp_path):
     last = read_log(out, 'train')[-1]['iter']
     assert ckpt['iter_num'] == last + 1 >= 4
     assert read_log(out)[-1] == {'event': 'stop', 'iter': last + 1, 'reason': 'sigterm'}
-    assert all(t['commit'] is None for t in read_log(out, 'train'))
+    assert all(t['aux'] == {} for t in read_log(out, 'train'))
+    assert read_log(out, 'start')[0]['residual']['decoded'] == 'h'
     assert set(read_log(out, 'eval')[0]['stats']) == {'h'}
 
 
@@ -510,17 +495,17 @@ def test_the_payload_is_real(tmp_path):
 
 
 @pytest.mark.parametrize('how', ['torch.save', 'pickle-2', 'pickle'])
-def test_hostile_checkpoint_is_refused_by_resume_and_probe(tmp_path, how):
+def test_hostile_checkpoint_is_refused_by_resume_and_probe(tmp_path, how, cli, one_line_error, root, env):
     out, marker = tmp_path / 'out', tmp_path / 'marker'
     out.mkdir()
     write_hostile(out / 'ckpt.pt', marker, how)
     message = f"{out / 'ckpt.pt'}: contains pickled Python objects, which could run code; refusing"
-    r = run([f'--out_dir={out}', '--init_from=resume'])
+    r = cli('train.py', *[f'--out_dir={out}', '--init_from=resume'])
     assert r.returncode == 2, r.stderr
-    assert_one_line_error(r.stderr, message, '--trust_checkpoint=True')
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'probe.py'), str(out / 'ckpt.pt'),
+    one_line_error(r.stderr, 'train.py', message, '--trust_checkpoint=True')
+    p = subprocess.run([sys.executable, os.path.join(root, 'probe.py'), str(out / 'ckpt.pt'),
                         '--out', str(tmp_path / 'probe_out')], capture_output=True, text=True, timeout=120,
-                       cwd=ROOT, env=ENV)
+                       cwd=root, env=env)
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and p.stderr.startswith('probe.py: error:')
     assert message in p.stderr and '--trust_checkpoint' in p.stderr
@@ -528,18 +513,18 @@ def test_hostile_checkpoint_is_refused_by_resume_and_probe(tmp_path, how):
     assert os.listdir(out) == ['ckpt.pt'] and not (tmp_path / 'probe_out').exists()  # nothing written
 
 
-def test_an_old_pickled_checkpoint_resumes_only_when_trusted(finished_run, tmp_path):
+def test_an_old_pickled_checkpoint_resumes_only_when_trusted(finished_run, tmp_path, cli, one_line_error):
     """Checkpoints from before weights-only saving held numpy's RNG state as an array in a tuple."""
     out = tmp_path / 'out'
     shutil.copytree(finished_run[0], out)
     ckpt = final_state(out)
     ckpt['rng']['numpy'] = np.random.get_state()
     torch.save(ckpt, out / 'ckpt.pt')
-    r = run([f'--out_dir={out}', '--init_from=resume', '--max_iters=7'])
+    r = cli('train.py', *[f'--out_dir={out}', '--init_from=resume', '--max_iters=7'])
     assert r.returncode == 2
-    assert_one_line_error(r.stderr, 'contains pickled Python objects', 'refusing')
+    one_line_error(r.stderr, 'train.py', 'contains pickled Python objects', 'refusing')
     assert len(read_log(out, 'start')) == 1  # refused before anything was written
-    r = run([f'--out_dir={out}', '--init_from=resume', '--max_iters=7', '--trust_checkpoint=True'])
+    r = cli('train.py', *[f'--out_dir={out}', '--init_from=resume', '--max_iters=7', '--trust_checkpoint=True'])
     assert r.returncode == 0, r.stderr
     ckpt = final_state(out)  # written again by this version: loads with weights_only=True
     assert ckpt['iter_num'] == 7
@@ -547,11 +532,11 @@ def test_an_old_pickled_checkpoint_resumes_only_when_trusted(finished_run, tmp_p
     assert cfg.trust_checkpoint is False  # trust is given per command, never inherited from a checkpoint
 
 
-def test_every_torch_load_in_the_repo_is_weights_only():
+def test_every_torch_load_in_the_repo_is_weights_only(root):
     """Nothing unpickles a file unless the user said, by name, that they trust it."""
     import re
     loads = []
-    for dirpath, dirnames, filenames in os.walk(ROOT):
+    for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith('.') and d not in ('data', '__pycache__')]
         for f in filenames:
             if f.endswith('.py'):
@@ -563,3 +548,27 @@ def test_every_torch_load_in_the_repo_is_weights_only():
         if f == 'test_train.py' and 'weights_only=False' in call:
             continue  # test_the_payload_is_real, the control
         assert 'weights_only=True' in call or 'weights_only=not trust' in call, (f, call)
+
+
+def test_a_run_written_before_the_operator_refactor_resumes_and_reads(tmp_path, cli, random_shards, root):
+    """tests/data/ledger_run_v1: a 4-step ledger run (ckpt.pt and log.jsonl) written by the code
+    before operators described themselves and aux terms came out of forward. It resumes with the
+    same parameter names, and its old log (val_commit, no residual record) and the new records
+    appended to it read as one trajectory."""
+    out = tmp_path / 'run'
+    shutil.copytree(os.path.join(root, 'tests', 'data', 'ledger_run_v1'), out)
+    data = random_shards(tmp_path / 'data', 'text', 32, 5000, 1000)   # the run's data, regenerated
+    old = read_checkpoint(str(out / 'ckpt.pt'))
+    r = cli('train.py', f'--out_dir={out}', '--init_from=resume', f'--data_root={data}', '--max_iters=6')
+    assert r.returncode == 0, r.stderr
+    assert 'resuming at iter 4' in r.stdout
+    new = read_checkpoint(str(out / 'ckpt.pt'))
+    assert new['iter_num'] == 6 and new['model'].keys() == old['model'].keys()
+    assert any(not torch.equal(new['model'][k], old['model'][k]) for k in old['model'])   # it trained
+    evals = read_log(out, 'eval')
+    assert 'val_commit' in evals[0] and 'val_aux' in evals[-1]
+    p = cli('probe.py', out, '--out', tmp_path / 'traj')
+    assert p.returncode == 0, p.stderr
+    run = json.loads((tmp_path / 'traj' / 'trajectory.json').read_text())['runs'][0]
+    assert run['decoded'] == 'C' and run['iters'] == [0, 2, 4, 6] and run['starts'] == 2
+    assert all(v is not None for v in run['val_aux']['commit_rate'])   # old and new records alike
