@@ -9,7 +9,8 @@ JSON and returns the paths of the PNGs it wrote.
 - plot_overlay: several checkpoints' decoded stream vs sublayer (coloured by order when many).
 - plot_trajectories: training runs' log.jsonl statistics against tokens seen, one colour per run,
   and a (step x sublayer) heatmap of top1/median per run.
-- plot_groups: groups of runs (seeds): mean +- sample std with each run as a dot.
+- plot_groups: groups of runs (seeds): mean +- sample std with each run as a dot, and brackets
+  over the differences with a Holm-adjusted Welch p below 0.05.
 """
 
 import os
@@ -294,32 +295,48 @@ def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000)):
 
 
 def plot_groups(groups, out_dir):
-    """One panel per metric: each group's mean +- sample std (error bar; a lone run has none) and
-    every run as a dot (groups.png)."""
+    """One panel per metric: every run as a dot and each group's mean +- sample std (black square
+    with error bar; a lone run has none); a group with no measured value for the metric is not drawn
+    in that panel. A bracket joins two groups whose difference has a Holm-adjusted Welch p (p_holm)
+    below groups['methods']['alpha'], labelled with that p (groups.png)."""
     plt = _pyplot()
     metrics = [(m, st) for m, st in groups['metrics'].items()
                if any(g['n'] for g in st['per_group'].values())]
     names = groups['names']
+    alpha = groups['methods']['alpha']
     ncol = min(4, max(1, len(metrics)))
     nrow = max(1, -(-len(metrics) // ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.2 * nrow), squeeze=False, layout='constrained')
-    colours = _colours(len(names))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.4 * nrow), squeeze=False, layout='constrained')
+    colours = dict(zip(names, _colours(len(names))))
     rng = np.random.default_rng(0)          # jitter of the dots only
     for ax, (metric, st) in zip(axes.flat, metrics):
-        for i, g in enumerate(names):
+        drawn = [g for g in names if st['per_group'][g]['n']]
+        x = {g: i for i, g in enumerate(drawn)}
+        top, bottom = -np.inf, np.inf
+        for g in drawn:
             pg = st['per_group'][g]
-            vals = [v for v in pg['values'] if v is not None]
-            if not vals:
+            vals = [v for v in pg['values'] if v is not None and np.isfinite(v)]
+            ax.plot(x[g] + rng.uniform(-0.12, 0.12, len(vals)), vals, 'o', ms=4, alpha=0.6, color=colours[g])
+            sd = pg['std'] or 0.0
+            ax.errorbar(x[g] + 0.25, pg['mean'], yerr=pg['std'], fmt='s', ms=6, capsize=4, color='black')
+            top, bottom = max(top, max(vals), pg['mean'] + sd), min(bottom, min(vals), pg['mean'] - sd)
+        span = (top - bottom) or max(abs(top), 1.0)
+        level = top + 0.08 * span
+        for pr in st['pairs']:
+            if pr['p_holm'] is None or pr['p_holm'] >= alpha or pr['a'] not in x or pr['b'] not in x:
                 continue
-            ax.plot(i + rng.uniform(-0.12, 0.12, len(vals)), vals, 'o', ms=4, alpha=0.6, color=colours[i])
-            ax.errorbar(i + 0.25, pg['mean'], yerr=pg['std'] if pg['std'] is not None else None, fmt='s',
-                        ms=6, capsize=4, color='black')
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([f"{g}\n(n={st['per_group'][g]['n']})" for g in names], fontsize=8)
-        ax.set_xlim(-0.5, len(names) - 0.5)
+            xa, xb = x[pr['a']], x[pr['b']]
+            ax.plot([xa, xa, xb, xb], [level - 0.03 * span, level, level, level - 0.03 * span], color='black', lw=0.8)
+            ax.text((xa + xb) / 2, level, f"* p_holm {pr['p_holm']:.2g}", ha='center', va='bottom', fontsize=7)
+            level += 0.14 * span
+        ax.set_ylim(bottom - 0.08 * span, level + 0.04 * span)
+        ax.set_xticks(range(len(drawn)))
+        ax.set_xticklabels([f"{g}\n(n={st['per_group'][g]['n']})" for g in drawn], fontsize=8)
+        ax.set_xlim(-0.5, max(len(drawn), 2) - 0.5)
         ax.set_title(metric, fontsize=9)
         ax.grid(alpha=0.3, axis='y')
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis('off')
-    fig.suptitle('groups: runs (dots), mean +- sample std (black)', fontsize=10)
+    fig.suptitle(f"groups: runs (dots), mean +- sample std (black); * : difference with Holm-adjusted "
+                 f"Welch p < {alpha} (over the metrics of that pair)", fontsize=10)
     return [_save(fig, os.path.join(out_dir, 'groups.png'))]

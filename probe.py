@@ -158,8 +158,16 @@ probe.json (tests/test_probe.py checks that every key below is there):
     groups                None without --group; else
       names               group names, in command-line order
       members             group -> checkpoint names
-      bootstrap           resamples, level (0.95), seed, kind (percentile)
-      permutation         max_exact, permutations, seed, sides
+      methods             how the pairs below are computed (runs.py says more)
+        level             0.95, of every interval
+        interval          Welch's t interval of d = mean(B) - mean(A), in words
+        p                 Welch's two-sided p, in words
+        permutation       statistic, max_exact, permutations, seed
+        holm              which p-values are Holm-adjusted, over which metrics
+        hedges_g          its formula
+        bca               min_runs (8), resamples, seed
+        min_runs          3: fewer runs in a group get a note that intervals and tests are weak
+        alpha             0.05: the text and groups.png mark p_holm below it
       metrics             metric -> statistics (a metric no group measured is left out)
         <metric>
           per_group       group -> its runs
@@ -168,15 +176,24 @@ probe.json (tests/test_probe.py checks that every key below is there):
               values      one per run (None: not measured)
               mean
               std         sample std (ddof 1); None for one run
-              note        e.g. 'one run: no std, no interval'
+              note        e.g. 'one run: no std, no interval'; None from 3 runs
           pairs[]         one per pair of groups A, B with A listed first
             a
             b
-            diff          mean(B) - mean(A)
-            ci            [low, high] 95% percentile bootstrap interval; None with one run in a group
-            p             two-sided permutation p-value
+            n_a           runs of A that measured the metric
+            n_b
+            diff          d = mean(B) - mean(A)
+            ci            [low, high] Welch's 95% interval of d; None with one run in a group or no spread
+            p             Welch's two-sided p (the headline test); None when ci is
+            df            Welch-Satterthwaite degrees of freedom
+            p_holm        p Holm-adjusted over the metrics of this pair that have a p
+            p_perm        two-sided permutation p of |d|; None with one run in a group
+            p_perm_holm   p_perm Holm-adjusted over the metrics of this pair that have one
             test          'exact: N splits (all)' or 'random: N random permutations'
-            note          why ci or p is None, if they are
+            p_perm_min    the smallest p_perm this test can give (2/20 = 0.1 at 3 vs 3)
+            hedges_g      Hedges' g; None with one run in a group or no spread
+            ci_bca        [low, high] 95% BCa bootstrap interval of d; None below 8 runs in a group
+            note          why something is None, and a warning below 3 runs; None when nothing to say
 
 The per-stream statistics live in stats.py, so that train.py logs the same numbers during training
 (activation_stats) that the probe reports afterwards.
@@ -1040,8 +1057,9 @@ def parse_args(argv=None):
                         'config.json and model.safetensors; or training runs: an out_dir holding log.jsonl, or a '
                         'log.jsonl file (trajectories; no model is run)')
     p.add_argument('--group', action='append', default=None, metavar='NAME=CKPT,CKPT,...',
-                   help='a group of runs (e.g. seeds) to compare with the other groups: mean, sample std, bootstrap '
-                        'interval and permutation p-value of the headline numbers (repeatable, instead of INPUTs)')
+                   help='a group of runs (e.g. seeds) to compare with the other groups: mean, sample std, Welch '
+                        'interval and p, permutation p, Holm-adjusted p and Hedges\' g of the headline numbers '
+                        '(repeatable, instead of INPUTs)')
     p.add_argument('--out', default='probe_out', help='folder for probe.json (trajectory.json for runs) and the PNGs')
     p.add_argument('--num_seqs', type=int, default=16, help='validation windows to probe')
     p.add_argument('--seq_len', type=int, default=None, help="window length (default: the model's block_size)")

@@ -15,11 +15,24 @@ plotted with what they have, and the summary names what is missing.
 'out/vanilla_s*/ckpt.pt' is expanded): every checkpoint is probed as usual (its report is printed;
 its own PNGs are skipped), then per group the mean and sample std over runs of the headline numbers
 (group_metrics: max top1/median, bos_concentration, start_mass, start_mass_dominant, persistence per
-stream; Sink_1 at T=64; val loss), and for each pair of groups A, B (A listed first) mean(B) -
-mean(A) with a 95% percentile bootstrap interval (bootstrap_ci: runs resampled within each group,
-10,000 resamples, seed 0) and a two-sided permutation p-value (permutation_pvalue: every split when
-there are at most 10,000, else 10,000 random permutations, p = (1 + hits) / 10,001; the output
-says which). A group of one run gets its value, no std and no interval (SPEC §4, last paragraph).
+stream; Sink_1 at T=64; val loss). For each pair of groups A, B (A listed first) and each metric,
+with d = mean(B) - mean(A) (compare(); scipy.stats, imported on first use):
+- Welch's t interval of d at 95% and Welch's two-sided p (welch: unequal variances, df by
+  Welch-Satterthwaite; scipy.stats.ttest_ind(b, a, equal_var=False)) -- the headline interval. At 3
+  runs per group it covers the true difference about 95% of the time for normal data; a percentile
+  bootstrap covers it only about 80% of the time (tests/test_runs.py simulates both).
+- the two-sided permutation p of |d| (permutation_p, scipy.stats.permutation_test): exact over all
+  C(n_A + n_B, n_A) splits of the runs when there are at most 10,000, else 10,000 random
+  permutations with seed 0; the output says which. Its smallest possible value is 2/20 = 0.1 at
+  3 vs 3 and 2/252 at 5 vs 5: with few runs it cannot be small, whatever the data.
+- Holm-Bonferroni (holm) over the metrics of one pair of groups that have a p: p_holm adjusts Welch's
+  p, p_perm_holm the permutation p. Sorted ascending, p_adj(i) = max_{j <= i} min(1, (m - j + 1) p(j)).
+- Hedges' g (hedges_g): d / s_pooled with the small-sample factor 1 - 3 / (4 (n_A + n_B) - 9).
+- a BCa bootstrap interval (bca_ci, scipy.stats.bootstrap, seed 0) as a second column only when each
+  group has at least 8 runs; None below that.
+A group of one run gets its value, no std, no interval and no test; with fewer than 3 runs in a group
+the output says that its intervals and tests are weak; when neither group has any spread, Welch's
+interval and p are undefined (None, with a note).
 
 trajectory.json (tests/test_runs.py checks that every key below is there):
 
@@ -296,66 +309,168 @@ def trajectory_text(runs):
     return '\n'.join(lines)
 
 # ----------------------------------------------------------------------------------------------
-# Groups of runs (seeds): mean, sample std, bootstrap interval and permutation test (numpy only)
+# Groups of runs (seeds): mean and sample std per group; for each pair of groups Welch's interval
+# and p, the permutation p, Holm over the metrics of the pair, Hedges' g, and BCa from 8 runs a group.
+# scipy.stats is imported inside the functions: probe.py imports this module, and train.py imports
+# probe.py at every evaluation.
 
-STATS_SEED = 0             # fixed seed of the resampling, so a report can be reproduced exactly
-RESAMPLES = 10_000         # bootstrap resamples
+LEVEL = 0.95               # of every interval
+STATS_SEED = 0             # fixed seed of all resampling, so a report can be reproduced exactly
 MAX_EXACT = 10_000         # enumerate every split of the runs when there are at most this many ...
 PERMUTATIONS = 10_000      # ... else this many random permutations
+MIN_RUNS = 3               # fewer runs in a group: the output says that its intervals and tests are weak
+BCA_MIN_RUNS = 8           # the BCa bootstrap column needs this many runs in each group
+BCA_RESAMPLES = 9_999      # bootstrap resamples of the BCa interval
+ALPHA = 0.05               # the text and groups.png mark Holm-adjusted p below this
 
 
-def bootstrap_ci(a, b, resamples=RESAMPLES, level=0.95, seed=STATS_SEED):
-    """Percentile bootstrap interval of mean(b) - mean(a): runs resampled with replacement within
-    each group. None when a group has fewer than two runs (no interval exists)."""
+def _seeded(fn, seed):
+    """The keyword that seeds scipy's resampling: `rng` since scipy 1.15, `random_state` before."""
+    import inspect
+    key = 'rng' if 'rng' in inspect.signature(fn).parameters else 'random_state'
+    return {key: np.random.default_rng(seed)}
+
+
+def _no_spread(x):
+    """All values equal, up to rounding (a relative 1e-12)."""
+    x = np.asarray(x, dtype=float)
+    return float(np.ptp(x)) <= 1e-12 * float(np.abs(x).max())
+
+
+def welch(a, b, level=LEVEL):
+    """Welch's t test of d = mean(b) - mean(a) (unequal variances): (ci, p, df). ci = d +- t_{df,
+    (1 + level) / 2} * sqrt(s_a^2 / n_a + s_b^2 / n_b), df by Welch-Satterthwaite; p two-sided. This
+    is scipy.stats.ttest_ind(b, a, equal_var=False) and its confidence_interval(level). All three
+    are None when a group has fewer than 2 runs or neither group has any spread (the standard error
+    is 0: the test is undefined)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or (_no_spread(a) and _no_spread(b)):
+        return None, None, None
+    import warnings
+    from scipy import stats
+    with warnings.catch_warnings():     # scipy warns about a group whose values are all equal: its variance is 0
+        warnings.filterwarnings('ignore', 'Precision loss', RuntimeWarning)
+        res = stats.ttest_ind(b, a, equal_var=False)
+    ci = res.confidence_interval(level)
+    return [float(ci.low), float(ci.high)], float(res.pvalue), float(res.df)
+
+
+def _abs_diff(x, y, axis=-1):
+    return np.abs(np.mean(y, axis=axis) - np.mean(x, axis=axis))
+
+
+def permutation_p(a, b, max_exact=MAX_EXACT, permutations=PERMUTATIONS, seed=STATS_SEED):
+    """Two-sided permutation p of |mean(b) - mean(a)| with exchangeable group labels:
+    scipy.stats.permutation_test with statistic |d| and alternative 'greater' (its 'two-sided' would
+    double the smaller one-sided p, which is not the share of splits with |d| at least the observed).
+    Returns (p, test, p_min). Every split of the pooled runs into groups of the same sizes when there
+    are at most max_exact of them: p = share of splits at least as extreme, the observed one
+    included; test 'exact: N splits (all)'; the smallest p possible, p_min, is 2/N for equal group
+    sizes (the observed split and its mirror), else 1/N (at 3 vs 3, 2/20 = 0.1). Else `permutations`
+    random relabellings (fixed seed): p = (1 + hits) / (1 + permutations); test 'random: N random
+    permutations'."""
+    from scipy import stats
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    n_splits = math.comb(len(a) + len(b), len(a))
+    exact = n_splits <= max_exact
+    res = stats.permutation_test((a, b), _abs_diff, permutation_type='independent', vectorized=True,
+                                 n_resamples=np.inf if exact else permutations, alternative='greater',
+                                 **({} if exact else _seeded(stats.permutation_test, seed)))
+    if exact:
+        return float(res.pvalue), f"exact: {n_splits:,} splits (all)", (2 if len(a) == len(b) else 1) / n_splits
+    return float(res.pvalue), f"random: {permutations:,} random permutations", 1 / (1 + permutations)
+
+
+def holm(ps):
+    """Holm-Bonferroni adjusted p-values, in the order given; None stays None and is not counted in
+    m. With the m p-values sorted ascending, p(1) <= ... <= p(m): p_adj(i) = max over j <= i of
+    min(1, (m - j + 1) p(j))."""
+    idx = sorted((i for i, p in enumerate(ps) if p is not None), key=lambda i: ps[i])
+    out, m, running = [None] * len(ps), len(idx), 0.0
+    for j, i in enumerate(idx):                    # j = 0 is the smallest p: factor m
+        running = max(running, min(1.0, (m - j) * ps[i]))
+        out[i] = running
+    return out
+
+
+def hedges_g(a, b):
+    """Hedges' g of mean(b) - mean(a): d / s_pooled * (1 - 3 / (4 (n_a + n_b) - 9)), s_pooled^2 =
+    ((n_a - 1) s_a^2 + (n_b - 1) s_b^2) / (n_a + n_b - 2) (sample variances, ddof 1). None when a
+    group has fewer than 2 runs or s_pooled is 0."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2 or (_no_spread(a) and _no_spread(b)):
         return None
-    rng = np.random.default_rng(seed)
-    mean_b = b[rng.integers(0, len(b), (resamples, len(b)))].mean(1)
-    mean_a = a[rng.integers(0, len(a), (resamples, len(a)))].mean(1)
-    diffs = mean_b - mean_a
-    lo, hi = np.percentile(diffs, [50 * (1 - level), 50 * (1 + level)])
-    return [float(lo), float(hi)]
+    s2 = ((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / (na + nb - 2)
+    if not s2 > 0:
+        return None
+    return float((b.mean() - a.mean()) / math.sqrt(s2) * (1 - 3 / (4 * (na + nb) - 9)))
 
 
-def permutation_pvalue(a, b, max_exact=MAX_EXACT, permutations=PERMUTATIONS, seed=STATS_SEED):
-    """Two-sided permutation p-value of |mean(b) - mean(a)| under exchangeable group labels.
+def _diff(x, y, axis=-1):
+    return np.mean(y, axis=axis) - np.mean(x, axis=axis)
 
-    Returns (p, test): every split of the pooled runs into groups of the same sizes when there are
-    at most max_exact of them (p = share of splits at least as extreme, the observed one included;
-    test 'exact', count = the number of splits), else `permutations` random relabellings (p = (1 +
-    hits) / (1 + permutations); test 'random')."""
-    import itertools
+
+def bca_ci(a, b, level=LEVEL, resamples=BCA_RESAMPLES, seed=STATS_SEED, min_runs=BCA_MIN_RUNS):
+    """BCa bootstrap interval of mean(b) - mean(a), runs resampled within each group
+    (scipy.stats.bootstrap, method 'BCa', fixed seed). None unless each group has at least min_runs
+    runs (below that, bootstrap intervals of a mean are too narrow), or when the interval is
+    undefined (no spread)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    pooled, na = np.concatenate([a, b]), len(a)
-    n = len(pooled)
-    observed = abs(b.mean() - a.mean())
-    tol = 1e-9 * max(1.0, observed, np.abs(pooled).max())       # equal differences up to rounding
-    n_splits = math.comb(n, na)
-    if n_splits <= max_exact:
-        in_a = np.zeros((n_splits, n), dtype=bool)
-        for i, idx in enumerate(itertools.combinations(range(n), na)):
-            in_a[i, list(idx)] = True
-        test, count = 'exact', n_splits
-    else:
-        rng = np.random.default_rng(seed)
-        in_a = rng.random((permutations, n)).argsort(1) < na
-        test, count = 'random', permutations
-    sum_a = (in_a * pooled).sum(1)
-    diffs = np.abs((pooled.sum() - sum_a) / (n - na) - sum_a / na)
-    hits = int((diffs >= observed - tol).sum())
-    p = hits / n_splits if test == 'exact' else (1 + hits) / (1 + permutations)
-    return float(p), dict(test=test, count=count)
+    if len(a) < min_runs or len(b) < min_runs or (_no_spread(a) and _no_spread(b)):
+        return None
+    import warnings
+    from scipy import stats
+    with warnings.catch_warnings():        # a degenerate bootstrap distribution warns and gives nan
+        warnings.simplefilter('ignore', RuntimeWarning)
+        warnings.simplefilter('ignore', getattr(stats, 'DegenerateDataWarning', RuntimeWarning))
+        ci = stats.bootstrap((a, b), _diff, vectorized=True, method='BCa', confidence_level=level,
+                             n_resamples=resamples, **_seeded(stats.bootstrap, seed)).confidence_interval
+    if not (math.isfinite(ci.low) and math.isfinite(ci.high)):
+        return None
+    return [float(ci.low), float(ci.high)]
+
+
+def compare(a, b, ga='A', gb='B'):
+    """One metric, groups ga (values a) and gb (values b; None and non-finite values dropped): the
+    pair entry of probe.json's groups (without the Holm-adjusted p-values, which need every metric
+    of the pair: group_statistics adds them)."""
+    a = [float(v) for v in a if v is not None and math.isfinite(v)]
+    b = [float(v) for v in b if v is not None and math.isfinite(v)]
+    pair = dict(a=ga, b=gb, n_a=len(a), n_b=len(b), diff=None, ci=None, p=None, df=None, p_perm=None,
+                test=None, p_perm_min=None, hedges_g=None, ci_bca=None, note=None)
+    if not a or not b:
+        pair['note'] = f"not measured in {' and '.join(g for g, v in ((ga, a), (gb, b)) if not v)}"
+        return pair
+    notes = []
+    one = [g for g, v in ((ga, a), (gb, b)) if len(v) == 1]
+    if one:
+        notes.append(f"one run in {' and '.join(one)}: no interval exists, no test")
+    few = [f"{len(v)} runs in {g}" for g, v in ((ga, a), (gb, b)) if 1 < len(v) < MIN_RUNS]
+    if few:
+        notes.append(f"{' and '.join(few)}: intervals and tests with fewer than {MIN_RUNS} runs a group are weak")
+    ci, p, df = welch(a, b)
+    if len(a) > 1 and len(b) > 1 and ci is None:
+        notes.append("no spread within either group: Welch's interval and p are undefined")
+    p_perm, test, p_min = permutation_p(a, b) if len(a) > 1 and len(b) > 1 else (None, None, None)
+    pair.update(diff=float(np.mean(b) - np.mean(a)), ci=ci, p=p, df=df, p_perm=p_perm, test=test,
+                p_perm_min=p_min, hedges_g=hedges_g(a, b), ci_bca=bca_ci(a, b), note='; '.join(notes) or None)
+    return pair
+
+
+HEADLINE = ('max_top1_median', 'bos_concentration', 'start_mass', 'start_mass_dominant', 'persistence')
 
 
 def group_metrics(r):
-    """The headline numbers of one probed checkpoint that groups compare: {metric: value or None}.
-    Streams as in the comparison table: the decoded one (h or C), and D and read of a ledger."""
+    """The headline numbers of one probed checkpoint that groups compare: {metric: value}. Streams as
+    in the comparison table: '[decoded]' is the stream the model's head reads (h, C, ...), so that
+    models with different operators are compared on what they decode; then every other stream and
+    view by its own name (the ledger's D and read)."""
+    decoded = r['residual']['decoded']
     out = {}
-    streams = r['streams']
-    for tag, sname in (('h|C', 'h' if 'h' in streams else 'C'), ('D', 'D'), ('read', 'read')):
-        sm = streams[sname]['summary'] if sname in streams else {}
-        for key in ('max_top1_median', 'bos_concentration', 'start_mass', 'start_mass_dominant', 'persistence'):
+    for tag in ['decoded'] + [n for n in r['streams'] if n != decoded]:
+        sm = r['streams'][decoded if tag == 'decoded' else tag]['summary']
+        for key in HEADLINE:
             out[f'[{tag}] {key}'] = sm.get(key)
     out['sink1_prefix (Sink_1 %, T=64)'] = r['attention']['sink1_prefix']
     out['val_loss'] = r['val_loss']
@@ -363,47 +478,53 @@ def group_metrics(r):
 
 
 def group_statistics(results, groups):
-    """The `groups` entry of probe.json: per metric, each group's runs, mean and sample std, and for
-    each pair of groups (A listed before B) mean(B) - mean(A), its bootstrap interval and p-value."""
+    """The `groups` entry of probe.json: per metric, each group's runs, mean and sample std; for each
+    pair of groups A, B (A listed first) compare(): d = mean(B) - mean(A), Welch's interval and p,
+    the permutation p, Hedges' g, BCa from BCA_MIN_RUNS runs a group; then per pair the Welch and
+    the permutation p-values Holm-adjusted over the metrics of that pair that have one."""
     by_name = {r['name']: r for r in results}
     names = list(groups)
     values = {g: [group_metrics(by_name[c]) for c in members] for g, members in groups.items()}
     metrics = {}
-    for metric in group_metrics(results[0]):
+    for metric in dict.fromkeys(m for r in results for m in group_metrics(r)):   # every run's, in order
         per = {}
         for g in names:
-            vals = [v[metric] for v in values[g]]
+            vals = [v.get(metric) for v in values[g]]
             got = [v for v in vals if v is not None and math.isfinite(v)]
             per[g] = dict(n=len(got), values=vals,
                           mean=float(np.mean(got)) if got else None,
                           std=float(np.std(got, ddof=1)) if len(got) > 1 else None,
-                          note=None if len(got) > 1 else
-                          ('one run: no std, no interval' if got else 'not measured in this group'))
+                          note=None if len(got) >= MIN_RUNS else
+                          f'{len(got)} runs: std, intervals and tests are weak below {MIN_RUNS}' if len(got) > 1 else
+                          'one run: no std, no interval' if got else 'not measured in this group')
         if all(per[g]['n'] == 0 for g in names):
             continue                                  # e.g. [D] when no group holds a ledger
-        pairs = []
-        for i, ga in enumerate(names):
-            for gb in names[i + 1:]:
-                a = [v for v in per[ga]['values'] if v is not None and math.isfinite(v)]
-                b = [v for v in per[gb]['values'] if v is not None and math.isfinite(v)]
-                pair = dict(a=ga, b=gb, diff=None, ci=None, p=None, test=None, note=None)
-                if a and b:
-                    p, test = permutation_pvalue(a, b)
-                    pair.update(diff=float(np.mean(b) - np.mean(a)), ci=bootstrap_ci(a, b), p=p,
-                                test=f"{test['test']}: {test['count']:,} " +
-                                     ('splits (all)' if test['test'] == 'exact' else 'random permutations'))
-                    small = [g for g, v in ((ga, a), (gb, b)) if len(v) < 2]
-                    if small:
-                        pair['note'] = f"one run in {' and '.join(small)}: no interval exists"
-                else:
-                    pair['note'] = f"not measured in {' and '.join(g for g, v in ((ga, a), (gb, b)) if not v)}"
-                pairs.append(pair)
+        pairs = [compare(per[ga]['values'], per[gb]['values'], ga, gb)
+                 for i, ga in enumerate(names) for gb in names[i + 1:]]
         metrics[metric] = dict(per_group=per, pairs=pairs)
+    for k in range(len(names) * (len(names) - 1) // 2):     # Holm within each pair, over its metrics
+        prs = [st['pairs'][k] for st in metrics.values()]
+        for key in ('p', 'p_perm'):
+            for pr, adj in zip(prs, holm([pr[key] for pr in prs])):
+                pr[f'{key}_holm'] = adj
     return dict(names=names, members={g: list(m) for g, m in groups.items()},
-                bootstrap=dict(resamples=RESAMPLES, level=0.95, seed=STATS_SEED, kind='percentile'),
-                permutation=dict(max_exact=MAX_EXACT, permutations=PERMUTATIONS, seed=STATS_SEED,
-                                 sides='two-sided, |mean(B) - mean(A)|'),
+                methods=dict(
+                    level=LEVEL,
+                    interval="Welch's t interval of d = mean(B) - mean(A) (unequal variances, "
+                             "Welch-Satterthwaite df; scipy.stats.ttest_ind(b, a, equal_var=False))",
+                    p="Welch's two-sided p of d",
+                    permutation=dict(statistic='|mean(B) - mean(A)|, two-sided', max_exact=MAX_EXACT,
+                                     permutations=PERMUTATIONS, seed=STATS_SEED),
+                    holm="Holm-Bonferroni over the metrics of one pair of groups that have a p: p_holm adjusts "
+                         "Welch's p (the headline test), p_perm_holm the permutation p",
+                    hedges_g='d / s_pooled * (1 - 3 / (4 (n_A + n_B) - 9))',
+                    bca=dict(min_runs=BCA_MIN_RUNS, resamples=BCA_RESAMPLES, seed=STATS_SEED),
+                    min_runs=MIN_RUNS, alpha=ALPHA),
                 metrics=metrics)
+
+
+def _fmt(v, spec='.3g'):
+    return '-' if v is None else format(v, spec)
 
 
 def groups_text(g):
@@ -422,18 +543,40 @@ def groups_text(g):
              f"{'metric':{lw}s}" + ''.join(f"{h:>{w}s}" for h in heads)]
     for m, cs in cells.items():
         lines.append(f"{m:{lw}s}" + ''.join(f"{c:>{w}s}" for c in cs))
-    b = g['bootstrap']
-    for i, ga in enumerate(names):
-        for gb in names[i + 1:]:
-            lines.append("")
-            lines.append(f"=== {gb} - {ga}: difference of means; {int(100 * b['level'])}% percentile bootstrap "
-                         f"interval ({b['resamples']:,} resamples of the runs within each group, seed {b['seed']}); "
-                         f"two-sided permutation p ===")
-            lines.append(f"{'metric':{lw}s}{'diff':>11s}  {'95% interval':25s}{'p':>8s}  test")
-            for m, st in metrics.items():
-                pr = next(p for p in st['pairs'] if p['a'] == ga and p['b'] == gb)
-                ci = f"[{pr['ci'][0]:.4g}, {pr['ci'][1]:.4g}]" if pr['ci'] else 'none'
-                diff, p = ('-' if v is None else f"{v:.4g}" for v in (pr['diff'], pr['p']))
-                lines.append(f"{m:{lw}s}{diff:>11s}  {ci:25s}{p:>8s}  {pr['test'] or ''}"
-                             + (f"  ({pr['note']})" if pr['note'] else ""))
+    few = [f"{n} ({len(g['members'][n])} run{'s' if len(g['members'][n]) > 1 else ''})" for n in names
+           if len(g['members'][n]) < g['methods']['min_runs']]
+    if few:
+        lines.append(f"note: fewer than {g['methods']['min_runs']} runs in {', '.join(few)}: std, intervals and "
+                     f"tests are weak (one run: no interval exists)")
+    level = int(round(100 * g['methods']['level']))
+    for k, (ga, gb) in enumerate((ga, gb) for i, ga in enumerate(names) for gb in names[i + 1:]):
+        prs = {m: st['pairs'][k] for m, st in metrics.items()}
+        m_welch = sum(pr['p'] is not None for pr in prs.values())
+        tests = list(dict.fromkeys(f"{pr['test']}, smallest possible p {pr['p_perm_min']:.3g}"
+                                   for pr in prs.values() if pr['test']))
+        bca = any(pr['ci_bca'] for pr in prs.values())
+        notes = {m: (pr['note'] or '').split('; ') if pr['note'] else [] for m, pr in prs.items()}
+        common = [n for n in next(iter(notes.values())) if all(n in ns for ns in notes.values())]
+        lines += ["", f"=== {gb} - {ga}: d = mean({gb}) - mean({ga}) ===",
+                  f"interval, p: Welch's t ({level}% interval of d, two-sided p; unequal variances)",
+                  (f"p_holm: Welch's p, Holm-adjusted over the {m_welch} metrics of {gb} - {ga} that have one "
+                   f"(* below {g['methods']['alpha']})" if m_welch else "p_holm: no metric has Welch's p"),
+                  f"p_perm: two-sided permutation p of |d| ({'; '.join(tests) or 'none'}); "
+                  f"g: Hedges' g" + (f"; BCa: {level}% BCa bootstrap interval of d" if bca else '')]
+        if common:
+            lines.append(f"note: {'; '.join(common)}")
+        rows = []
+        for m, pr in prs.items():
+            ci = f"[{pr['ci'][0]:.4g}, {pr['ci'][1]:.4g}]" if pr['ci'] else 'none'
+            ph = _fmt(pr['p_holm']) + ('*' if pr['p_holm'] is not None and pr['p_holm'] < g['methods']['alpha'] else '')
+            row = [m, _fmt(pr['diff'], '.4g'), ci, _fmt(pr['p']), ph, _fmt(pr['p_perm']), _fmt(pr['hedges_g'])]
+            if bca:
+                row.append(f"[{pr['ci_bca'][0]:.4g}, {pr['ci_bca'][1]:.4g}]" if pr['ci_bca'] else 'none')
+            rows.append(row + ['; '.join(n for n in notes[m] if n not in common)])
+        head = ['metric', 'd', f'Welch {level}% interval', 'p', 'p_holm', 'p_perm', 'g'] + \
+               (['BCa interval'] if bca else []) + ['note']
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+        for r in [head] + rows:
+            lines.append('  '.join(c.ljust(wd) if i in (0, 2, len(head) - 1) or (bca and i == 7) else c.rjust(wd)
+                                   for i, (c, wd) in enumerate(zip(r, widths))).rstrip())
     return '\n'.join(lines)

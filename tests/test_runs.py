@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -264,61 +265,170 @@ def test_trust_checkpoint(trained, tmp_path, capsys, one_line_error):
 # groups of runs
 
 
-def test_bootstrap_interval_covers_a_known_difference():
-    rng = np.random.default_rng(1)
-    a, b = 10 + rng.normal(0, 1, 8), 15 + rng.normal(0, 1, 8)
-    ci = runs.bootstrap_ci(a, b)
-    assert ci[0] < 5 < ci[1] and ci[0] > 0 and ci[1] - ci[0] < 4
-    assert runs.bootstrap_ci(a, b) == ci                        # fixed seed: the same interval every time
-    assert runs.bootstrap_ci([1.0, 1.0, 1.0], [1.0, 1.0]) == [0.0, 0.0]
-    assert runs.bootstrap_ci([1.0], [2.0, 3.0]) is None         # one run: no interval exists
-    assert runs.bootstrap_ci([2.0, 3.0], [1.0]) is None
+def test_welch_interval_and_p_match_scipy_with_b_minus_a():
+    # by hand: d = 3, s_a = s_b = 1, se = sqrt(1/3 + 1/3), df = (2/3)^2 / (2 (1/3)^2 / 2) = 4,
+    # t_{4, 0.975} = 2.776445, t = 3 / se = 3.674235, two-sided p = 0.0213116
+    ci, p, df = runs.welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    half = 2.776445 * math.sqrt(2 / 3)
+    assert df == pytest.approx(4.0) and ci == pytest.approx([3 - half, 3 + half], abs=1e-5)
+    assert p == pytest.approx(0.0213116, abs=1e-6)
+    ci_swapped, p_swapped, _ = runs.welch([4.0, 5.0, 6.0], [1.0, 2.0, 3.0])     # d = mean(b) - mean(a): sign flips
+    assert ci_swapped == pytest.approx([-ci[1], -ci[0]]) and p_swapped == pytest.approx(p)
+    # unequal sizes and variances: exactly scipy's Welch test of b against a
+    from scipy import stats
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0, 1, 4), rng.normal(2, 3, 6)
+    ref = stats.ttest_ind(b, a, equal_var=False)
+    ci, p, df = runs.welch(a, b)
+    assert ci == list(ref.confidence_interval(0.95)) and p == ref.pvalue and df == ref.df
+    pair = runs.compare(a, b, 'A', 'B')
+    assert (pair['a'], pair['b'], pair['n_a'], pair['n_b']) == ('A', 'B', 4, 6)
+    assert pair['diff'] == pytest.approx(b.mean() - a.mean()) and pair['ci'] == ci and pair['p'] == p
+    assert pair['ci'][0] < pair['diff'] < pair['ci'][1]
 
 
-def test_permutation_pvalue_exact_and_random():
+def test_permutation_p_is_the_share_of_splits_with_abs_d_at_least_the_observed():
+    assert runs.permutation_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == (0.1, 'exact: 20 splits (all)', 0.1)
+    assert runs.permutation_p([4.0, 5.0, 6.0], [1.0, 2.0, 3.0])[0] == 0.1
+    # by hand: pooled 1, 2, 3, 4, 10, two runs in a; of the 10 splits, {1,2} (the observed, |d| = 4.17),
+    # {3,10} (4.17) and {4,10} (5) have |d| >= 4.17: p = 3/10. scipy's own 'two-sided' doubles the
+    # one-sided p (d >= 4.17: 1/10) and gives 0.2, which is not this definition.
+    assert runs.permutation_p([1.0, 2.0], [3.0, 4.0, 10.0]) == (pytest.approx(0.3), 'exact: 10 splits (all)', 0.1)
+    from scipy import stats
+    assert stats.permutation_test(([1.0, 2.0], [3.0, 4.0, 10.0]), lambda x, y: np.mean(y) - np.mean(x),
+                                  n_resamples=np.inf).pvalue == pytest.approx(0.2)
+    # against an enumeration of every split
+    import itertools
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(0, 1, 4), rng.normal(1, 1, 5)
+    pooled, obs = np.concatenate([a, b]), abs(b.mean() - a.mean())
+    ds = [abs(np.delete(pooled, idx).mean() - pooled[list(idx)].mean()) for idx in itertools.combinations(range(9), 4)]
+    assert runs.permutation_p(a, b)[0] == pytest.approx(np.mean(np.array(ds) >= obs - 1e-12))
     same = [1.0, 2.0, 3.0]
-    assert runs.permutation_pvalue(same, same) == (1.0, dict(test='exact', count=20))
-    assert runs.permutation_pvalue([1.0, 2.0, 3.0], [10.0, 11.0, 12.0]) == (2 / 20, dict(test='exact', count=20))
-    assert runs.permutation_pvalue([10.0, 11.0, 12.0], [1.0, 2.0, 3.0])[0] == 2 / 20     # two-sided
-    assert runs.permutation_pvalue([0.3, 0.1, 0.2], [0.1 + 0.2, 0.2, 0.1])[0] == 1.0     # equal up to rounding
-    # 7 + 7 runs: 3432 splits, enumerated; 8 + 8: 12870 > 10,000, so 10,000 random permutations
-    p, test = runs.permutation_pvalue(np.arange(7.0), np.arange(7.0) + 100)
-    assert test == dict(test='exact', count=math.comb(14, 7)) and p == 2 / math.comb(14, 7)
-    p, test = runs.permutation_pvalue(np.arange(8.0), np.arange(8.0) + 100)
-    assert test == dict(test='random', count=10_000) and 1 / 10_001 <= p < 0.001
-    p, test = runs.permutation_pvalue(np.arange(8.0), np.arange(8.0))
-    assert test['test'] == 'random' and p == 1.0
-    # the switch is max_exact
-    assert runs.permutation_pvalue([1.0, 2.0, 3.0], [10.0, 11.0, 12.0], max_exact=19)[1] == dict(test='random',
-                                                                                                  count=10_000)
+    assert runs.permutation_p(same, same)[0] == 1.0
+    assert runs.permutation_p([0.3, 0.1, 0.2], [0.1 + 0.2, 0.2, 0.1])[0] == 1.0     # equal up to rounding
+    # 7 + 7 runs: 3432 splits, enumerated; 8 + 8: 12870 > 10,000, so 10,000 random permutations, seeded
+    assert runs.permutation_p(np.arange(7.0), np.arange(7.0) + 100) == (2 / 3432, 'exact: 3,432 splits (all)', 2 / 3432)
+    p, test, p_min = runs.permutation_p(np.arange(8.0), np.arange(8.0) + 100)
+    assert test == 'random: 10,000 random permutations' and p_min == 1 / 10_001 and 1 / 10_001 <= p < 0.001
+    assert runs.permutation_p(np.arange(8.0), np.arange(8.0) + 100)[0] == p                 # fixed seed
+    assert runs.permutation_p(np.arange(8.0), np.arange(8.0))[0] == 1.0
+    assert runs.permutation_p([1.0, 2.0, 3.0], [10.0, 11.0, 12.0], max_exact=19)[1] == 'random: 10,000 random permutations'
+
+
+def test_holm_by_hand():
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> running max 0.06
+    assert runs.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert runs.holm([0.01, None, 0.04]) == [pytest.approx(0.02), None, pytest.approx(0.04)]   # m = 2
+    assert runs.holm([0.5, 0.6]) == [1.0, 1.0]                                                 # capped at 1
+    assert runs.holm([None]) == [None] and runs.holm([]) == []
+
+
+def test_hedges_g_by_hand():
+    # s_pooled = 1, d = 3, factor 1 - 3 / (4 * 6 - 9) = 0.8
+    assert runs.hedges_g([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(2.4)
+    assert runs.hedges_g([4.0, 5.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(-2.4)
+    # s_a^2 = 5/3, s_b^2 = 13, s_pooled^2 = (3 * 5/3 + 2 * 13) / 5 = 6.2, d = 5 - 2.5, factor 1 - 3/19
+    assert runs.hedges_g([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 9.0]) == pytest.approx(2.5 / math.sqrt(6.2) * 16 / 19)
+    assert runs.hedges_g([1.0], [2.0, 3.0]) is None and runs.hedges_g([1.0, 1.0], [2.0, 2.0]) is None
+
+
+def test_bca_column_only_from_8_runs_per_group():
+    from scipy import stats
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0, 1, 8), rng.normal(1, 1, 8)
+    ref = stats.bootstrap((a, b), lambda x, y, axis=-1: np.mean(y, axis) - np.mean(x, axis), method='BCa',
+                          n_resamples=runs.BCA_RESAMPLES, **runs._seeded(stats.bootstrap, runs.STATS_SEED)).confidence_interval
+    assert runs.bca_ci(a, b) == pytest.approx([ref.low, ref.high])
+    assert runs.compare(a, b)['ci_bca'] == runs.bca_ci(a, b)
+    assert runs.compare(a[:7], b)['ci_bca'] is None and runs.compare(a[:3], b[:3])['ci_bca'] is None
+    assert runs.bca_ci(np.ones(8), np.ones(8)) is None                        # no spread: no interval, no nan
+
+
+def test_welch_covers_a_known_difference_at_3_runs_where_a_percentile_bootstrap_does_not():
+    """400 simulated experiments, 3 runs per group from N(0, 1) and N(1, 1), seed 0: the Welch
+    interval holds the true difference in >= 90 % of them (0.97 here); a percentile bootstrap of the
+    same runs (2,000 resamples) in about 80 % (0.82 here), far from its nominal 95 %."""
+    rng = np.random.default_rng(0)
+    n_sim, delta = 400, 1.0
+    a, b = rng.normal(0, 1, (n_sim, 3)), rng.normal(delta, 1, (n_sim, 3))
+    cis = [runs.compare(x, y)['ci'] for x, y in zip(a, b)]
+    welch = np.mean([lo <= delta <= hi for lo, hi in cis])
+    ia, ib = rng.integers(0, 3, (n_sim, 2000, 3)), rng.integers(0, 3, (n_sim, 2000, 3))
+    d = np.take_along_axis(b[:, None, :], ib, 2).mean(2) - np.take_along_axis(a[:, None, :], ia, 2).mean(2)
+    lo, hi = np.percentile(d, [2.5, 97.5], axis=1)
+    percentile = np.mean((lo <= delta) & (delta <= hi))
+    assert welch >= 0.90, welch
+    assert percentile <= 0.87, percentile
+
+
+def test_few_runs_and_no_spread():
+    two = runs.compare([1.0, 2.0], [3.0, 4.0, 5.0], 'A', 'B')
+    assert two['ci'] is not None and 'weak' in two['note'] and '2 runs in A' in two['note']
+    one = runs.compare([1.0], [2.0, 3.0, 4.0], 'A', 'B')
+    assert one['diff'] == 2.0 and 'one run in A: no interval exists' in one['note']
+    assert all(one[k] is None for k in ('ci', 'p', 'p_perm', 'hedges_g', 'ci_bca'))
+    three = runs.compare([1.0, 2.0, 3.0], [3.0, 4.0, 6.0])
+    assert three['note'] is None
+    flat = runs.compare([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    assert flat['diff'] == 0.0 and flat['ci'] is None and flat['p'] is None and flat['p_perm'] == 1.0
+    assert 'undefined' in flat['note']
+    shifted = runs.compare([1.0, 1.0, 1.0], [2.0, 2.0, 2.0])
+    assert shifted['diff'] == 1.0 and shifted['ci'] is None and shifted['p_perm'] == 0.1 and shifted['hedges_g'] is None
+    one_flat = runs.compare([1.0, 1.0, 1.0], [2.0, 3.0, 4.0])       # one group without spread: Welch is defined
+    half = 4.302653 / math.sqrt(3)          # se = sqrt(1/3 + 0), df 2, t_{2, 0.975} = 4.302653
+    assert one_flat['ci'] == pytest.approx([2 - half, 2 + half], abs=1e-5) and one_flat['note'] is None
+    results = [fake_result(f'x{i}', 5.0, 3.0) for i in range(6)]
+    g = runs.group_statistics(results, dict(a=['x0', 'x1', 'x2'], b=['x3', 'x4', 'x5']))
+    assert all(st['pairs'][0]['p_holm'] is None for st in g['metrics'].values())
+    text = runs.groups_text(g)
+    assert not re.search(r'\bnan\b', text) and 'undefined' in text and "no metric has Welch's p" in text
+    json.dumps(g, allow_nan=False)
 
 
 def fake_result(name, ratio, loss, stream='h'):
     sm = dict(max_top1_median=ratio, bos_concentration=2.0, start_mass=0.1, start_mass_dominant=0.5, persistence=1.0)
-    return dict(name=name, streams={stream: dict(summary=sm)}, attention=dict(sink1_prefix=50.0), val_loss=loss)
+    return dict(name=name, residual=dict(decoded=stream), streams={stream: dict(summary=sm)},
+                attention=dict(sink1_prefix=50.0), val_loss=loss)
 
 
 def test_group_statistics_on_constructed_values():
     results = [fake_result('v1', 10.0, 3.0), fake_result('v2', 11.0, 3.1), fake_result('v3', 12.0, 3.2),
                fake_result('l1', 100.0, 3.0, 'C'), fake_result('l2', 110.0, 3.1, 'C'),
                fake_result('l3', 120.0, 3.2, 'C'), fake_result('solo', 50.0, 3.0)]
+    results[4]['val_loss'] = 3.4                     # ledger val_loss: 3.0, 3.4, 3.2
     g = runs.group_statistics(results, dict(vanilla=['v1', 'v2', 'v3'], ledger=['l1', 'l2', 'l3'], one=['solo']))
     assert g['names'] == ['vanilla', 'ledger', 'one']
-    m = g['metrics']['[h|C] max_top1_median']
+    assert g['methods']['level'] == 0.95 and g['methods']['permutation']['max_exact'] == 10_000
+    m = g['metrics']['[decoded] max_top1_median']
     assert m['per_group']['vanilla'] == dict(n=3, values=[10.0, 11.0, 12.0], mean=11.0, std=1.0, note=None)
     pair = m['pairs'][0]
-    assert (pair['a'], pair['b'], pair['diff'], pair['p']) == ('vanilla', 'ledger', 99.0, 0.1)
+    assert (pair['a'], pair['b'], pair['diff'], pair['p_perm']) == ('vanilla', 'ledger', 99.0, 0.1)
     assert pair['test'] == 'exact: 20 splits (all)' and pair['ci'][0] <= 99.0 <= pair['ci'][1]
-    same = g['metrics']['val_loss']['pairs'][0]
-    assert same['p'] == 1.0 and same['diff'] == pytest.approx(0.0, abs=1e-12)
+    assert pair['ci'] == runs.welch([10.0, 11.0, 12.0], [100.0, 110.0, 120.0])[0] and pair['note'] is None
+    assert pair['hedges_g'] == runs.hedges_g([10.0, 11.0, 12.0], [100.0, 110.0, 120.0]) and pair['ci_bca'] is None
+    loss = g['metrics']['val_loss']['pairs'][0]
+    assert loss['diff'] == pytest.approx(0.1) and loss['p_perm'] == pytest.approx(0.7)   # 14 of 20 splits
+    # Holm over the two metrics of ledger - vanilla with a Welch p (the others have no spread)
+    with_p = {k: st['pairs'][0] for k, st in g['metrics'].items() if st['pairs'][0]['p'] is not None}
+    assert set(with_p) == {'[decoded] max_top1_median', 'val_loss'}
+    assert pair['p_holm'] == pytest.approx(min(1, 2 * pair['p'])) and loss['p_holm'] == pytest.approx(loss['p'])
+    # the permutation p exists for all 7 metrics (1.0 without spread): 7 x 0.1, then max(0.7, min(1, 6 x 0.7))
+    assert pair['p_perm_holm'] == pytest.approx(0.7) and loss['p_perm_holm'] == 1.0
+    flat = g['metrics']['sink1_prefix (Sink_1 %, T=64)']['pairs'][0]
+    assert flat['p'] is None and flat['p_holm'] is None and flat['p_perm'] == 1.0 and 'undefined' in flat['note']
     solo = m['per_group']['one']
     assert solo['std'] is None and solo['mean'] == 50.0 and 'no interval' in solo['note']
     vs_one = [p for p in m['pairs'] if p['b'] == 'one']
-    assert all(p['ci'] is None and 'no interval exists' in p['note'] for p in vs_one)
+    assert all(p['ci'] is None and p['p'] is None and 'no interval exists' in p['note'] for p in vs_one)
     assert '[D] max_top1_median' not in g['metrics']                # no group measured it
     text = runs.groups_text(g)
     assert '11 +- 1' in text and '50 (one run)' in text and '=== ledger - vanilla' in text
-    assert 'exact: 20 splits (all)' in text and 'one run in one: no interval exists' in text
+    assert 'exact: 20 splits (all), smallest possible p 0.1' in text and 'one run in one: no interval exists' in text
+    row = next(l for l in text.splitlines() if l.startswith('[decoded] max_top1_median') and '[' in l[22:])
+    assert f"{pair['p_holm']:.3g}*" in row                           # Holm-adjusted p < 0.05 is marked
+    assert 'Holm-adjusted over the 2 metrics of ledger - vanilla' in text
+    json.dumps(g, allow_nan=False)
 
 
 def test_groups_from_the_command_line(trained, tmp_path, capsys):
@@ -336,8 +446,11 @@ def test_groups_from_the_command_line(trained, tmp_path, capsys):
     assert v['per_group']['early']['mean'] == pytest.approx(np.mean(losses[:2]))
     assert v['per_group']['early']['std'] == pytest.approx(np.std(losses[:2], ddof=1))
     assert v['pairs'][0]['diff'] == pytest.approx(losses[2] - np.mean(losses[:2]))
-    assert v['pairs'][0]['ci'] is None and v['pairs'][0]['test'] == 'exact: 3 splits (all)'
+    assert v['pairs'][0]['ci'] is None and v['pairs'][0]['p'] is None and v['pairs'][0]['test'] is None
+    assert 'one run in late: no interval exists' in v['pairs'][0]['note'] and '2 runs in early' in v['pairs'][0]['note']
+    assert 'weak' in v['per_group']['early']['note']
     assert '=== groups: mean +- sample std over runs ===' in text and '(one run)' in text
+    assert 'note: fewer than 3 runs in early (2 runs), late (1 run)' in text
     assert (out / 'groups.png').stat().st_size > 1000
     assert not any(f.endswith('_layerwise.png') for f in os.listdir(out))     # per-checkpoint PNGs skipped
 
