@@ -6,6 +6,7 @@ and a CLI that fetches or builds the shards (docs/reference.md §3).
     python prepare.py --dataset=fineweb10B --shards 8
     python prepare.py --dataset=builtin              # Python's stdlib, ~4M tokens, offline, seconds
     python prepare.py --dataset=text --input notes/ book.txt
+    python prepare.py --dataset=trigger              # synthetic trigger language, 4.5M tokens, offline, < 1 s
 
 Shards use the llm.c / modded-nanogpt format: a 1024-byte header of 256 little-endian int32
 (magic 20240520, version 1, token count n), then n uint16 token ids. Every document starts with
@@ -17,6 +18,43 @@ Downloads come from huggingface.co unless --base_url or LEDGER_BASE_URL names a 
 resume after a dropped connection and retry with exponential backoff (base LEDGER_BACKOFF, 1 s).
 The same machinery fetches OpenAI's GPT-2 weights for the probe (fetch_gpt2, docs/reference.md §6) into
 data/gpt2/<name>/.
+
+Each built dataset (builtin, text, trigger) also gets a meta.json saying how it was made, including
+vocab_size, the document-start token (bos) and doc_aligned (true: training windows must start at
+a document start); dataset_meta() reads it. FineWeb downloads have none.
+
+The trigger language (--dataset=trigger) is a synthetic trigger-conditional task after Ran-Milo
+2026, "Attention Sinks Are Provably Necessary in Softmax Transformers: Evidence from
+Trigger-Conditional Tasks" (arXiv 2603.11487): a softmax head that must act only when a trigger
+appears, and otherwise add nothing, needs an attention sink, and tiny models form one on it
+within minutes on a CPU. It is generated offline and deterministically from a seed; no GPT-2 BPE.
+
+    Vocabulary: V symbols (--trigger_vocab, default 34): BOS = 0, TRIGGER = 1, content 2..V-1.
+    A document is BOS followed by seq_len symbols (--trigger_len, default 64: 65 tokens),
+    generated position by position after BOS:
+      1. if the previous symbol was TRIGGER, the answer: the content symbol most frequent so far
+         in this document (ties: the smallest id);
+      2. else, with probability p (--trigger_p, default 0.06), TRIGGER, but only once at least
+         one content symbol has been emitted (so position 1 is always content and the answer is
+         always defined); TRIGGER is never followed by TRIGGER, since rule 1 comes first;
+      3. else a content symbol drawn uniformly from 2..V-1.
+    Every content symbol, answers included, counts toward the frequencies from then on.
+    A TRIGGER may fall on the last position; its answer is then cut off (not in the document).
+
+Only a symbol that follows a trigger is predictable, and only by counting over the whole prefix;
+every other next symbol is uniform noise. Task accuracy = argmax accuracy on the tokens that
+follow a trigger; chance is 1/(V-2) for a uniform guess (3.1%), but shortcuts do better: on the
+default build, always answering 2 scores 8.4% (ties go to the smallest id) and repeating the
+symbol before the trigger 15.9% (early triggers have seen few symbols).
+
+Train with block_size = seq_len on document-aligned windows, Sampler(..., doc_aligned=True,
+bos=0): then x = doc[:-1] starts with BOS, y = doc[1:], and every TRIGGER in x has its answer in
+y. Documents are packed back to back into trigger_{train,val}_NNNNNN.bin, whole documents per
+shard; meta.json records every parameter. Train and val come from different random streams
+(--trigger_seed with split 0 and 1), each cut into blocks of 8,192 documents (fewer for
+vocabularies over 514) with a stream of its own, so the first n documents of a split do not
+depend on how many were asked for (--trigger_docs, --trigger_val_docs). check_trigger_rule()
+verifies a split against the rules above, independently of the generator.
 """
 
 import argparse
@@ -40,6 +78,7 @@ import tiktoken.load
 from tqdm import tqdm
 
 EOT = 50256  # <|endoftext|>
+GPT2_META = {'vocab_size': 50257, 'bos': EOT, 'doc_aligned': False}  # meta.json keys of a GPT-2 build
 MAGIC, VERSION = 20240520, 1
 HEADER_BYTES = 256 * 4
 SHARD_TOKENS = 100_000_000  # tokens per shard we write, the size of the public FineWeb shards
@@ -53,6 +92,7 @@ DATASETS = {
     'fineweb10B': {'prefix': 'fineweb', 'hf_repo': 'kjj0/fineweb10B-gpt2', 'train_shards': 103},
     'builtin': {'prefix': 'builtin'},  # the running interpreter's standard library, built offline
     'text': {'prefix': 'text'},        # your own text files (--input)
+    'trigger': {'prefix': 'trigger'},  # the synthetic trigger language, generated offline
 }
 
 # -----------------------------------------------------------------------------
@@ -189,17 +229,39 @@ def shard_paths(dataset, split, data_root=None):
 
 
 def ensure_dataset(dataset, data_root=None):
-    """Make sure train and val shards exist: builds 'builtin' if missing (it is small and offline),
-    for the others raises FileNotFoundError naming the command that creates them."""
+    """Make sure train and val shards exist: builds 'builtin' or 'trigger' (default parameters) if
+    missing, as both are small and offline; for the others raises FileNotFoundError naming the
+    command that creates them. An existing build is left alone, whatever its parameters."""
     try:
         shard_paths(dataset, 'train', data_root)
         shard_paths(dataset, 'val', data_root)
     except FileNotFoundError:
-        if dataset != 'builtin':
+        if dataset not in ('builtin', 'trigger'):
             raise
         t0 = time.time()
-        build_builtin(data_root)
-        print(summary('builtin', data_root, time.time() - t0))
+        if dataset == 'builtin':
+            build_builtin(data_root)
+        else:
+            build_trigger(data_root)
+        print(summary(dataset, data_root, time.time() - t0))
+
+
+def dataset_meta(dataset, data_root=None):
+    """The parsed meta.json of a prepared dataset, or None when it has none (FineWeb downloads, or
+    nothing prepared yet). It holds at least vocab_size, bos (the token that starts every
+    document) and doc_aligned (true: training windows must start at a bos), so train.py and
+    probe.py need not guess them; builds made before those keys were recorded get GPT-2's."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    path = os.path.join(_data_root(data_root), dataset, 'meta.json')
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get('tokenizer') == 'gpt2':
+        for key, value in GPT2_META.items():
+            meta.setdefault(key, value)
+    return meta
 
 # -----------------------------------------------------------------------------
 # batches
@@ -209,11 +271,15 @@ class Sampler:
 
     get(step, micro_step) depends only on (seed, rank, step, micro_step), so a resumed run sees
     exactly the batches an uninterrupted one would, and each rank sees different data.
+
+    doc_aligned=True starts every window at a document start, a `bos` token: <|endoftext|> for
+    GPT-2 shards, 0 for the trigger language (see dataset_meta).
     """
 
-    def __init__(self, paths, batch_size, block_size, seed, rank=0, doc_aligned=False, device='cpu'):
+    def __init__(self, paths, batch_size, block_size, seed, rank=0, doc_aligned=False, device='cpu', bos=EOT):
         self.batch_size, self.block_size = batch_size, block_size
         self.seed, self.rank, self.doc_aligned, self.device = seed, rank, doc_aligned, str(device)
+        self.bos = bos
         window = block_size + 1
         shards = [(str(p), read_shard(p)) for p in paths]
         usable = [(p, s) for p, s in shards if len(s) >= window]
@@ -227,13 +293,14 @@ class Sampler:
         self._doc_starts = [None] * len(self.shards)  # filled lazily for doc_aligned
 
     def doc_starts(self, i):
-        """Positions of <|endoftext|> in shard i that leave room for a full window (computed once)."""
+        """Positions of the bos token in shard i that leave room for a full window (computed once)."""
         if self._doc_starts[i] is None:
             shard = self.shards[i]
-            pos = np.flatnonzero(shard == EOT)
+            pos = np.flatnonzero(shard == self.bos)
             pos = pos[pos <= len(shard) - (self.block_size + 1)]
             if len(pos) == 0:
-                raise ValueError(f"{self.paths[i]}: no <|endoftext|> token leaves room for a window of "
+                name = '<|endoftext|>' if self.bos == EOT else f'bos ({self.bos})'
+                raise ValueError(f"{self.paths[i]}: no {name} token leaves room for a window of "
                                  f"{self.block_size + 1} tokens, so doc_aligned=True cannot sample it")
             self._doc_starts[i] = pos
         return self._doc_starts[i]
@@ -578,22 +645,28 @@ def build_corpus(docs, dataset, data_root=None, val_fraction=0.05, workers=None,
             flush(split, final=True)
         files = shards['train'] + shards['val']
 
-        meta = dict(meta or {}, dataset=dataset, tokenizer='gpt2', val_fraction=val_fraction,
+        meta = dict(meta or {}, dataset=dataset, tokenizer='gpt2', **GPT2_META, val_fraction=val_fraction,
                     docs=len(docs), skipped_docs=len(skipped),
                     train_docs=docs_in['train'], val_docs=docs_in['val'],
                     train_tokens=tokens_in['train'], val_tokens=tokens_in['val'], files=files)
-        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-            f.write('\n')
-        for name in files:
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-        for old in os.listdir(folder):  # shards of an earlier, bigger build
-            if old.startswith(f'{prefix}_') and old.endswith('.bin') and old not in files:
-                os.remove(os.path.join(folder, old))
-        os.replace(os.path.join(tmp, 'meta.json'), os.path.join(folder, 'meta.json'))  # last: build done
+        _install(tmp, folder, prefix, files, meta)
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp, folder, prefix, files, meta):
+    """Move a finished build from its temporary folder into place: the shards, then the removal of
+    shards an earlier, bigger build left, then meta.json last, when the build is done."""
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+        f.write('\n')
+    for name in files:
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    for old in os.listdir(folder):
+        if old.startswith(f'{prefix}_') and old.endswith('.bin') and old not in files:
+            os.remove(os.path.join(folder, old))
+    os.replace(os.path.join(tmp, 'meta.json'), os.path.join(folder, 'meta.json'))
 
 
 def text_documents(inputs):
@@ -651,6 +724,171 @@ def build_builtin(data_root=None, workers=None):
                         meta={'python': platform.python_version()})
 
 # -----------------------------------------------------------------------------
+# the trigger language (--dataset=trigger): rules in the module docstring
+
+TRIGGER_BOS, TRIGGER = 0, 1  # content symbols are 2..vocab_size-1
+TRIGGER_DEFAULTS = {'vocab_size': 34, 'p': 0.06, 'seq_len': 64, 'seed': 0, 'train_docs': 2**16, 'val_docs': 4096}
+TRIGGER_FLAGS = {'vocab_size': '--trigger_vocab', 'p': '--trigger_p', 'seq_len': '--trigger_len',
+                 'seed': '--trigger_seed', 'train_docs': '--trigger_docs', 'val_docs': '--trigger_val_docs'}
+TRIGGER_SPLITS = {'train': 0, 'val': 1}  # second word of a split's random stream, [seed, split, block]
+TRIGGER_BLOCK = 8192  # documents per random stream: wide enough for numpy to pay off ...
+TRIGGER_BLOCK_CELLS = 2**22  # ... with at most this many int32 frequency counters (16 MiB) per block
+
+
+def trigger_block_docs(vocab_size):
+    """Documents per random stream: TRIGGER_BLOCK, fewer for vocabularies over 514 symbols."""
+    return max(1, min(TRIGGER_BLOCK, TRIGGER_BLOCK_CELLS // (vocab_size - 2)))
+
+
+def check_trigger_params(vocab_size, p, seq_len, seed, train_docs, val_docs):
+    """Raise ValueError, in one line naming the flag, for parameters the language cannot have."""
+    def name(key):
+        return f"{TRIGGER_FLAGS[key]} ({key})"
+
+    if not 4 <= vocab_size < 2**16:
+        raise ValueError(f"{name('vocab_size')} must be at least 4 (BOS, TRIGGER, two content symbols) "
+                         f"and below 65536 (ids are uint16), got {vocab_size}")
+    if not 0 < p < 0.5:
+        raise ValueError(f"{name('p')} must be in (0, 0.5), got {p}")
+    if seq_len < 2:
+        raise ValueError(f"{name('seq_len')} must be at least 2 (a trigger and its answer), got {seq_len}")
+    if seed < 0:
+        raise ValueError(f"{name('seed')} must be at least 0, got {seed}")
+    for key, n in (('train_docs', train_docs), ('val_docs', val_docs)):
+        if n < 1:
+            raise ValueError(f"{name(key)} must be at least 1, got {n}")
+
+
+def trigger_block(rng, n, vocab_size, p, seq_len):
+    """n documents, an (n, seq_len + 1) uint16 array, drawn from rng: numpy across documents,
+    a Python loop over positions. Every position draws one uniform and one content symbol for
+    every document, used or not, so the stream's use does not depend on the symbols."""
+    docs = np.empty((n, seq_len + 1), dtype=np.uint16)
+    docs[:, 0] = TRIGGER_BOS
+    counts = np.zeros((n, vocab_size - 2), dtype=np.int32)  # content symbols so far, column = id - 2
+    rows = np.arange(n)
+    after_trigger = np.zeros(n, dtype=bool)
+    seen_content = np.zeros(n, dtype=bool)
+    for t in range(1, seq_len + 1):
+        u = rng.random(n)
+        sym = rng.integers(2, vocab_size, size=n)
+        answering = np.flatnonzero(after_trigger)
+        sym[answering] = counts[answering].argmax(axis=1) + 2  # argmax takes the first maximum: smallest id
+        trig = ~after_trigger & seen_content & (u < p)
+        sym[trig] = TRIGGER
+        content = ~trig
+        counts[rows[content], sym[content] - 2] += 1  # one symbol per row: no repeated index
+        docs[:, t] = sym
+        after_trigger, seen_content = trig, seen_content | content
+    return docs
+
+
+def trigger_documents(n, split, vocab_size=34, p=0.06, seq_len=64, seed=0):
+    """Yield the first n documents of a split ('train' or 'val') in blocks of trigger_block_docs rows.
+    Block k comes from np.random.default_rng([seed, split id, k]) and is always drawn whole, so
+    document i is the same whatever n is, and train and val never share a stream."""
+    block = trigger_block_docs(vocab_size)
+    for k in range(-(-n // block)):
+        rng = np.random.default_rng([seed, TRIGGER_SPLITS[split], k])
+        yield trigger_block(rng, block, vocab_size, p, seq_len)[:n - k * block]
+
+
+def trigger_rule_text(vocab_size, p, seq_len):
+    """The rules in words, with the numbers filled in, for meta.json."""
+    return (f"BOS=0 then {seq_len} symbols; TRIGGER=1; content 2..{vocab_size - 1}. After a TRIGGER: "
+            f"the content symbol most frequent so far in the document (ties: smallest id). Else with "
+            f"probability {p}: TRIGGER, once at least one content symbol came before. Else a uniform "
+            f"content symbol. Answers count toward the frequencies. A TRIGGER at the last position "
+            f"has its answer cut off.")
+
+
+def build_trigger(data_root=None, vocab_size=34, p=0.06, seq_len=64, seed=0, train_docs=2**16, val_docs=4096,
+                  shard_tokens=SHARD_TOKENS):  # the defaults are TRIGGER_DEFAULTS (a test checks)
+    """Generate the trigger language into <data root>/trigger/: trigger_{train,val}_NNNNNN.bin, whole
+    documents per shard (at most shard_tokens tokens, at least one document), and meta.json.
+    Same parameters, same bytes. Built in a temporary folder and moved in at the end, replacing
+    any earlier build, so an interrupted run never leaves a half-built set behind."""
+    check_trigger_params(vocab_size, p, seq_len, seed, train_docs, val_docs)
+    dataset, prefix = 'trigger', DATASETS['trigger']['prefix']
+    doc_len = seq_len + 1
+    per_shard = max(1, shard_tokens // doc_len)  # documents per shard
+    folder = os.path.join(_data_root(data_root), dataset)
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f'.{prefix}-building-', dir=folder)
+    try:
+        files = {'train': [], 'val': []}
+        for split, n in (('train', train_docs), ('val', val_docs)):
+            pending, count = [], 0  # blocks of documents not yet written, and how many documents
+
+            def flush(final=False):
+                nonlocal pending, count
+                while count >= per_shard or (final and count):
+                    stream = np.concatenate(pending)
+                    name = f"{prefix}_{split}_{len(files[split]):06d}.bin"
+                    write_shard(os.path.join(tmp, name), stream[:per_shard].reshape(-1))
+                    files[split].append(name)
+                    pending = [stream[per_shard:]]
+                    count = len(pending[0])
+
+            for docs in trigger_documents(n, split, vocab_size, p, seq_len, seed):
+                pending.append(docs)
+                count += len(docs)
+                flush()
+            flush(final=True)
+        files = files['train'] + files['val']
+        meta = {'dataset': dataset, 'tokenizer': 'trigger', 'vocab_size': vocab_size, 'bos': TRIGGER_BOS,
+                'trigger': TRIGGER, 'content': [2, vocab_size - 1], 'trigger_p': p, 'seq_len': seq_len,
+                'doc_len': doc_len, 'seed': seed, 'train_docs': train_docs, 'val_docs': val_docs,
+                'train_tokens': train_docs * doc_len, 'val_tokens': val_docs * doc_len, 'doc_aligned': True,
+                'rule': trigger_rule_text(vocab_size, p, seq_len), 'files': files}
+        _install(tmp, folder, prefix, files, meta)
+        return meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_trigger_rule(tokens, meta):
+    """Check one split of the trigger language (its tokens, packed) against the rules, recomputed
+    from scratch in plain Python and sharing nothing with the generator: every document starts with
+    BOS and holds no other; ids are TRIGGER or content; no TRIGGER before the first content symbol
+    or right after another; every symbol after a TRIGGER is the content symbol most frequent so far
+    (smallest id on ties). Returns {'docs', 'triggers', 'answers'} counts; raises ValueError naming
+    the first document and position that breaks a rule."""
+    bos, trigger, doc_len = meta['bos'], meta['trigger'], meta['doc_len']
+    first, last = meta['content']
+    tokens = [int(t) for t in tokens]
+    if len(tokens) % doc_len:
+        raise ValueError(f"{len(tokens)} tokens are not a whole number of {doc_len}-token documents")
+    triggers = answers = 0
+    for d in range(len(tokens) // doc_len):
+        doc = tokens[d * doc_len:(d + 1) * doc_len]
+        if doc[0] != bos:
+            raise ValueError(f"document {d} starts with {doc[0]}, not BOS {bos}")
+        counts = {}  # content symbol -> times seen so far
+        for i in range(1, doc_len):
+            s, where = doc[i], f"document {d}, position {i}"
+            if s == bos:
+                raise ValueError(f"{where}: BOS inside a document")
+            if s != trigger and not first <= s <= last:
+                raise ValueError(f"{where}: symbol {s} is neither TRIGGER nor content {first}..{last}")
+            if doc[i - 1] == trigger:
+                if s == trigger:
+                    raise ValueError(f"{where}: two TRIGGERs in a row")
+                most = max(counts.values())
+                expected = min(c for c in counts if counts[c] == most)
+                if s != expected:
+                    raise ValueError(f"{where}: answer {s} after TRIGGER, expected {expected} "
+                                     f"(seen {most} times, the most so far)")
+                answers += 1
+            if s == trigger:
+                if not counts:
+                    raise ValueError(f"{where}: TRIGGER before any content symbol")
+                triggers += 1
+            else:
+                counts[s] = counts.get(s, 0) + 1
+    return {'docs': len(tokens) // doc_len, 'triggers': triggers, 'answers': answers}
+
+# -----------------------------------------------------------------------------
 # command line
 
 def summary(dataset, data_root, seconds):
@@ -662,10 +900,19 @@ def summary(dataset, data_root, seconds):
             f"{os.path.join(_data_root(data_root), dataset)} [{seconds:.1f} s]")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog='prepare.py', description=__doc__.split('\n\n')[0].strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--dataset', default='finewebedu10B', choices=list(DATASETS))
+    parser = OneLineParser(prog='prepare.py', description=__doc__.split('\n\n')[0].strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--dataset', default='finewebedu10B', choices=list(DATASETS),
+                        help='FineWeb downloads (finewebedu10B, fineweb10B), or offline builds: builtin (Python '
+                             'stdlib), text (--input), trigger (synthetic, options below)')
     parser.add_argument('--shards', type=int, default=4, help='FineWeb train shards to fetch, 100M tokens each')
     parser.add_argument('--base_url', default=os.environ.get('LEDGER_BASE_URL') or HF_URL,
                         help='mirror of huggingface.co/datasets (env LEDGER_BASE_URL)')
@@ -673,7 +920,37 @@ def main(argv=None):
     parser.add_argument('--data_root', default=None, help=f'default {DATA_ROOT} (env LEDGER_DATA)')
     parser.add_argument('--val_fraction', type=float, default=0.05)
     parser.add_argument('--workers', type=int, default=os.cpu_count(), help='tokeniser processes')
+    d = TRIGGER_DEFAULTS
+    group = parser.add_argument_group(
+        'trigger language (only with --dataset=trigger)',
+        'Synthetic, offline, the same bytes for the same parameters. Symbols: BOS=0, TRIGGER=1,\n'
+        'content 2..V-1; a document is BOS and seq_len symbols. After a TRIGGER comes the content\n'
+        'symbol most frequent so far in the document (ties: smallest id); else TRIGGER with\n'
+        'probability p, once a content symbol came before; else a uniform content symbol. Only\n'
+        'post-trigger tokens are predictable. Train with block_size=seq_len on windows that start at\n'
+        'BOS (meta.json: doc_aligned). Full rules: the docstring of prepare.py.')
+    group.add_argument('--trigger_vocab', type=int, metavar='V', dest='vocab_size',
+                       help=f"vocabulary size V, 4..65535 (default {d['vocab_size']}: {d['vocab_size'] - 2} content symbols)")
+    group.add_argument('--trigger_p', type=float, metavar='P', dest='p',
+                       help=f"probability of a TRIGGER at a position that may have one, in (0, 0.5) (default {d['p']})")
+    group.add_argument('--trigger_len', type=int, metavar='N', dest='seq_len',
+                       help=f"symbols after BOS per document, at least 2 (default {d['seq_len']})")
+    group.add_argument('--trigger_seed', type=int, metavar='S', dest='seed', help=f"random seed (default {d['seed']})")
+    group.add_argument('--trigger_docs', type=int, metavar='N', dest='train_docs',
+                       help=f"train documents (default {d['train_docs']:,})")
+    group.add_argument('--trigger_val_docs', type=int, metavar='N', dest='val_docs',
+                       help=f"val documents, from another random stream (default {d['val_docs']:,})")
     args = parser.parse_args(argv)
+    given = {key: getattr(args, key) for key in TRIGGER_FLAGS if getattr(args, key) is not None}
+    if given and args.dataset != 'trigger':
+        parser.error(f"{TRIGGER_FLAGS[next(iter(given))]} is only used with --dataset=trigger, "
+                     f"not --dataset={args.dataset}")
+    trigger = dict(TRIGGER_DEFAULTS, **given)
+    if args.dataset == 'trigger':
+        try:
+            check_trigger_params(**trigger)
+        except ValueError as e:
+            parser.error(str(e))
     if args.shards < 1:
         parser.error(f"--shards must be at least 1, got {args.shards}")
     if args.workers < 1:
@@ -689,6 +966,8 @@ def main(argv=None):
     try:
         if args.dataset == 'builtin':
             build_builtin(args.data_root, args.workers)
+        elif args.dataset == 'trigger':
+            build_trigger(args.data_root, **trigger)
         elif args.dataset == 'text':
             build_corpus(text_documents(args.input), 'text', args.data_root, args.val_fraction, args.workers)
         else:

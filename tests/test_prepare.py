@@ -239,6 +239,8 @@ def test_text_dataset(tmp_path):
     # no name hashes below val_fraction=0.05 and image.png has the smallest key: val falls back
     # to the readable document with the smallest key (b.md)
     assert meta['docs'] == 6 and meta['skipped_docs'] == 1 and meta['val_docs'] == 1
+    assert prepare.dataset_meta('text', str(data)) == meta
+    assert (meta['tokenizer'], meta['vocab_size'], meta['bos'], meta['doc_aligned']) == ('gpt2', 50257, EOT, False)
     assert enc.decode(read_split(data, 'text', 'val').tolist()) == '<|endoftext|>' + docs['b.md']
 
 
@@ -277,6 +279,7 @@ def test_builtin_is_deterministic(tmp_path):
     print(f"builtin corpus: {meta['docs']} docs, {total:,} tokens ({meta['val_tokens']:,} val)")
     assert 2_000_000 < total < 6_000_000
     assert 0.01 < meta['val_tokens'] / total < 0.15
+    assert prepare.dataset_meta('builtin', str(tmp_path / 'a')) == meta
     prepare.ensure_dataset('builtin', str(tmp_path / 'a'))  # already there: no rebuild
     assert (tmp_path / 'a' / 'builtin' / 'meta.json').read_bytes() == blobs[0]['meta.json']
 
