@@ -793,6 +793,15 @@ def trigger_documents(n, split, vocab_size=34, p=0.06, seq_len=64, seed=0):
         yield trigger_block(rng, block, vocab_size, p, seq_len)[:n - k * block]
 
 
+def task_mask(x, meta):
+    """Where a dataset's task is scored: the positions t of x whose next token y[t] is an answer (x[t]
+    is a TRIGGER), a bool tensor like x; None for datasets without a task (natural text). Task
+    accuracy = argmax accuracy of the model's prediction there (train.py's eval, probe.py)."""
+    if not meta or meta.get('trigger') is None:
+        return None
+    return x == meta['trigger']
+
+
 def trigger_rule_text(vocab_size, p, seq_len):
     """The rules in words, with the numbers filled in, for meta.json."""
     return (f"BOS=0 then {seq_len} symbols; TRIGGER=1; content 2..{vocab_size - 1}. After a TRIGGER: "

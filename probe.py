@@ -83,13 +83,17 @@ probe.json (tests/test_probe.py checks that every key below is there):
         seq_len           T
         seed              Sampler seed
         doc_aligned       windows start at <|endoftext|>
-        eot_at_pos0       fraction of sequences whose position 0 holds token 50256
+        bos               the token that starts a document (50256 <|endoftext|>; 0 for the trigger language)
+        bos_at_pos0       fraction of sequences whose position 0 holds it
+        task              the dataset's meta.json when it scores a task (the trigger language), else None
       sublayers[]         one entry per sublayer: s, block (0-based), layer (1-based), kind (attn|mlp)
         s
         block
         layer
         kind
       val_loss            mean next-token cross-entropy over the probe windows (None: no targets)
+      task_acc            datasets with a task (trigger): argmax accuracy on the answers (None: no task)
+      task_answers        how many answers it was measured on
       streams             stream and view name -> statistics (h; or D, C, read)
         <stream>
           where           what the stream is and when it is measured
@@ -145,6 +149,15 @@ probe.json (tests/test_probe.py checks that every key below is there):
         sink_positions    [[position, sequences], ...]: argmax over keys of the attention received
         massive_positions [[position, sequences], ...]: each sequence's largest |x| at the decoded stream's top1 peak
         cooccurrence      share of sequences where the two coincide (decoded stream)
+        conditional       None without a task; else the conditional sink (trigger testbed):
+          trigger         [L][H] mean attention on position 0 from trigger queries (next token: an answer)
+          other           [L][H] the same from every other query after position 0
+          n_trigger       trigger queries measured
+          n_other         other queries measured
+          heads           [[layer, head], ...] with other >= 0.5 and trigger <= 0.1: conditional sink heads
+          thresholds      {other: 0.5, trigger: 0.1}
+          max_gap         the largest other - trigger over heads ...
+          max_gap_head    ... and its [layer, head]
       interventions       None without --interventions; else name -> result for
         <intervention>    none, zero, mean, soften, quant8, quant4
           target          what was changed, in words
@@ -152,6 +165,7 @@ probe.json (tests/test_probe.py checks that every key below is there):
           delta_loss      val_loss - the unmodified model's
           sink1_prefix
           sink1
+          task_acc        None without a task
     comparison            None for one checkpoint; else the side-by-side table
       columns             checkpoint names
       rows                [[label, [value per checkpoint]], ...]
@@ -216,11 +230,13 @@ import torch.nn.functional as F
 from model import RESIDUALS, Observer, residual_info, resolve_device
 from plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
 from runs import THRESHOLDS, group_statistics, groups_text, read_run, trajectory_text
-from prepare import EOT
+from prepare import EOT, task_mask
 from stats import MASSIVE_ABS, MASSIVE_REL, SublayerAccumulator, depth_structure, lower_median
 
 SINK_EPS = 0.3            # Gu et al.: a head is a sink head when alpha_1 > 0.3 ...
 SINK_T = 64               # ... measured on the first 64 tokens
+COND_OTHER, COND_TRIGGER = 0.5, 0.1   # a conditional sink head: >= 0.5 of the other queries' attention
+                                      # on position 0, <= 0.1 of the trigger queries'
 
 # ----------------------------------------------------------------------------------------------
 # Observers: measure a forward pass, or change it (interventions)
@@ -237,12 +253,18 @@ class Measure(Observer):
     a pass on x[:, :64] sees (a test checks it against such a pass). `edit` (an Intervention)
     changes the pass; what is measured is the changed pass. Call begin_batch/end_batch around each
     forward (run_passes does).
+
+    task (the dataset's meta.json, for a dataset with a task such as the trigger language): the
+    conditional sink as well, per layer and head the attention on position 0 from the queries whose
+    next token is an answer (trigger positions) and from all other queries after position 0.
     """
 
-    def __init__(self, streams=True, attention=True, edit=None):
+    def __init__(self, streams=True, attention=True, edit=None, task=None):
         self.streams = streams
         self.attention = attention
         self.edit = edit
+        self.task = task
+        self.n_queries = {'trigger': 0, 'other': 0}   # queries of each kind, summed over batches
         self.acc = {}          # stream -> [SublayerAccumulator per sublayer]
         self.cos = {}          # stream -> [sum over sequences of cos(x_s[0], x_{s+1}[0])]
         self.first = {}        # stream -> (sublayer, [entry tensors]) earliest massive sublayer
@@ -252,9 +274,17 @@ class Measure(Observer):
         self.n_seq = 0
         self.offset = 0
 
-    def begin_batch(self, offset, batch):
+    def begin_batch(self, offset, batch, tokens=None):
         self.offset, self._batch = offset, batch
         self._prev0, self._first, self._recv = {}, {}, None
+        self._queries = None
+        answers = task_mask(tokens, self.task) if tokens is not None else None
+        if answers is not None:
+            other = ~answers
+            other[:, 0] = False                       # position 0 can only attend to itself
+            self._queries = {'trigger': answers.float(), 'other': other.float()}
+            for kind, m in self._queries.items():
+                self.n_queries[kind] += int(m.sum())
         if self.edit is not None:
             self.edit.begin_batch(offset, batch)
 
@@ -306,6 +336,9 @@ class Measure(Observer):
             v0=(vn[..., 0] / vn.mean(-1).clamp_min(1e-30)).mean(1).sum(),
             cos_qk0=cos_qk0.mean(-1).mean(1).sum(),
         )
+        if self._queries is not None:                 # conditional sink: attention on position 0 by query kind
+            for kind, m in self._queries.items():
+                sums[f'sink_{kind}'] = (att[..., 0] * m.unsqueeze(1)).sum(dim=(0, 2))     # (H,)
         acc = self.att.setdefault(layer, {})
         for name, v in sums.items():
             acc[name] = acc.get(name, 0) + v.double().cpu()
@@ -325,7 +358,7 @@ class Intervention(Observer):
         self.s, self.entries, self.soften_k = s, entries or {}, soften_k
         self.offset, self.batch = 0, None
 
-    def begin_batch(self, offset, batch):
+    def begin_batch(self, offset, batch, tokens=None):
         self.offset, self.batch = offset, batch
 
     def on_input(self, s, u):
@@ -387,16 +420,18 @@ def default_batch_size(T):
 
 
 @torch.no_grad()
-def run_passes(model, x, y=None, observer=None, batch_size=None, dtype='float32', bar=None):
-    """Forward x (N, T) in batches with `observer`; returns (sum of CE over targets, count).
-    y may hold -1 (no target). Measure/Intervention observers get begin_batch/end_batch."""
+def run_passes(model, x, y=None, observer=None, batch_size=None, dtype='float32', bar=None, task=None):
+    """Forward x (N, T) in batches with `observer`; returns (sum of CE over targets, count, task
+    answers predicted right (argmax), task answers). y may hold -1 (no target). task: the dataset's
+    meta.json when it scores a task (prepare.task_mask), else the last two are 0. Measure and
+    Intervention observers get begin_batch (with the batch's tokens) and end_batch."""
     device = next(model.parameters()).device
     batch_size = batch_size or default_batch_size(x.size(1))
-    loss_sum, count = 0.0, 0
+    loss_sum, count, hits, answers = 0.0, 0, 0, 0
     for i in range(0, x.size(0), batch_size):
         xb = x[i:i + batch_size].to(device)
         if observer is not None and hasattr(observer, 'begin_batch'):
-            observer.begin_batch(i, xb.size(0))
+            observer.begin_batch(i, xb.size(0), xb)
         with _autocast(device, dtype):
             logits = model(xb, observer=observer)[0]
         if observer is not None and hasattr(observer, 'end_batch'):
@@ -406,9 +441,13 @@ def run_passes(model, x, y=None, observer=None, batch_size=None, dtype='float32'
             loss_sum += F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), ignore_index=-1,
                                         reduction='sum').item()
             count += int((yb != -1).sum())
+            mask = task_mask(xb, task)
+            if mask is not None:
+                hits += int(((logits.argmax(-1) == yb) & mask).sum())
+                answers += int(mask.sum())
         if bar is not None:
             bar.update(1)
-    return loss_sum, count
+    return loss_sum, count, hits, answers
 
 
 def n_batches(N, T, batch_size=None):
@@ -430,7 +469,26 @@ def attention_summary(obs, n_layer):
         k0_ratio=[float(obs.att[l]['k0']) / n for l in range(n_layer)],
         v0_ratio=[float(obs.att[l]['v0']) / n for l in range(n_layer)],
         cos_q_k0=[float(obs.att[l]['cos_qk0']) / n for l in range(n_layer)],
+        conditional=conditional_sink(obs, n_layer),
     )
+
+
+def conditional_sink(obs, n_layer):
+    """The trigger testbed's signature, per layer and head: the mean attention on position 0 from
+    trigger queries (whose next token is an answer: the head must act) and from the other queries
+    after position 0 (the head should do nothing). None for datasets without a task. A conditional
+    sink head sinks only when it must do nothing: other >= COND_OTHER and trigger <= COND_TRIGGER."""
+    n = obs.n_queries
+    if not n['trigger'] or not n['other']:
+        return None
+    mean = {kind: [(obs.att[l][f'sink_{kind}'] / n[kind]).tolist() for l in range(n_layer)] for kind in n}
+    pairs = [(mean['other'][l][h] - mean['trigger'][l][h], l, h)
+             for l in range(n_layer) for h in range(len(mean['other'][l]))]
+    gap, l, h = max(pairs)
+    return dict(trigger=mean['trigger'], other=mean['other'], n_trigger=n['trigger'], n_other=n['other'],
+                heads=[[l_, h_] for _, l_, h_ in pairs if mean['other'][l_][h_] >= COND_OTHER
+                       and mean['trigger'][l_][h_] <= COND_TRIGGER],
+                thresholds=dict(other=COND_OTHER, trigger=COND_TRIGGER), max_gap=gap, max_gap_head=[l, h])
 
 
 def sink_rate(alpha1):
@@ -494,11 +552,12 @@ def stream_summary(accs, cos, sink_pos):
 
 
 @torch.no_grad()
-def measure(model, x, y=None, batch_size=None, dtype='float32', bar=None):
-    """The probe's measurement pass on x (N, T): every stream statistic and attention, in batches.
+def measure(model, x, y=None, batch_size=None, dtype='float32', bar=None, task=None):
+    """The probe's measurement pass on x (N, T): every stream statistic and attention, in batches;
+    for a dataset with a task (task: its meta.json), the task accuracy and the conditional sink.
     Returns (result dict, the Measure observer)."""
-    obs = Measure(streams=True, attention=True)
-    loss_sum, count = run_passes(model, x, y, obs, batch_size, dtype, bar)
+    obs = Measure(streams=True, attention=True, task=task)
+    loss_sum, count, hits, answers = run_passes(model, x, y, obs, batch_size, dtype, bar, task)
     att = attention_summary(obs, model.config.n_layer)
     T = x.size(1)
     sink_pos = torch.cat(obs.sink_pos)
@@ -512,7 +571,9 @@ def measure(model, x, y=None, batch_size=None, dtype='float32', bar=None):
                      sink_positions=_counts(sink_pos.numpy()),
                      massive_positions=_counts(massive_pos[decoded].numpy()),
                      cooccurrence=streams[decoded]['summary']['cooccurrence'])
-    result = dict(residual=info, val_loss=loss_sum / count if count else None, streams=streams, attention=attention)
+    result = dict(residual=info, val_loss=loss_sum / count if count else None,
+                  task_acc=hits / answers if answers else None, task_answers=answers,
+                  streams=streams, attention=attention)
     return result, obs
 
 
@@ -633,26 +694,28 @@ def _short(items, limit=6):
 
 
 def run_interventions(model, x, y, result, measure_obs, soften_k=None, batch_size=None,
-                      dtype='float32', bar=None):
-    """Validation loss and Sink_1 (full length and first 64 tokens) under each intervention."""
+                      dtype='float32', bar=None, task=None):
+    """Validation loss, Sink_1 (full length and first 64 tokens) and the task accuracy (datasets
+    with a task) under each intervention."""
     base_loss = result['val_loss']
     att = result['attention']
     out = dict(none=dict(target='unmodified model', val_loss=base_loss,
                          delta_loss=None if base_loss is None else 0.0,
-                         sink1_prefix=att['sink1_prefix'], sink1=att['sink1']))
+                         sink1_prefix=att['sink1_prefix'], sink1=att['sink1'], task_acc=result['task_acc']))
     targets = intervention_targets(result, measure_obs, soften_k)
     runs = [(name, targets[name][0], targets[name][1], None) for name in ('zero', 'mean', 'soften')]
     runs += [(f'quant{b}', None, f"all nn.Linear weights fake-quantised to {b} bits (symmetric, per output channel)", b)
              for b in (8, 4)]
     for name, edit, target, bits in runs:
         with (fake_quantized(model, bits) if bits else contextlib.nullcontext()):
-            obs = Measure(streams=False, attention=True, edit=edit)
-            loss_sum, count = run_passes(model, x, y, obs, batch_size, dtype, bar)
+            obs = Measure(streams=False, attention=True, edit=edit, task=task)
+            loss_sum, count, hits, answers = run_passes(model, x, y, obs, batch_size, dtype, bar, task)
         att = attention_summary(obs, model.config.n_layer)
         loss = loss_sum / count if count else None
         out[name] = dict(target=target, val_loss=loss,
                          delta_loss=None if loss is None or base_loss is None else loss - base_loss,
-                         sink1_prefix=att['sink1_prefix'], sink1=att['sink1'])
+                         sink1_prefix=att['sink1_prefix'], sink1=att['sink1'],
+                         task_acc=hits / answers if answers else None)
     for name in ('zero', 'mean'):
         out[name].update({k: targets[k] for k in ('fallback', 'sublayer', 'streams', 'n_entries')})
     out['soften'].update(sublayer=targets['sublayer'], k=targets['soften_k'])
@@ -664,15 +727,21 @@ def run_interventions(model, x, y, result, measure_obs, soften_k=None, batch_siz
 
 def val_windows(ckpt, num_seqs, seq_len, seed, doc_aligned=False):
     """num_seqs windows (x, y) of seq_len tokens from the validation shards of the checkpoint's
-    dataset, the same for every checkpoint trained on that dataset."""
-    from prepare import Sampler, shard_paths
+    dataset, the same for every checkpoint trained on that dataset. The dataset's meta.json says
+    which token starts a document and whether windows must start there (the trigger language);
+    a dataset with a task (the trigger language) is recorded as data['task'], its meta.json."""
+    from prepare import Sampler, dataset_meta, shard_paths
     cfg = ckpt.get('config') or {}
     if not isinstance(cfg, dict) or not cfg.get('dataset'):
         raise ValueError("the checkpoint's config names no dataset; pass --text \"...\" prompts instead")
     paths = shard_paths(cfg['dataset'], 'val', cfg.get('data_root'))
-    x, y = Sampler(paths, num_seqs, seq_len, seed, doc_aligned=doc_aligned).get(0)
+    meta = dataset_meta(cfg['dataset'], cfg.get('data_root')) or {}
+    doc_aligned = doc_aligned or bool(meta.get('doc_aligned'))
+    bos = meta.get('bos', EOT)
+    x, y = Sampler(paths, num_seqs, seq_len, seed, doc_aligned=doc_aligned, bos=bos).get(0)
     data = dict(source='val', dataset=cfg['dataset'], shards=paths, texts=[], truncated_from=[],
-                num_seqs=num_seqs, seq_len=seq_len, seed=seed, doc_aligned=doc_aligned)
+                num_seqs=num_seqs, seq_len=seq_len, seed=seed, doc_aligned=doc_aligned, bos=bos,
+                task=meta if task_mask(x[:1], meta) is not None else None)
     return x, y, data
 
 
@@ -688,7 +757,7 @@ def text_windows(texts, seq_len):
     x = torch.tensor([t[:T] for t in toks], dtype=torch.long)
     y = torch.tensor([t[1:T + 1] + [-1] * (T + 1 - len(t[1:T + 1])) for t in toks], dtype=torch.long)[:, :T]
     data = dict(source='text', dataset=None, shards=[], texts=list(texts), num_seqs=len(texts), seq_len=T,
-                seed=None, doc_aligned=False, truncated_from=[len(t) for t in toks])
+                seed=None, doc_aligned=False, bos=EOT, task=None, truncated_from=[len(t) for t in toks])
     return x, y, data
 
 # ----------------------------------------------------------------------------------------------
@@ -737,8 +806,12 @@ def report(r):
                      f"(prompt lengths {data['truncated_from']}, truncated to the shortest)")
     if w:
         lines.append("blocks: Sun et al.'s raw output of block i is the h row of s = 2i + 1 (mlp) below")
-    lines.append(f"position 0 holds <|endoftext|> in {100 * data['eot_at_pos0']:.0f}% of sequences; "
+    bos = '<|endoftext|>' if data['bos'] == EOT else f"BOS (token {data['bos']})"
+    lines.append(f"position 0 holds {bos} in {100 * data['bos_at_pos0']:.0f}% of sequences; "
                  f"val loss {num(r['val_loss'], 0)}")
+    if data['task']:
+        lines.append(f"task ({data['dataset']}): accuracy {num(r['task_acc'], 0)} on the {r['task_answers']} tokens "
+                     f"after a TRIGGER (argmax; chance 1/{data['task']['vocab_size'] - 2})")
     for name, st in r['streams'].items():
         p, sm = st['per_sublayer'], st['summary']
         lines.append("")
@@ -786,15 +859,30 @@ def report(r):
     lines.append(f"sink position (argmax of attention received) [position, sequences]: {a['sink_positions'][:5]}; "
                  f"massive position {a['massive_positions'][:5]}; coincide in "
                  f"{100 * a['cooccurrence']:.0f}% of sequences")
+    cs = a.get('conditional')
+    if cs:
+        lines.append("")
+        lines.append(f"conditional sink: attention on position 0 from the {cs['n_other']} other queries / from the "
+                     f"{cs['n_trigger']} trigger queries (whose next token is an answer), per layer and head; "
+                     f"'*': a conditional sink head (other >= {cs['thresholds']['other']}, trigger <= "
+                     f"{cs['thresholds']['trigger']})")
+        heads = {tuple(h) for h in cs['heads']}
+        for l in range(len(cs['other'])):
+            cells = [f"{cs['other'][l][h]:.2f}/{cs['trigger'][l][h]:.2f}{'*' if (l, h) in heads else ' '}"
+                     for h in range(len(cs['other'][l]))]
+            lines.append(f"{l:4d} {l + 1:5d}  " + ' '.join(f"{c:>11s}" for c in cells))
+        gl, gh = cs['max_gap_head']
+        lines.append(f"{len(cs['heads'])} conditional sink head(s); largest other - trigger {cs['max_gap']:.3f} "
+                     f"(layer {gl + 1}, head {gh})")
     iv = r.get('interventions')
     if iv:
         lines.append("")
         lines.append("interventions (val loss on the probe windows; Sink_1 in %)")
         lines.append(f" {'name':8s} {'val_loss':>9s} {'delta':>9s} {'Sink@' + str(a['prefix_T']):>9s} "
-                     f"{'Sink@' + str(a['T']):>9s}  target")
+                     f"{'Sink@' + str(a['T']):>9s} {'task_acc':>9s}  target")
         for name, v in iv.items():
             lines.append(f" {name:8s} {num(v['val_loss'])} {num(v['delta_loss'])} {num(v['sink1_prefix'])} "
-                         f"{num(v['sink1'])}  {v['target']}")
+                         f"{num(v['sink1'])} {num(v['task_acc'])}  {v['target']}")
         if iv['zero'].get('fallback'):
             lines.append(" (no massive activation: zero/mean target each sequence's top-1 entry at the top1 peak)")
     return '\n'.join(lines)
@@ -818,6 +906,9 @@ def comparison(results):
     add('iter', lambda r: r['iter_num'])
     add('tokens seen', lambda r: r['tokens'])
     add('val loss', lambda r: r['val_loss'])
+    add('task accuracy', lambda r: r['task_acc'])
+    add('conditional sink heads', lambda r: len(r['attention']['conditional']['heads']))
+    add('conditional sink: max other - trigger', lambda r: r['attention']['conditional']['max_gap'])
     add('Sink_1 % (T=64)', lambda r: r['attention']['sink1_prefix'])
     add('Sink_1 % (T=full)', lambda r: r['attention']['sink1'])
     add('massive pos == sink pos (frac)', lambda r: r['attention']['cooccurrence'])
@@ -978,7 +1069,7 @@ def load(path, args):
     if int(x.max()) >= model.config.vocab_size:
         raise ValueError(f"{path}: token id {int(x.max())} of the {'--text prompts' if args.text else 'val windows'} "
                          f"is outside the model's vocab_size {model.config.vocab_size}")
-    data['eot_at_pos0'] = float((x[:, 0] == EOT).double().mean())
+    data['bos_at_pos0'] = float((x[:, 0] == data['bos']).double().mean())
     return model, ckpt, x, y, data
 
 
@@ -990,7 +1081,7 @@ def probe_checkpoint(path, name, args, loaded=None):
     bs = args.batch_size
     bar = tqdm(total=n_batches(N, T, bs) * (6 if args.interventions else 1), desc=name, unit='batch', leave=False,
                file=sys.stderr, disable=None)
-    result, obs = measure(model, x, y, bs, args.dtype, bar)
+    result, obs = measure(model, x, y, bs, args.dtype, bar, data['task'])
     r = dict(path=path, name=name, iter_num=ckpt.get('iter_num'), tokens=ckpt.get('tokens'), weights=ckpt.get('weights'),
              model_args=dict(ckpt['model_args']), residual=result['residual'], params=model.num_params(),
              device=f"{args.device}, {args.dtype}",
@@ -998,7 +1089,8 @@ def probe_checkpoint(path, name, args, loaded=None):
                                    for s in range(2 * model.config.n_layer)],
              **{k: v for k, v in result.items() if k != 'residual'}, interventions=None)
     if args.interventions:
-        r['interventions'] = run_interventions(model, x, y, result, obs, args.soften_k, bs, args.dtype, bar)
+        r['interventions'] = run_interventions(model, x, y, result, obs, args.soften_k, bs, args.dtype, bar,
+                                               data['task'])
     bar.close()
     return r, obs.sample
 

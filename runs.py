@@ -473,6 +473,12 @@ def group_metrics(r):
         for key in HEADLINE:
             out[f'[{tag}] {key}'] = sm.get(key)
     out['sink1_prefix (Sink_1 %, T=64)'] = r['attention']['sink1_prefix']
+    cond = r['attention'].get('conditional')
+    if cond:                                       # the trigger testbed: its signature and its task
+        out['conditional sink: max other - trigger'] = cond['max_gap']
+        out['conditional sink heads'] = len(cond['heads'])
+    if r.get('task_acc') is not None:
+        out['task_acc'] = r['task_acc']
     out['val_loss'] = r['val_loss']
     return out
 

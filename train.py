@@ -34,7 +34,8 @@ What lands in out_dir (rank 0 writes):
                     commit gate}; {} for vanilla), lr, ms_per_iter, tokens_per_s, mfu (null when
                     unknown), tokens, elapsed_s
              eval:  iter (steps done), train_loss, val_loss (cross-entropy), train_aux, val_aux,
-                    best_val_loss, eval_s, stats (stats.activation_stats of a fixed val batch:
+                    train_task_acc and val_task_acc (datasets with a task, e.g. the trigger language:
+                    argmax accuracy on the answers; prepare.task_mask), best_val_loss, eval_s, stats (stats.activation_stats of a fixed val batch:
                     {stream: {key: [one value per sublayer]}} for the keys in stats.STATS_KEYS,
                     dominant_dim and peak_layer one integer each; python probe.py out_dir plots them)
              stop:  iter, reason (max_iters, target_val_loss, sigterm, eval_only, non-finite loss)
@@ -67,7 +68,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, RESIDUALS, GPTConfig, option, read_checkpoint, residual_info, resolve_device
-from prepare import Sampler, ensure_dataset, shard_paths
+from prepare import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, shard_paths, task_mask
 from stats import activation_stats
 
 # -----------------------------------------------------------------------------
@@ -99,7 +100,9 @@ class TrainKeys:
     dataset: str = option('builtin', "'builtin' (offline, built on first use), 'finewebedu10B', "
                                      "'fineweb10B' or 'text' (see prepare.py)")
     data_root: str | None = option(None, "where the datasets live (None: $LEDGER_DATA or data/ next to prepare.py)")
-    doc_aligned: bool = option(False, "start every training window at a document start (<|endoftext|>)")
+    doc_aligned: bool | None = option(None, "start every training window at a document start (its bos token); "
+                                            "None: as the dataset's meta.json says (the trigger language: yes; "
+                                            "text: no)")
     total_batch_size: int = option(16 * 128, "tokens per optimizer step, summed over ranks and micro-steps")
     batch_size: int = option(16, "micro-batch: sequences per forward pass on each rank")
     # loss
@@ -131,14 +134,23 @@ class TrainKeys:
 
 
 # The laptop demo's model (`python train.py`): GPTConfig's defaults except these (config/demo.py).
-DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, residual='ledger')
+# vocab_size None: the dataset's vocabulary, read from its meta.json when the data is there.
+DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, residual='ledger', vocab_size=None)
+DATASET_VOCAB = "; None: the dataset's (its meta.json; GPT-2's 50257 for FineWeb)"
+
+
+def model_key(f):
+    """(name, type, field) of a TrainConfig key made from a GPTConfig field: its type and help, the
+    demo's default; a default of None (set from the data) makes the type optional too."""
+    default = DEMO_MODEL.get(f.name, f.default)
+    return (f.name, f.type if default is not None else f.type | None,
+            option(default, f.metadata['help'] + (DATASET_VOCAB if default is None else '')))
+
 
 # A run's config: the keys above, then every field of model.GPTConfig (n_layer, residual, ...) with
 # the type and help defined there, so that a model key is defined in one place.
-TrainConfig = dataclasses.make_dataclass(
-    'TrainConfig', [(f.name, f.type, option(DEMO_MODEL.get(f.name, f.default), f.metadata['help']))
-                    for f in fields(GPTConfig)],
-    bases=(TrainKeys,))
+TrainConfig = dataclasses.make_dataclass('TrainConfig', [model_key(f) for f in fields(GPTConfig)],
+                                         bases=(TrainKeys,))
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 PENALTIES = {'commit_rate': 'commit_sparsity'}  # aux term of the forward -> the key that weights it in the loss
 RESUME_MAY_CHANGE = {'dropout'}  # model fields that do not change the weights' shapes or meaning
@@ -245,7 +257,7 @@ def validate(cfg, world_size):
     if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device):
         raise ConfigError(f"device={cfg.device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     try:
-        GPTConfig(**model_args(cfg))
+        GPTConfig(**{**model_args(cfg), 'vocab_size': cfg.vocab_size or 1})  # None: set from the data later
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for name, key in PENALTIES.items():
@@ -266,6 +278,26 @@ def validate(cfg, world_size):
     if cfg.lr_decay_iters is not None and cfg.lr_decay_iters < cfg.warmup_iters:
         raise ConfigError(f"lr_decay_iters={cfg.lr_decay_iters} is before the end of warmup_iters={cfg.warmup_iters}")
     grad_accum_steps(cfg, world_size)
+
+
+def follow_dataset(cfg, meta):
+    """Fill in what the dataset decides (its meta.json; FineWeb shards have none): vocab_size when
+    None, doc_aligned when None; refuse a vocabulary smaller than the data's, or windows longer than
+    the documents of a dataset whose windows must start at a document (the trigger language)."""
+    vocab = meta.get('vocab_size')
+    if cfg.vocab_size is None:
+        cfg.vocab_size = vocab or GPT2_META['vocab_size']
+    elif vocab and cfg.vocab_size < vocab:
+        raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the {cfg.dataset} vocabulary ({vocab} "
+                          f"tokens); drop vocab_size to take the dataset's")
+    if cfg.doc_aligned is None:
+        cfg.doc_aligned = bool(meta.get('doc_aligned', False))
+    doc_len = meta.get('doc_len')
+    if cfg.doc_aligned and doc_len and cfg.block_size + 1 > doc_len:
+        raise ConfigError(f"block_size={cfg.block_size} needs windows of {cfg.block_size + 1} tokens, but the "
+                          f"{cfg.dataset} documents are {doc_len} tokens long (rebuild them longer, e.g. "
+                          f"python prepare.py --dataset={cfg.dataset} --trigger_len={cfg.block_size}, or use "
+                          f"block_size <= {doc_len - 1})")
 
 
 def grad_accum_steps(cfg, world_size):
@@ -514,8 +546,10 @@ def train(cfg, ckpt=None):
             raise build_error
         train_paths = shard_paths(cfg.dataset, 'train', cfg.data_root)
         val_paths = shard_paths(cfg.dataset, 'val', cfg.data_root)
-        sampler = lambda paths, n, seed: Sampler(paths, n, cfg.block_size, seed, rank=0,
-                                                 doc_aligned=cfg.doc_aligned, device=device)
+        meta = dataset_meta(cfg.dataset, cfg.data_root) or {}
+        follow_dataset(cfg, meta)
+        sampler = lambda paths, n, seed: Sampler(paths, n, cfg.block_size, seed, rank=0, doc_aligned=cfg.doc_aligned,
+                                                 device=device, bos=meta.get('bos', EOT))
         # Training: every rank uses the same stream (seed, rank 0) and takes micro-step
         # rank*grad_accum + m, so a step sees the same sequences on 1 or N GPUs.
         train_data = sampler(train_paths, cfg.batch_size, cfg.seed)
@@ -555,6 +589,7 @@ def train(cfg, ckpt=None):
     resumed_after_eval = val_loss_iter == iter_num  # the checkpoint was written right after evaluating
     residual = residual_info(gptconf.residual)   # the operator's streams and aux terms, for the log
     aux_names = list(residual['aux'])
+    has_task = task_mask(torch.zeros(1), meta) is not None   # the dataset scores a task (trigger: the answers)
     model = torch.compile(raw_model) if use_compile else raw_model  # checkpoints use raw_model: no _orig_mod.
     train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
 
@@ -576,22 +611,28 @@ def train(cfg, ckpt=None):
 
     @torch.no_grad()
     def evaluate():
-        """Mean CE and aux terms over eval_iters fixed batches per split, computed by all ranks."""
+        """Mean CE and aux terms over eval_iters fixed batches per split, computed by all ranks; the
+        task accuracy (argmax on the answers) for datasets that have a task."""
         model.eval()
         out = {}
         for split, data in eval_data.items():
-            total = torch.zeros(2 + len(aux_names), device=device)  # ce sum, batches, aux sums
+            total = torch.zeros(4 + len(aux_names), device=device)  # ce sum, batches, task hits, answers, aux sums
             for j in range(rank, cfg.eval_iters, world_size):
                 x, y = (t.to(device) for t in data.get(j))
                 with autocast:
-                    _, ce, aux = model(x, y)
-                total += torch.stack([ce.float(), torch.ones_like(ce, dtype=torch.float)] +
-                                     [aux[name].float() for name in aux_names])
+                    logits, ce, aux = model(x, y)
+                answers = task_mask(x, meta)
+                hits = ((logits.argmax(-1) == y) & answers).sum() if answers is not None else torch.zeros_like(ce)
+                n_answers = answers.sum() if answers is not None else torch.zeros_like(ce)
+                total += torch.stack([ce.float(), torch.ones_like(ce, dtype=torch.float), hits.float(),
+                                      n_answers.float()] + [aux[name].float() for name in aux_names])
             if ddp:
                 dist.all_reduce(total)
-            ce_sum, n, *aux_sums = total.tolist()
+            ce_sum, n, hits, n_answers, *aux_sums = total.tolist()
             out[f'{split}_loss'] = ce_sum / n
             out[f'{split}_aux'] = {name: v / n for name, v in zip(aux_names, aux_sums)}
+            if has_task:
+                out[f'{split}_task_acc'] = hits / n_answers if n_answers else None
         stats = None
         if stats_x is not None:
             with autocast:
@@ -649,6 +690,8 @@ def train(cfg, ckpt=None):
                 reached = cfg.target_val_loss is not None and val_loss <= cfg.target_val_loss
                 if master:
                     aux = ''.join(f", val {name} {v:.4f}" for name, v in losses['val_aux'].items())
+                    if losses.get('val_task_acc') is not None:
+                        aux += f", val task acc {losses['val_task_acc']:.3f}"
                     print(f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {val_loss:.4f}{aux} "
                           f"[{eval_seconds:.1f} s]")
                     if stats:

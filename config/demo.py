@@ -20,7 +20,7 @@ wandb_run_name = None
 # data
 dataset = 'builtin'
 data_root = None
-doc_aligned = False
+doc_aligned = None  # as the dataset says (meta.json): False for the builtin corpus
 total_batch_size = 16 * 128  # one micro-step of 16 x 128
 batch_size = 16
 block_size = 128
@@ -29,7 +29,7 @@ block_size = 128
 n_layer = 4
 n_head = 4
 n_embd = 128
-vocab_size = 50257
+vocab_size = None  # the dataset's vocabulary (meta.json): GPT-2's 50257 for the builtin corpus
 dropout = 0.0
 residual = 'ledger'
 qk_norm = False

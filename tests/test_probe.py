@@ -366,7 +366,7 @@ def test_cli_text_prompts(tmp_path, capsys, save_ckpt):
     assert [l for l in capsys.readouterr().out.splitlines() if l.startswith('data:')] == [
         'data: 2 --text prompt(s), T=3 (prompt lengths [9, 3], truncated to the shortest)']
     assert data['source'] == 'text' and data['seq_len'] == 3 and data['num_seqs'] == 2
-    assert data['eot_at_pos0'] == 0.5
+    assert data['bos_at_pos0'] == 0.5 and data['bos'] == 50256 and data['task'] is None
     x, y, _ = probe.text_windows(['Hello world'], 100)
     assert x.tolist() == [[15496, 995]] and y.tolist() == [[995, -1]]
 
