@@ -4,6 +4,7 @@ equivalence, the sparsity penalty, non-finite losses and SIGTERM. CPU only, offl
 Training runs go through subprocesses (process behaviour is what matters) on a tiny model and a
 tiny synthetic dataset written with prepare.write_shard, so nothing depends on the builtin build.
 """
+import dataclasses
 import glob
 import json
 import math
@@ -158,9 +159,27 @@ PRESETS = {  # docs/reference.md §2; preset: (layers, width, heads, seqs per st
 }
 
 
+TRIGGER_PRESETS = {  # the testbed's four models (docs/reference.md §3.5): residual, qk_norm, alpha
+    'trigger_vanilla': ('vanilla', False, 0.0), 'trigger_suppress': ('vanilla', True, 0.0),
+    'trigger_ledger': ('ledger', False, 0.02), 'trigger_ledger_hs': ('ledger', False, 0.3),
+}
+
+
 def test_every_preset_is_covered(root):
     names = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(root, 'config', '*.py'))}
-    assert names == set(PRESETS) | {'demo'}
+    assert names == set(PRESETS) | set(TRIGGER_PRESETS) | {'demo'}
+
+
+@pytest.mark.parametrize('name', sorted(TRIGGER_PRESETS))
+def test_trigger_presets_differ_only_in_the_model(name, root):
+    """The four testbed presets share everything but residual, qk_norm and commit_sparsity."""
+    cfg, _ = train.load_config([os.path.join(root, 'config', f'{name}.py')])
+    assert (cfg.residual, cfg.qk_norm, cfg.commit_sparsity) == TRIGGER_PRESETS[name]
+    assert cfg.dataset == 'trigger' and cfg.out_dir == f'out/{name}'
+    assert cfg.vocab_size is None and cfg.doc_aligned is None          # both from the dataset's meta.json
+    base, _ = train.load_config([os.path.join(root, 'config', 'trigger_vanilla.py')])
+    differ = {k for k, v in dataclasses.asdict(cfg).items() if getattr(base, k) != v}
+    assert differ <= {'residual', 'qk_norm', 'commit_sparsity', 'out_dir'}
 
 
 @pytest.mark.parametrize('name', sorted(PRESETS))
