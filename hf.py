@@ -296,8 +296,8 @@ def load_model(src, config, device='cpu', dtype='float32'):
 def probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' eager attention with explicit probabilities, handed to the probe's observer.
 
-    softmax(q k^T * scaling + mask) in fp32, cast to q's dtype, then @ v: what 'eager' computes.
-    Dropout is not applied (the probe runs in eval mode)."""
+    softmax(q k^T * scaling + mask) in fp32, cast to q's dtype, then @ v: what 'eager' computes; the
+    observer gets the fp32 probabilities. Dropout is not applied (the probe runs in eval mode)."""
     state, layer = module.__dict__.get('_ledger_probe', (None, None))
     if key.shape[1] != query.shape[1]:                 # grouped-query attention: one k, v per query head
         groups = query.shape[1] // key.shape[1]
@@ -309,11 +309,12 @@ def probe_attention(module, query, key, value, attention_mask, scaling=None, dro
         T, S = scores.shape[-2:]
         scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T),
                                     float('-inf'))
-    att = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    att = F.softmax(scores, dim=-1, dtype=torch.float32)
     if state is not None and state.observer is not None:
         state.calls += 1
-        if state.observer.attention:
+        if state.observer.attention:          # the fp32 probabilities, also when the model runs in bf16
             state.observer.on_attention(layer, query, key, value, att)
+    att = att.to(query.dtype)
     return torch.matmul(att, value).transpose(1, 2).contiguous(), att
 
 
