@@ -254,7 +254,8 @@ def check_weights(src):
     """Raise (one line) unless a weights file is there (resolved, and downloaded if need be, the way
     from_pretrained will)."""
     from transformers.utils import cached_file
-    for name in ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json'):
+    for name in ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
+                 'pytorch_model.bin.index.json'):
         try:
             if cached_file(src.where, name, revision=src.hub_revision, _raise_exceptions_for_missing_entries=False):
                 return
@@ -490,7 +491,8 @@ class HFModel(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds the model's context {self.config.block_size}")
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got [{int(idx.min())}, {int(idx.max())}]")
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
         st = self.state
         st.observer, st.shape, st.calls = observer, (B, T), 0
         try:
@@ -515,7 +517,8 @@ class HFModel(nn.Module):
 
 
 def wrap(lm):
-    """HFModel of a loaded transformers causal LM, with the probe's attention (see load_model)."""
+    """HFModel of a loaded transformers causal LM (load_model's last step; tests wrap models built in
+    memory). lm itself is changed: the probe's attention implementation, Conv1D layers as nn.Linear."""
     register_attention()
     if lm.config._attn_implementation != ATTN:
         lm.set_attn_implementation(ATTN)
@@ -596,8 +599,9 @@ def corpus_windows(tok, num_seqs, T, seed, doc_aligned, prepend, sep, data_root=
     tokenizer's eos, when it has one) between documents; `prepend` (the BOS the tokenizer puts
     before every text, if any) goes first. y is x shifted by one."""
     from prepare import _data_root
-    key = hashlib.sha256(json.dumps(dict(tokenizer=tokenizer_key(tok), n=num_seqs, T=T, seed=seed, doc_aligned=doc_aligned,
-                                         prepend=prepend, sep=sep, python=platform.python_version(), v=1)).encode())
+    key = hashlib.sha256(json.dumps(dict(tokenizer=tokenizer_key(tok), n=num_seqs, T=T, seed=seed,
+                                         doc_aligned=doc_aligned, prepend=prepend, sep=sep,
+                                         python=platform.python_version(), v=1)).encode())
     path = os.path.join(_data_root(data_root), 'hf', 'windows', f"builtin_{key.hexdigest()[:16]}.npz")
     if os.path.isfile(path):
         with np.load(path) as f:
@@ -767,8 +771,9 @@ def revision_runs(results):
                 continue                      # different shapes under one name: not one run
             st = dict(n_sublayers=len(ratio[0]), top1_median=ratio, top1_median_max=[max(v) for v in ratio],
                       top1_median_max_sublayer=[int(np.argmax(v)) for v in ratio],
-                      n_massive_total=[sum(p['n_massive']) for p in per], kurtosis_max=[max(p['kurtosis']) for p in per],
-                      start_mass=[s['start_mass'] for s in sm], start_mass_dominant=[s['start_mass_dominant'] for s in sm],
+                      n_massive_total=[sum(p['n_massive']) for p in per],
+                      kurtosis_max=[max(p['kurtosis']) for p in per], start_mass=[s['start_mass'] for s in sm],
+                      start_mass_dominant=[s['start_mass_dominant'] for s in sm],
                       dominant_dim=[s['dominant_dim'] for s in sm], peak_layer=[s['peak_layer'] for s in sm])
             st['crossings'] = first_crossings(steps, tokens, st['top1_median_max'])
             st['dominant'] = channel_history(steps, tokens, st['dominant_dim'])

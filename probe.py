@@ -71,7 +71,7 @@ probe.json (tests/test_probe.py checks that every key below is there):
       name                short name used in tables and PNG file names
       iter_num            training step of the checkpoint (None for GPT-2 weights; hf: the revision's step or None)
       tokens              tokens seen in training (None for checkpoints that do not say)
-      weights             None for a train.py checkpoint; GPT-2: {kind: 'gpt2', folder, dtype, name}; hf: {kind: 'hf', ...}
+      weights             None for a train.py checkpoint; GPT-2: {kind: 'gpt2', folder, dtype, name}; hf: see hf.load
       model_args          GPTConfig fields
       residual            the residual operator, as the class describes itself (model.residual_info)
         name              its key in model.RESIDUALS

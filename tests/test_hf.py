@@ -132,7 +132,8 @@ def test_streams_inputs_logits_and_attention_equal_transformers(family):
         out = ref(x, output_hidden_states=True, output_attentions=True)
     close = dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits, out.logits, **close)
-    assert aux == {} and abs(loss.item() - torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten())) < 1e-5
+    want_loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+    assert aux == {} and abs(loss.item() - want_loss.item()) < 1e-5
     h = obs.streams['h']
     assert sorted(h) == list(range(2 * L)) and sorted(obs.inputs) == list(range(2 * L))
     for i in range(L):
@@ -264,7 +265,8 @@ def save_tokenizer(folder, bos):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if bos:
         tk.post_processor = processors.TemplateProcessing(single='<s> $A', special_tokens=[('<s>', 1)])
-    special = dict(bos_token='<s>', eos_token='</s>') if bos else dict(bos_token='<|endoftext|>', eos_token='<|endoftext|>')
+    special = dict(bos_token='<s>', eos_token='</s>') if bos else \
+        dict(bos_token='<|endoftext|>', eos_token='<|endoftext|>')
     transformers.PreTrainedTokenizerFast(tokenizer_object=tk, **special).save_pretrained(folder)
 
 
@@ -363,7 +365,8 @@ def test_revisions_from_the_hub_cache_are_drawn_as_a_run(tmp_path, capsys, monke
                                                       'tiny-pythia_step2000']
     assert [c['iter_num'] for c in js['checkpoints']] == [3000, 1000, 2000]
     w = js['checkpoints'][0]['weights']
-    assert w['commit'] == f'{3:040x}' and w['folder'] == str(cache / 'models--test-org--tiny-pythia' / 'snapshots' / w['commit'])
+    assert w['commit'] == f'{3:040x}'
+    assert w['folder'] == str(cache / 'models--test-org--tiny-pythia' / 'snapshots' / w['commit'])
     env = dict(HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / 'home'), HF_HUB_OFFLINE='1')
     r = cli('probe.py', 'hf:test-org/tiny-pythia@step9999', '--text', text, '--out', tmp_path / 'o2', **env)
     assert r.returncode == 2
@@ -391,7 +394,8 @@ def test_bad_hf_inputs_are_one_line(tmp_path, capsys, monkeypatch):
     cases = [
         ('hf:' + folder('unknown', None), "no config.json"),
         ('hf:' + folder('encoder', t.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                               intermediate_size=64)), 'bert is an encoder-only model (bidirectional attention'),
+                                               intermediate_size=64)),
+         'bert is an encoder-only model (bidirectional attention'),
         ('hf:' + folder('seq2seq', t.T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64)),
          't5 is an encoder-decoder model; the probe reads decoder-only'),
         ('hf:' + folder('bloom', t.BloomConfig(hidden_size=32, n_layer=1, n_head=2)),
