@@ -702,22 +702,25 @@ def load(spec, args, check_only=False):
         return None
     model = load_model(src, config, args.device, args.dtype)
     prepend, marker = bos_convention(tok)
+    sep = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
     if args.text:
         x, y, data = text_windows(tok, args.text, T, prepend)
     else:
-        sep = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
         x, y, cache = corpus_windows(tok, args.num_seqs, T, args.seed, args.doc_aligned, prepend, sep, args.data_root)
         data = dict(source='val', dataset='builtin', shards=[cache], texts=[], truncated_from=[],
                     num_seqs=args.num_seqs, seq_len=T, seed=args.seed, doc_aligned=args.doc_aligned, task=None)
     if int(x.max()) >= model.config.vocab_size:
         raise ValueError(f"{spec}: token id {int(x.max())} of its tokenizer is outside the model's vocab_size "
                          f"{model.config.vocab_size}")
-    bos_name = tok.convert_ids_to_tokens(marker) if marker >= 0 else None
+    name, cls = (tok.convert_ids_to_tokens(marker) if marker >= 0 else None), type(tok).__name__
+    note = (f"{name} prepended to every sequence: {cls} puts it before every text" if prepend is not None else
+            f"nothing prepended: {cls} adds no BOS, so position 0 is each prompt's first token" if args.text else
+            f"nothing prepended: {cls} adds no BOS; each window starts at a document, after {name}"
+            if args.doc_aligned and sep is not None else
+            f"nothing prepended: {cls} adds no BOS, so position 0 is an arbitrary token of the text"
+            + (f"; {name} separates documents" if sep is not None else ""))
     data.update(bos=marker, bos_at_pos0=float((x[:, 0] == marker).double().mean()), bos_prepended=prepend is not None,
-                bos_note=(f"{bos_name} prepended to every sequence: {type(tok).__name__} puts it before every text"
-                          if prepend is not None else
-                          f"nothing prepended: {type(tok).__name__} adds no BOS, so position 0 is an arbitrary token "
-                          f"of the text; {bos_name} marks a document start"))
+                bos_note=note)
     step = step_of(src.revision)
     tps = tokens_per_step(src.repo) if not src.local else None
     folder, commit = (os.path.abspath(src.where), None) if src.local else _snapshot(src)
