@@ -367,6 +367,9 @@ def test_revisions_from_the_hub_cache_are_drawn_as_a_run(tmp_path, capsys, monke
     w = js['checkpoints'][0]['weights']
     assert w['commit'] == f'{3:040x}'
     assert w['folder'] == str(cache / 'models--test-org--tiny-pythia' / 'snapshots' / w['commit'])
+    assert probe.main(['hf:test-org/elsewhere', '--text', text, '--out', str(tmp_path / 'o2')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'hf:test-org/elsewhere: not in the Hugging Face cache' in err[0] and 'HF_HUB_OFFLINE' in err[0]
     env = dict(HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / 'home'), HF_HUB_OFFLINE='1')
     r = cli('probe.py', 'hf:test-org/tiny-pythia@step9999', '--text', text, '--out', tmp_path / 'o2', **env)
     assert r.returncode == 2
