@@ -194,8 +194,12 @@ def _stream_views(runs):
     return views
 
 
-def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000)):
-    """Per stream: the TRAJECTORY_PANELS against tokens seen, one colour per run (trajectory_<stream>.png);
+X_LABELS = {'tokens': 'tokens seen', 'iters': 'training step'}
+
+
+def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000), x='tokens'):
+    """Per stream: the TRAJECTORY_PANELS against tokens seen (x='iters': against the step, e.g. for
+    the revisions of a Hugging Face model, hf.py), one colour per run (trajectory_<stream>.png);
     val loss and the operators' aux terms, e.g. the commit rate (trajectory_loss.png); per run a
     (step x sublayer) heatmap of top1/median for each stream (trajectory_heatmap_<run>.png). A metric
     a run did not log is left out of its panel and named in the panel's corner."""
@@ -212,15 +216,15 @@ def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000)):
                 if y is None:
                     missing.append(run['name'])
                     continue
-                x = np.array(run['tokens'], dtype=float)
+                xs = np.array(run[x], dtype=float)
                 y = np.array([np.nan if v is None else v for v in y], dtype=float)
                 biggest = max(biggest, float(np.nanmax(np.abs(y), initial=0.0)))
                 lbl = run['name'] + (f" ({sname})" if view == 'decoded' else '')
                 if key == 'dominant_dim':
-                    ax.step(x, y, where='post', color=colours[i], lw=1, alpha=0.6)
-                    ax.plot(x, y, 'o', ms=3, color=colours[i], label=lbl)
+                    ax.step(xs, y, where='post', color=colours[i], lw=1, alpha=0.6)
+                    ax.plot(xs, y, 'o', ms=3, color=colours[i], label=lbl)
                 else:
-                    ax.plot(x, np.maximum(y, 1e-12) if scale == 'log' else y, marker='o', ms=2.5,
+                    ax.plot(xs, np.maximum(y, 1e-12) if scale == 'log' else y, marker='o', ms=2.5,
                             color=colours[i], label=lbl)
                 if key == 'start_mass' and run.get('seq_len'):
                     ax.axhline(1 / run['seq_len'], color=colours[i], ls=':', lw=0.8)
@@ -242,7 +246,7 @@ def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000)):
             if key in ('dominant_dim', 'n_massive_total'):
                 from matplotlib.ticker import MaxNLocator
                 ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel('tokens seen')
+            ax.set_xlabel(X_LABELS[x])
             ax.set_ylabel(label, fontsize=9)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
@@ -253,18 +257,18 @@ def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000)):
     # losses
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, run in enumerate(runs):
-        x = np.array(run['tokens'], dtype=float)
-        axes[0].plot(x, [np.nan if v is None else v for v in run['val_loss']], marker='o', ms=2.5,
+        xs = np.array(run[x], dtype=float)
+        axes[0].plot(xs, [np.nan if v is None else v for v in run['val_loss']], marker='o', ms=2.5,
                      color=colours[i], label=run['name'])
         for k, (term, values) in enumerate(run['val_aux'].items()):
-            axes[1].plot(x, [np.nan if v is None else v for v in values], marker='os^v'[k % 4], ms=2.5,
+            axes[1].plot(xs, [np.nan if v is None else v for v in values], marker='os^v'[k % 4], ms=2.5,
                          color=colours[i], label=f"{run['name']}: {term}")
     no_aux = [run['name'] for run in runs if not run['val_aux']]
     if no_aux:
         axes[1].text(0.01, 0.99, 'no aux terms (no commit gates): ' + ', '.join(no_aux),
                      transform=axes[1].transAxes, va='top', fontsize=7, color='gray')
     for ax, label in zip(axes, ('val loss (cross-entropy)', 'val aux terms (commit_rate: mean commit gate)')):
-        ax.set_xlabel('tokens seen')
+        ax.set_xlabel(X_LABELS[x])
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -6,6 +6,8 @@ Massive activations and attention sinks, measured (definitions: docs/reference.m
                     [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16] [--batch_size B]
                     [--trust_checkpoint] [--base_url URL] [--data_root DIR]
     python probe.py gpt2 out/ledger_160m/ckpt.pt            # OpenAI GPT-2 (fetched once) next to a checkpoint
+    python probe.py out/ckpt.pt hf:EleutherAI/pythia-160m    # any Hugging Face causal LM (hf.py) next to it
+    python probe.py hf:EleutherAI/pythia-160m@step1000,step8000   # its revisions, also drawn as a run
     python probe.py out/run/snapshots/*.pt                  # a run's snapshots (named run_i000100, ...)
     python probe.py out/run_a [out/run_b/log.jsonl ...]     # training runs: trajectories from log.jsonl
     python probe.py --group vanilla=a.pt,b.pt,c.pt --group ledger=d.pt,e.pt,f.pt   # seeds, statistics
@@ -18,6 +20,12 @@ gpt2-xl; prepare.fetch_gpt2 downloads config.json + model.safetensors once into
 <data_root>/gpt2/<name>/, resumable, then offline) or a folder holding a GPT-2 config.json and
 model.safetensors; model.load_gpt2 loads them into model.GPT (docs/reference.md §6). Without --text GPT-2 is
 probed on validation windows of the built-in corpus (built on first use), and the report says so.
+So can any decoder-only causal LM that transformers loads (hf.py; transformers is imported only
+then): hf:REPO_OR_FOLDER[@REVISION], hf:REPO@a,b,c for several revisions. It is probed with its own
+tokenizer and BOS convention, on --text or on the built-in corpus' validation documents tokenised by
+it; revisions that name a step (step1000, checkpoint-500) of one model are also drawn as a training
+run against that step (trajectory.json, trajectory_*.png). docs/reference.md §4.9 says what its
+sublayers are.
 
 For each checkpoint: N windows of T tokens from the validation shards of the checkpoint's dataset
 (prepare.Sampler, fixed seed, so every checkpoint of one dataset sees the same windows), or the
@@ -61,9 +69,9 @@ probe.json (tests/test_probe.py checks that every key below is there):
     checkpoints[]         one entry per checkpoint, in command-line order
       path                the checkpoint file
       name                short name used in tables and PNG file names
-      iter_num            training step of the checkpoint (None for GPT-2 weights)
+      iter_num            training step of the checkpoint (None for GPT-2 weights; hf: the revision's step or None)
       tokens              tokens seen in training (None for checkpoints that do not say)
-      weights             None for a train.py checkpoint; GPT-2: {kind: 'gpt2', folder, dtype, name}
+      weights             None for a train.py checkpoint; GPT-2: {kind: 'gpt2', folder, dtype, name}; hf: see hf.load
       model_args          GPTConfig fields
       residual            the residual operator, as the class describes itself (model.residual_info)
         name              its key in model.RESIDUALS
@@ -85,6 +93,8 @@ probe.json (tests/test_probe.py checks that every key below is there):
         doc_aligned       windows start at <|endoftext|>
         bos               the token that starts a document (50256 <|endoftext|>; 0 for the trigger language)
         bos_at_pos0       fraction of sequences whose position 0 holds it
+        bos_prepended     whether the probe put a BOS at position 0 (hf: models whose tokenizer does; never ours)
+        bos_note          hf: what position 0 is, in words; None for ours
         task              the dataset's meta.json when it scores a task (the trigger language), else None
       sublayers[]         one entry per sublayer: s, block (0-based), layer (1-based), kind (attn|mlp)
         s
@@ -707,6 +717,11 @@ def run_interventions(model, x, y, result, measure_obs, soften_k=None, batch_siz
     runs += [(f'quant{b}', None, f"all nn.Linear weights fake-quantised to {b} bits (symmetric, per output channel)", b)
              for b in (8, 4)]
     for name, edit, target, bits in runs:
+        why = getattr(model, 'cannot_edit', None) and edit is not None and edit.entries and model.cannot_edit(edit.s)
+        if why:   # e.g. a parallel block's partial sum (hf.py): no tensor to edit, so no number either
+            out[name] = dict(target=f"does not apply: {why}", val_loss=None, delta_loss=None, sink1_prefix=None,
+                             sink1=None, task_acc=None)
+            continue
         with (fake_quantized(model, bits) if bits else contextlib.nullcontext()):
             obs = Measure(streams=False, attention=True, edit=edit, task=task)
             loss_sum, count, hits, answers = run_passes(model, x, y, obs, batch_size, dtype, bar, task)
@@ -792,23 +807,29 @@ def report(r):
     kind = model_kind(cfg)
     lines.append(f"=== {r['name']}: {r['path']} ===")
     w = r.get('weights')
-    where = f"GPT-2 weights{' ' + w['name'] if w and w['name'] else ''} ({w['dtype']}) from {w['folder']}" if w \
+    hf = w is not None and w.get('kind') == 'hf'
+    where = f"{w['architecture']} ({w['dtype']}) {w['spec']}" if hf else \
+        f"GPT-2 weights{' ' + w['name'] if w and w['name'] else ''} ({w['dtype']}) from {w['folder']}" if w \
         else f"iter {r['iter_num']}"
     lines.append(f"model: {kind}, {cfg['n_layer']} layers x {cfg['n_embd']} wide x {cfg['n_head']} heads, "
                  f"{r['params'] / 1e6:.2f}M params, {where}; ran on {r['device']}")
     if data['source'] == 'val':
-        lines.append(f"data: {data['num_seqs']} windows x T={data['seq_len']} from the {data['dataset']} val shards "
+        source = (f"of the {data['dataset']} corpus' val documents (this Python's standard library) in the model's "
+                  f"own tokenizer ({w['tokenizer']}), the same passages for every hf: model" if hf else
+                  f"from the {data['dataset']} val shards")
+        lines.append(f"data: {data['num_seqs']} windows x T={data['seq_len']} {source} "
                      f"(seed {data['seed']}{', doc-aligned' if data['doc_aligned'] else ''})"
                      + (" -- GPT-2 has no val split of ours: the built-in corpus (this Python's standard library); "
-                        "--text for your own" if w else ""))
+                        "--text for your own" if w and not hf else ""))
     else:
         lines.append(f"data: {data['num_seqs']} --text prompt(s), T={data['seq_len']} "
                      f"(prompt lengths {data['truncated_from']}, truncated to the shortest)")
     if w:
-        lines.append("blocks: Sun et al.'s raw output of block i is the h row of s = 2i + 1 (mlp) below")
+        lines.append("blocks: Sun et al.'s raw output of block i is the h row of s = 2i + 1 (mlp) below"
+                     + (f"; {w['sublayers']}" if hf else ""))
     bos = '<|endoftext|>' if data['bos'] == EOT else f"BOS (token {data['bos']})"
-    lines.append(f"position 0 holds {bos} in {100 * data['bos_at_pos0']:.0f}% of sequences; "
-                 f"val loss {num(r['val_loss'], 0)}")
+    lines.append(f"position 0 holds {bos} in {100 * data['bos_at_pos0']:.0f}% of sequences"
+                 + (f" ({data['bos_note']})" if data.get('bos_note') else "") + f"; val loss {num(r['val_loss'], 0)}")
     if data['task']:
         lines.append(f"task ({data['dataset']}): accuracy {num(r['task_acc'], 0)} on the {r['task_answers']} tokens "
                      f"after a TRIGGER (argmax; chance 1/{data['task']['vocab_size'] - 2})")
@@ -959,10 +980,13 @@ def comparison_text(comp, width=160):
 
 
 def input_kind(path):
-    """'run' (a training run: a folder holding log.jsonl, or a .jsonl file), 'gpt2' (a name in
-    prepare.GPT2_MODELS, or a folder holding config.json / model.safetensors) or 'checkpoint' (any
-    other path; a missing file is reported by the checkpoint loader). One place for kinds of input."""
+    """'run' (a training run: a folder holding log.jsonl, or a .jsonl file), 'hf' (hf:REPO_OR_FOLDER
+    [@REVISION], read by hf.py), 'gpt2' (a name in prepare.GPT2_MODELS, or a folder holding
+    config.json / model.safetensors) or 'checkpoint' (any other path; a missing file is reported by
+    the checkpoint loader). One place for kinds of input."""
     from prepare import GPT2_MODELS
+    if path.startswith('hf:'):
+        return 'hf'
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, 'log.jsonl')):
             return 'run'
@@ -998,8 +1022,12 @@ def unique_names(bases):
 def checkpoint_names(paths):
     """Short unique names: the folder for .../NAME/ckpt.pt, NAME_i000100 for the snapshot
     .../NAME/snapshots/ckpt_000100.pt, else the file stem."""
+    from hf import short_name
     bases = []
     for p in map(os.path.normpath, paths):   # a folder's trailing / would leave no base name
+        if p.startswith('hf:'):
+            bases.append(short_name(p))
+            continue
         stem = os.path.basename(p) if os.path.isdir(p) else os.path.splitext(os.path.basename(p))[0]
         folder = os.path.dirname(os.path.abspath(p))
         parent = os.path.basename(folder)
@@ -1053,8 +1081,12 @@ def load_gpt2_weights(path, args):
     return model, ckpt
 
 
-def load(path, args):
-    """(model, ckpt, x, y, data) or a ValueError/OSError/RuntimeError with one line."""
+def load(path, args, check_only=False):
+    """(model, ckpt, x, y, data) or a ValueError/OSError/RuntimeError with one line. check_only: an
+    hf: input is checked without loading its weights (None); other inputs are loaded as usual."""
+    if input_kind(path) == 'hf':
+        import hf
+        return hf.load(path, args, check_only)
     model, ckpt = (load_gpt2_weights if input_kind(path) == 'gpt2' else load_checkpoint)(path, args)
     T = args.seq_len or model.config.block_size
     if T > model.config.block_size:
@@ -1070,6 +1102,7 @@ def load(path, args):
         raise ValueError(f"{path}: token id {int(x.max())} of the {'--text prompts' if args.text else 'val windows'} "
                          f"is outside the model's vocab_size {model.config.vocab_size}")
     data['bos_at_pos0'] = float((x[:, 0] == data['bos']).double().mean())
+    data.update(bos_prepended=False, bos_note=None)
     return model, ckpt, x, y, data
 
 
@@ -1077,6 +1110,8 @@ def probe_checkpoint(path, name, args, loaded=None):
     """Every measurement of one checkpoint; returns (JSON-able result, sample of sequence 0)."""
     from tqdm import tqdm
     model, ckpt, x, y, data = loaded or load(path, args)
+    if ckpt.get('notice'):       # hf.py: how long this will take on a CPU, said before it starts
+        print(ckpt['notice'], file=sys.stderr, flush=True)
     N, T = x.shape
     bs = args.batch_size
     bar = tqdm(total=n_batches(N, T, bs) * (6 if args.interventions else 1), desc=name, unit='batch', leave=False,
@@ -1146,15 +1181,17 @@ def parse_args(argv=None):
     p.add_argument('inputs', nargs='*', metavar='INPUT',
                    help='checkpoint files written by train.py (ckpt.pt, snapshots/ckpt_*.pt); OpenAI GPT-2 '
                         '(gpt2, gpt2-medium, gpt2-large, gpt2-xl: downloaded once) or a folder holding a GPT-2 '
-                        'config.json and model.safetensors; or training runs: an out_dir holding log.jsonl, or a '
-                        'log.jsonl file (trajectories; no model is run)')
+                        'config.json and model.safetensors; any Hugging Face causal LM as hf:REPO_OR_FOLDER[@REVISION] '
+                        '(hf:REPO@a,b,c: several revisions, also drawn as a run; needs transformers); or training '
+                        'runs: an out_dir holding log.jsonl, or a log.jsonl file (trajectories; no model is run)')
     p.add_argument('--group', action='append', default=None, metavar='NAME=CKPT,CKPT,...',
                    help='a group of runs (e.g. seeds) to compare with the other groups: mean, sample std, Welch '
                         'interval and p, permutation p, Holm-adjusted p and Hedges\' g of the headline numbers '
                         '(repeatable, instead of INPUTs)')
     p.add_argument('--out', default='probe_out', help='folder for probe.json (trajectory.json for runs) and the PNGs')
     p.add_argument('--num_seqs', type=int, default=16, help='validation windows to probe')
-    p.add_argument('--seq_len', type=int, default=None, help="window length (default: the model's block_size)")
+    p.add_argument('--seq_len', type=int, default=None,
+                   help="window length (default: the model's block_size; hf: inputs: its context, at most 1024)")
     p.add_argument('--text', action='append', default=None,
                    help='probe this prompt instead of validation windows (repeatable; truncated to the shortest)')
     p.add_argument('--interventions', action='store_true', help='zero/mean/soften/quantise and re-measure')
@@ -1191,7 +1228,8 @@ def check_inputs(args):
     groups = parse_groups(args.group) if args.group else None
     if groups and args.inputs:
         raise ValueError(f"give checkpoints either as arguments ({args.inputs[0]}, ...) or in --group, not both")
-    paths = [q for members in groups.values() for q in members] if groups else list(args.inputs)
+    from hf import expand
+    paths = [q for members in groups.values() for q in members] if groups else expand(args.inputs)
     if not paths:
         raise ValueError("nothing to probe: give checkpoint files, training runs (an out_dir holding log.jsonl), "
                          "or --group NAME=a.pt,b.pt")
@@ -1217,7 +1255,7 @@ def check_inputs(args):
         groups = {g: [next(it) for _ in members] for g, members in groups.items()}
     first = load(paths[0], args)
     for q in paths[1:]:
-        load(q, args)
+        load(q, args, check_only=True)
     return 'checkpoints', paths, names, first, groups
 
 
@@ -1267,6 +1305,8 @@ def main_checkpoints(paths, names, first, groups, args):
         print()
         if not groups:
             files += plot_overlay(results, args.out)
+            from hf import revision_trajectories     # hf: revisions of one model, drawn as a training run
+            files += revision_trajectories(results, args.out, vars(args))
     stats = None
     if groups:
         stats = group_statistics(results, groups)
