@@ -406,11 +406,12 @@ def micro_step_seed(seed, step, micro_step):
     return int(np.random.SeedSequence([seed, step, micro_step, 1]).generate_state(1, np.uint64)[0] >> 1)
 
 
-# dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's datasheets, by
-# torch.cuda.get_device_name(); the first match wins. The NVL and PCIe cards run at lower clocks than
-# SXM ones of the same name (e.g. 'NVIDIA H100 80GB HBM3' is the SXM H100, 'NVIDIA H200' the SXM H200).
+# dense (no sparsity: half the datasheets' headline) bf16 tensor-core peak FLOP/s, by
+# torch.cuda.get_device_name(); the first match wins. NVL and PCIe cards have lower clocks or fewer
+# SMs than the SXM ones of the same name ('NVIDIA H100 80GB HBM3' is the SXM H100, 'NVIDIA H200' the
+# SXM H200); both NVL cards are rated 1,671 TFLOP/s with sparsity.
 PEAK_FLOPS = [
-    (r'H100.*NVL', 835e12), (r'H100.*PCIe', 756e12), (r'H100', 989e12),
+    (r'H100.*NVL', 836e12), (r'H100.*PCIe', 756e12), (r'H100', 989e12),
     (r'H200.*NVL', 836e12), (r'H200', 989e12),
     (r'A100', 312e12), (r'\bL4\b', 121e12), (r'\bA10\b', 125e12), (r'RTX 4090', 165e12),
 ]

@@ -428,7 +428,7 @@ def test_a_token_id_outside_the_vocabulary_is_a_one_line_error(data_root, tmp_pa
 
 @pytest.mark.parametrize('name, flops', [('NVIDIA H200 NVL', 836e12), ('NVIDIA H200', 989e12),
                                          ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12),
-                                         ('NVIDIA H100 NVL', 835e12), ('NVIDIA A100-SXM4-80GB', 312e12),
+                                         ('NVIDIA H100 NVL', 836e12), ('NVIDIA A100-SXM4-80GB', 312e12),
                                          ('NVIDIA GeForce GTX 1080', None)])
 def test_peak_flops_knows_the_card_and_only_rates_bf16(name, flops, monkeypatch):
     """The one peak table of train.py and bench.py: NVL and PCIe cards are not rated as SXM ones; MFU
