@@ -381,23 +381,30 @@ def test_ddp_matches_single_process(data_root, tmp_path, root, env):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
 
 
-def test_eval_windows_do_not_depend_on_batch_size_or_world_size(data_root, tmp_path, root, env):
+@pytest.fixture
+def in_process():
+    """For tests that run train.main past the config checks in this process: train() makes torch's
+    algorithms deterministic on the CPU, which is put back afterwards."""
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
+def test_eval_windows_do_not_depend_on_batch_size_or_world_size(data_root, tmp_path, root, env, in_process, capsys):
     """The evaluation at step 0 gives the same bits at batch_size 1, 2 and 4 (same total_batch_size)
     and on 2 ranks (gloo), for both splits and the aux terms; and it is the mean CE over eval_iters
     micro-batches of train.eval_batch_size(block_size) windows drawn with EVAL_SEED, recomputed here."""
     from prepare import Sampler
     args = dict(max_iters=0, eval_iters=3, stats_seqs=0)   # 3 micro-batches: 2 on rank 0, 1 on rank 1
-    procs = {b: subprocess.Popen([sys.executable, os.path.join(root, 'train.py')]
-                                 + tiny(data_root, tmp_path / f'b{b}', batch_size=b, **args),
-                                 cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for b in (1, 2, 4)}
     env = dict(env, GLOO_SOCKET_IFNAME=os.environ.get('GLOO_SOCKET_IFNAME', 'lo'))
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        os.path.join(root, 'train.py')] + tiny(data_root, tmp_path / 'ddp', batch_size=2, **args),
-                       capture_output=True, text=True, timeout=180, cwd=root, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for b, p in procs.items():
-        assert p.wait(timeout=120) == 0, p.stderr.read()
+    ddp = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                            os.path.join(root, 'train.py')] + tiny(data_root, tmp_path / 'ddp', batch_size=2, **args),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root, env=env)
+    for b in (1, 2, 4):   # here, one thread as in the ranks (conftest, torchrun), while the ranks run
+        assert train.main(tiny(data_root, tmp_path / f'b{b}', batch_size=b, **args)) == 0
+    capsys.readouterr()
+    out, _ = ddp.communicate(timeout=180)
+    assert ddp.returncode == 0, out[-3000:]
     keys = ('train_loss', 'val_loss', 'train_aux', 'val_aux')
     evals = {name: read_log(tmp_path / name, 'eval')[0] for name in ('b1', 'b2', 'b4', 'ddp')}
     assert read_log(tmp_path / 'ddp', 'start')[0]['world_size'] == 2
@@ -415,7 +422,7 @@ def test_eval_windows_do_not_depend_on_batch_size_or_world_size(data_root, tmp_p
     assert evals['b4']['val_loss'] == pytest.approx(sum(ce) / 3, rel=1e-12)
 
 
-def test_a_token_id_outside_the_vocabulary_is_a_one_line_error(data_root, tmp_path, capsys, one_line_error):
+def test_a_token_id_outside_the_vocabulary_is_a_one_line_error(data_root, tmp_path, capsys, one_line_error, in_process):
     """The data path checks every batch (the model's forward does not, to spare a host sync per call):
     data with ids up to 511 and vocab_size=256 stop the run with one line naming the shard, from the
     statistics' windows or, without them, from the first training batch."""
