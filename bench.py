@@ -17,8 +17,8 @@ Prints a table and each model's time relative to the first (ledger/vanilla: ~1.0
 paper's shapes), then one JSON line for scripts. On a GPU, 'step mem' is the peak memory of one step
 minus what was allocated before it (weights and AdamW moments, the 'state' column): activations,
 gradients and the logits; on other devices it is n/a. MFU is given for bf16 on GPUs that
-train.peak_flops knows, n/a otherwise. Since the models no longer alternate step by step, other load
-on the machine can favour one of them: compare ratios from a quiet machine or several runs.
+train.peak_flops knows, n/a otherwise. The models do not alternate step by step, so a change of load
+on a shared machine between them shows up in their ratio: compare ratios from a quiet machine.
 Bad input: one line on stderr and exit code 2.
 """
 
