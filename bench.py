@@ -10,16 +10,16 @@ Each timed step is forward + backward + gradient clipping + AdamW step on random
 training loss of train.py (cross-entropy plus the configured penalties, e.g. commit_sparsity x
 commit rate) and, as in train.py, without keeping the logits. The models are measured one at a
 time: build, warm up (compile happens here), time, free, then the next, so that one model's
-weights and optimizer state never sit in another's memory. The vocabulary is the presets' 50257
-unless --vocab_size says otherwise.
+weights and optimizer state never sit in another's memory. With --rounds=R the models take R such
+turns each, in alternation, and a model's time is the median over all its timed steps: on a shared
+machine, load that comes and goes then falls on every model rather than on one. The vocabulary is
+the presets' 50257 unless --vocab_size says otherwise.
 
 Prints a table and each model's time relative to the first (ledger/vanilla: ~1.08 in FLOPs at the
 paper's shapes), then one JSON line for scripts. On a GPU, 'step mem' is the peak memory of one step
 minus what was allocated before it (weights and AdamW moments, the 'state' column): activations,
 gradients and the logits; on other devices it is n/a. MFU is given for bf16 on GPUs that
-train.peak_flops knows, n/a otherwise. The models do not alternate step by step, so a change of load
-on a shared machine between them shows up in their ratio: compare ratios from a quiet machine.
-Bad input: one line on stderr and exit code 2.
+train.peak_flops knows, n/a otherwise. Bad input: one line on stderr and exit code 2.
 """
 
 import argparse
@@ -62,14 +62,15 @@ def parse_args(argv=None):
     p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16'], help="'auto' = bf16 on CUDA")
     p.add_argument('--compile', default='auto', choices=['auto', 'true', 'false'], help="'auto' = on for CUDA")
     p.add_argument('--warmup', type=int, default=3, help='untimed steps per model (compile happens here)')
-    p.add_argument('--steps', type=int, default=10, help='timed steps per model')
+    p.add_argument('--steps', type=int, default=10, help='timed steps per model and round')
+    p.add_argument('--rounds', type=int, default=1, help='turns per model, in alternation (e.g. 3 on a busy CPU)')
     p.add_argument('--probe', action='store_true', help="also time probe.py's instrumented passes vs plain forwards")
     args = p.parse_args(argv)
     shape = dict(zip(SHAPE, PRESETS[args.preset]))
     for k in shape:
         if getattr(args, k) is None:
             setattr(args, k, shape[k])
-    for k in ('batch_size', 'steps'):
+    for k in ('batch_size', 'steps', 'rounds'):
         if getattr(args, k) < 1:
             p.error(f"--{k} must be >= 1, got {getattr(args, k)}")
     if args.warmup < 0:
@@ -145,8 +146,8 @@ def step_memory(step, device):
 
 
 def measure(args, residual):
-    """One model, alone on the device: build, warm up, step memory, timed steps (median), and
-    the probe's overhead with --probe. Everything is freed before it returns."""
+    """One turn of one model, alone on the device: build, warm up, step memory, timed steps, and the
+    probe's overhead with --probe. Everything is freed before it returns."""
     model, fwd, opt = build(args, residual)
     step = make_step(args, model, fwd, opt)
     for _ in range(args.warmup):
@@ -159,8 +160,7 @@ def measure(args, residual):
         step()
         sync(args.device)
         times.append(time.perf_counter() - t0)
-    ms = 1000 * sorted(times)[len(times) // 2]
-    info = dict(params=model.num_params(), flops_per_token=model.estimate_flops_per_token(), ms_per_step=ms,
+    info = dict(params=model.num_params(), flops_per_token=model.estimate_flops_per_token(), times=times,
                 state_mem_gib=state_mem, step_mem_gib=step_mem)
     if args.probe:
         from probe import measure_overhead
@@ -194,10 +194,16 @@ def main(argv=None):
                   vocab_size=args.vocab_size)
     print(f"shape {args.n_layer}x{args.n_embd}x{args.n_head}, T={args.block_size}, B={args.batch_size}, "
           f"V={args.vocab_size}, {args.device} {args.dtype} compile={args.compile}, one model at a time, "
-          f"median of {args.steps} steps after {args.warmup} warm-up steps")
+          f"median of {args.rounds} x {args.steps} steps, each round after {args.warmup} warm-up steps")
+    turns = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            turns[name].append(measure(args, name))
     print(f"{'model':8s} {'params':>10s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'state':>10s} {'step mem':>10s}")
     for name in names:
-        r = result[name] = measure(args, name)
+        r = result[name] = turns[name][0]   # size and memory: the same in every round
+        times = sorted(t for turn in turns[name] for t in turn.pop('times'))
+        r['ms_per_step'] = 1000 * times[len(times) // 2]
         r['tokens_per_s'] = tokens / (r['ms_per_step'] / 1000)
         r['mfu'] = r['flops_per_token'] * r['tokens_per_s'] / peak if peak else None
         mfu = 'n/a' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"
