@@ -1,19 +1,31 @@
 """
-Speed of residual operators against each other at the same shape, measured in one process.
+Speed and memory of residual operators against each other at the same shape, one training step as
+train.py runs it.
 
     python bench.py                                    # small CPU shape: vanilla vs ledger
     python bench.py --preset=160m --device=cuda        # the paper's 12 x 768 shape, bf16 + compile
     python bench.py --residuals=vanilla,ledger,mine    # any keys of model.RESIDUALS
 
-Each timed step is forward + backward + AdamW step on random tokens, with the training loss of
-train.py (cross-entropy plus the configured penalties, e.g. commit_sparsity x commit rate). The
-models alternate step by step after a warm-up, so drift in clock speed or other load hits all alike.
-Prints a table, each model's time relative to the first (ledger/vanilla: ~1.08 in FLOPs at the
-paper's shapes), and one JSON line for scripts.
+Each timed step is forward + backward + gradient clipping + AdamW step on random tokens, with the
+training loss of train.py (cross-entropy plus the configured penalties, e.g. commit_sparsity x
+commit rate) and, as in train.py, without keeping the logits. The models are measured one at a
+time: build, warm up (compile happens here), time, free, then the next, so that one model's
+weights and optimizer state never sit in another's memory. With --rounds=R the models take R such
+turns each, in alternation, and a model's time is the median over all its timed steps: on a shared
+machine, load that comes and goes then falls on every model rather than on one. The vocabulary is
+the presets' 50257 unless --vocab_size says otherwise.
+
+Prints a table and each model's time relative to the first (ledger/vanilla: ~1.08 in FLOPs at the
+paper's shapes), then one JSON line for scripts. On a GPU, 'step mem' is the peak memory of one step
+minus what was allocated before it (weights and AdamW moments, the 'state' column): activations,
+gradients and the logits; on other devices it is n/a. MFU is given for bf16 on GPUs that
+train.peak_flops knows, n/a otherwise. Bad input: one line on stderr and exit code 2.
 """
 
 import argparse
+import gc
 import json
+import sys
 import time
 from contextlib import nullcontext
 
@@ -27,13 +39,22 @@ PRESETS = {  # n_layer, n_head, n_embd, block_size, batch_size
     '160m': (12, 12, 768, 1024, 24),
     '290m': (12, 16, 1024, 1024, 16),
 }
+SHAPE = ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size')
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that bad input raises ValueError: main() reports it in one line, not two."""
+
+    def error(self, message):
+        raise ValueError(message)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', choices=PRESETS, default='tiny', help='shape and batch (overridden by the flags below)')
-    for name in ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size'):
+    for name in SHAPE:
         p.add_argument(f'--{name}', type=int)
+    p.add_argument('--vocab_size', type=int, default=50257, help="the presets' GPT-2 vocabulary; 50304 pads it to 64")
     p.add_argument('--residuals', default='vanilla,ledger',
                    help='comma-separated keys of model.RESIDUALS; times are given relative to the first')
     p.add_argument('--ledger_rank', type=int, default=64)
@@ -41,17 +62,28 @@ def parse_args(argv=None):
     p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16'], help="'auto' = bf16 on CUDA")
     p.add_argument('--compile', default='auto', choices=['auto', 'true', 'false'], help="'auto' = on for CUDA")
     p.add_argument('--warmup', type=int, default=3, help='untimed steps per model (compile happens here)')
-    p.add_argument('--steps', type=int, default=10, help='timed steps per model')
+    p.add_argument('--steps', type=int, default=10, help='timed steps per model and round')
+    p.add_argument('--rounds', type=int, default=1, help='turns per model, in alternation (e.g. 3 on a busy CPU)')
     p.add_argument('--probe', action='store_true', help="also time probe.py's instrumented passes vs plain forwards")
     args = p.parse_args(argv)
-    shape = dict(zip(('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size'), PRESETS[args.preset]))
+    shape = dict(zip(SHAPE, PRESETS[args.preset]))
     for k in shape:
         if getattr(args, k) is None:
             setattr(args, k, shape[k])
+    for k in ('batch_size', 'steps', 'rounds'):
+        if getattr(args, k) < 1:
+            p.error(f"--{k} must be >= 1, got {getattr(args, k)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
     args.residuals = args.residuals.split(',')
     unknown = [r for r in args.residuals if r not in RESIDUALS]
     if unknown:
         p.error(f"--residuals: {', '.join(unknown)} not in model.RESIDUALS ({', '.join(RESIDUALS)})")
+    for residual in args.residuals:
+        try:
+            config(args, residual)
+        except ValueError as e:
+            p.error(str(e))
     try:
         args.device, args.dtype, args.compile = resolve_device(
             args.device, args.dtype, 'auto' if args.compile == 'auto' else args.compile == 'true')
@@ -60,11 +92,14 @@ def parse_args(argv=None):
     return args
 
 
+def config(args, residual):
+    return GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
+                     vocab_size=args.vocab_size, residual=residual, ledger_rank=args.ledger_rank)
+
+
 def build(args, residual):
     torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
-                    vocab_size=50304, residual=residual, ledger_rank=args.ledger_rank)
-    model = GPT(cfg).to(args.device)
+    model = GPT(config(args, residual)).to(args.device)
     opt = model.configure_optimizer(0.1, 3e-4, (0.9, 0.999), device_type=args.device.split(':')[0])
     fwd = torch.compile(model) if args.compile else model
     return model, fwd, opt
@@ -74,7 +109,7 @@ def make_step(args, model, fwd, opt):
     ctx = (torch.autocast(args.device.split(':')[0], dtype=torch.bfloat16)
            if args.dtype == 'bfloat16' else nullcontext())
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 50257, (args.batch_size, args.block_size + 1), generator=g).to(args.device)
+    x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size + 1), generator=g).to(args.device)
 
     train_cfg = TrainConfig(residual=model.config.residual)   # train.py's default penalty weights
     if 'commit_rate' not in RESIDUALS[model.config.residual].aux:
@@ -82,7 +117,7 @@ def make_step(args, model, fwd, opt):
 
     def step():
         with ctx:
-            _, ce, aux = fwd(x[:, :-1], x[:, 1:])
+            _, ce, aux = fwd(x[:, :-1], x[:, 1:], return_logits=False)
             loss = total_loss(ce, aux, train_cfg)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -96,49 +131,84 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    names = args.residuals
-    models, steps = {}, {}
-    for name in names:
-        models[name] = build(args, name)
-        steps[name] = make_step(args, *models[name])
-    for _ in range(args.warmup):
-        for name in names:
-            steps[name]()
-    sync(args.device)
-    times = {name: [] for name in names}
-    peak_mem = {}
-    for name in names:
-        if args.device.startswith('cuda'):
-            torch.cuda.reset_peak_memory_stats()
-        steps[name]()
-        sync(args.device)
-        peak_mem[name] = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith('cuda') else None
-    for _ in range(args.steps):
-        for name in names:
-            t0 = time.perf_counter()
-            steps[name]()
-            sync(args.device)
-            times[name].append(time.perf_counter() - t0)
+def step_memory(step, device):
+    """(GiB allocated before one step, GiB of that step's peak above it) on CUDA; (None, None) elsewhere,
+    where torch keeps no such count."""
+    if not device.startswith('cuda'):
+        step()
+        return None, None
+    sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    sync(device)
+    return before / 2**30, (torch.cuda.max_memory_allocated(device) - before) / 2**30
 
+
+def measure(args, residual):
+    """One turn of one model, alone on the device: build, warm up, step memory, timed steps, and the
+    probe's overhead with --probe. Everything is freed before it returns."""
+    model, fwd, opt = build(args, residual)
+    step = make_step(args, model, fwd, opt)
+    for _ in range(args.warmup):
+        step()
+    state_mem, step_mem = step_memory(step, args.device)
+    times = []
+    for _ in range(args.steps):
+        sync(args.device)
+        t0 = time.perf_counter()
+        step()
+        sync(args.device)
+        times.append(time.perf_counter() - t0)
+    info = dict(params=model.num_params(), flops_per_token=model.estimate_flops_per_token(), times=times,
+                state_mem_gib=state_mem, step_mem_gib=step_mem)
+    if args.probe:
+        from probe import measure_overhead
+        x = torch.randint(0, args.vocab_size, (min(args.batch_size, 8), args.block_size), device=args.device)
+        plain, instrumented = measure_overhead(model.eval(), x)
+        info['probe'] = dict(plain_s=plain, instrumented_s=instrumented, ratio=instrumented / plain)
+    del model, fwd, opt, step
+    gc.collect()
+    if args.compile:
+        torch._dynamo.reset()   # the compiled code holds on to the model
+    if args.device.startswith('cuda'):
+        torch.cuda.empty_cache()
+    return info
+
+
+def gib(v):
+    return 'n/a' if v is None else f'{v:.2f} GiB'
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        return 2
+    names = args.residuals
     tokens = args.batch_size * args.block_size
-    peak = peak_flops(args.device) if args.dtype == 'bfloat16' else None  # the table is dense bf16
+    peak = peak_flops(args.device, args.dtype)   # None unless bf16 on a known GPU
     result = dict(device=args.device, dtype=args.dtype, compile=args.compile, n_layer=args.n_layer,
-                  n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size, batch_size=args.batch_size)
+                  n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size, batch_size=args.batch_size,
+                  vocab_size=args.vocab_size)
     print(f"shape {args.n_layer}x{args.n_embd}x{args.n_head}, T={args.block_size}, B={args.batch_size}, "
-          f"{args.device} {args.dtype} compile={args.compile}, median of {args.steps} steps")
-    print(f"{'model':8s} {'params':>10s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'peak mem':>9s}")
+          f"V={args.vocab_size}, {args.device} {args.dtype} compile={args.compile}, one model at a time, "
+          f"median of {args.rounds} x {args.steps} steps, each round after {args.warmup} warm-up steps")
+    turns = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            turns[name].append(measure(args, name))
+    print(f"{'model':8s} {'params':>10s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'state':>10s} {'step mem':>10s}")
     for name in names:
-        model = models[name][0]
-        ms = 1000 * sorted(times[name])[len(times[name]) // 2]
-        tps = tokens / (ms / 1000)
-        mfu = model.estimate_mfu(tps, peak) if peak else None
-        mem = peak_mem[name]
-        print(f"{name:8s} {model.num_params() / 1e6:9.1f}M {ms:9.1f} {tps:10.0f} "
-              f"{f'{100 * mfu:5.1f}%' if mfu else '  n/a':>6s} {f'{mem:.2f} GiB' if mem else 'n/a':>9s}")
-        result[name] = dict(params=model.num_params(), ms_per_step=ms, tokens_per_s=tps, mfu=mfu, peak_mem_gib=mem,
-                            flops_per_token=model.estimate_flops_per_token())
+        r = result[name] = turns[name][0]   # size and memory: the same in every round
+        times = sorted(t for turn in turns[name] for t in turn.pop('times'))
+        r['ms_per_step'] = 1000 * times[len(times) // 2]
+        r['tokens_per_s'] = tokens / (r['ms_per_step'] / 1000)
+        r['mfu'] = r['flops_per_token'] * r['tokens_per_s'] / peak if peak else None
+        mfu = 'n/a' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"
+        print(f"{name:8s} {r['params'] / 1e6:9.1f}M {r['ms_per_step']:9.1f} {r['tokens_per_s']:10.0f} {mfu:>6s} "
+              f"{gib(r['state_mem_gib']):>10s} {gib(r['step_mem_gib']):>10s}", flush=True)
     base = names[0]
     for name in names[1:]:
         ratio = result[name]['ms_per_step'] / result[base]['ms_per_step']
@@ -149,19 +219,13 @@ def main(argv=None):
     if 'vanilla' in result and 'ledger' in result:   # the paper's comparison, kept at the top level for scripts
         result['ratio'] = result['ledger']['ms_per_step'] / result['vanilla']['ms_per_step']
         result['flop_ratio'] = result['ledger']['flops_per_token'] / result['vanilla']['flops_per_token']
-
-    if args.probe:
-        from probe import measure_overhead
-        for name in names:
-            model = models[name][0].eval()
-            x = torch.randint(0, 50257, (min(args.batch_size, 8), args.block_size), device=args.device)
-            plain, instrumented = measure_overhead(model, x)
-            result[f'probe_{name}'] = dict(plain_s=plain, instrumented_s=instrumented, ratio=instrumented / plain)
-            print(f"probe overhead {name}: plain {plain:.3f}s, instrumented {instrumented:.3f}s, "
-                  f"ratio {instrumented / plain:.2f} (goal <= 1.5)")
+    for name in names if args.probe else []:
+        p = result[name]['probe']
+        print(f"probe overhead {name}: plain {p['plain_s']:.3f}s, instrumented {p['instrumented_s']:.3f}s, "
+              f"ratio {p['ratio']:.2f} (goal <= 1.5)")
     print(json.dumps(result))
     return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -328,13 +328,19 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            # in q's and k's own dtype (bf16 under autocast): with the fp32 weight as it is, torch warns
+            # about the mismatch and takes its slow unfused path
+            q, k = (F.rms_norm(t, (t.size(-1),), norm.weight.to(t.dtype), norm.eps)
+                    for t, norm in ((q, self.q_norm), (k, self.k_norm)))
         if observer is not None and observer.attention:
-            att = (q @ k.transpose(-2, -1)).div_(math.sqrt(k.size(-1)))   # in place: T x T maps are big
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill_(~causal, float('-inf')).softmax(dim=-1)
-            observer.on_attention(self.layer, q, k, v, att)
-            y = att @ v
+            # the probe's statistics come from these probabilities: scores and softmax in fp32 whatever
+            # the autocast dtype (bf16 rounds a score near 50 by up to 0.125: its probability by up to 13 %)
+            with torch.autocast(x.device.type, enabled=False):
+                att = (q.float() @ k.float().transpose(-2, -1)).div_(math.sqrt(k.size(-1)))  # in place: T x T maps are big
+                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                att = att.masked_fill_(~causal, float('-inf')).softmax(dim=-1)
+                observer.on_attention(self.layer, q, k, v, att)
+                y = att @ v.float()
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -412,17 +418,19 @@ class GPT(nn.Module):
         elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
             nn.init.ones_(module.weight)
 
-    def forward(self, idx, targets=None, observer=None):
+    def forward(self, idx, targets=None, observer=None, return_logits=True):
         """Returns (logits, loss, aux). loss is the cross-entropy only (None without targets); aux
         holds the operator's auxiliary terms, each averaged over the sublayers: for the ledger
         aux['commit_rate'], the mean commit gate (differentiable, fp32) that train.py's
-        commit_sparsity penalty multiplies; {} for vanilla."""
+        commit_sparsity penalty multiplies; {} for vanilla.
+
+        return_logits=False gives None for the logits, so that the B x T x V tensor is freed as soon as
+        the loss is computed (training needs only the loss). Token ids are not checked here: that
+        would make the host wait for the device at every call; the data path checks every batch
+        (prepare.Sampler with vocab_size, probe.py's inputs) and generate() its prompt."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        if not torch.compiler.is_compiling() and idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
         pos = torch.arange(T, device=idx.device)
         state = self.residual.start(self.drop(self.wte(idx) + self.wpe(pos)))
         terms = {}
@@ -435,7 +443,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss, aux
+        return (logits if return_logits else None), loss, aux
 
     # ------------------------------------------------------------------------------------------
 
@@ -471,6 +479,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Sample continuations of idx (B, T); temperature 0 means greedy."""
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):  # once, on the prompt
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.config.block_size:])[0]
             logits = logits[:, -1, :].float()

@@ -274,12 +274,16 @@ class Sampler:
 
     doc_aligned=True starts every window at a document start, a `bos` token: <|endoftext|> for
     GPT-2 shards, 0 for the trigger language (see dataset_meta).
+
+    vocab_size: every batch is checked for token ids >= vocab_size (ValueError naming the shard),
+    here on the host before the copy to the device, so that the model's forward needs no check.
     """
 
-    def __init__(self, paths, batch_size, block_size, seed, rank=0, doc_aligned=False, device='cpu', bos=EOT):
+    def __init__(self, paths, batch_size, block_size, seed, rank=0, doc_aligned=False, device='cpu', bos=EOT,
+                 vocab_size=None):
         self.batch_size, self.block_size = batch_size, block_size
         self.seed, self.rank, self.doc_aligned, self.device = seed, rank, doc_aligned, str(device)
-        self.bos = bos
+        self.bos, self.vocab_size = bos, vocab_size
         window = block_size + 1
         shards = [(str(p), read_shard(p)) for p in paths]
         usable = [(p, s) for p, s in shards if len(s) >= window]
@@ -320,7 +324,14 @@ class Sampler:
             else:
                 start = rng.integers(len(shard) - window + 1)
             rows.append(shard[start:start + window])
-        buf = torch.from_numpy(np.stack(rows).astype(np.int64))
+        rows = np.stack(rows)
+        if self.vocab_size is not None:
+            top = rows.max(axis=1)
+            if top.max() >= self.vocab_size:
+                i = int(np.argmax(top >= self.vocab_size))
+                raise ValueError(f"{self.paths[which[i]]}: token id {int(top[i])} is outside the model's vocabulary "
+                                 f"(vocab_size={self.vocab_size}); use a vocab_size above every id of the data")
+        buf = torch.from_numpy(rows.astype(np.int64))
         x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
         if self.device.startswith('cuda'):
             x = x.pin_memory().to(self.device, non_blocking=True)

@@ -47,6 +47,7 @@ Exit codes: 0 done (also after SIGTERM), 2 bad config or missing data, 3 non-fin
 import ast
 import contextlib
 import dataclasses
+import datetime
 import difflib
 import json
 import math
@@ -82,7 +83,8 @@ class TrainKeys:
     out_dir: str = option('out', "folder for ckpt.pt and log.jsonl (written by rank 0 only)")
     eval_interval: int = option(10, "evaluate and checkpoint every this many steps (and at the last step)")
     log_interval: int = option(10, "print and log the training loss every this many steps")
-    eval_iters: int = option(4, "batches per split in an evaluation, shared out over the ranks")
+    eval_iters: int = option(4, "micro-batches per split in an evaluation, each of max(1, 2048 // block_size) fixed "
+                                "windows whatever batch_size (see eval_batch_size), shared out over the ranks")
     eval_only: bool = option(False, "evaluate once (e.g. a resumed checkpoint) and exit, writing no checkpoint")
     always_save_checkpoint: bool = option(True, "checkpoint at every evaluation; False: only when val loss "
                                                 "improves (nanoGPT). A SIGTERM always saves")
@@ -130,6 +132,8 @@ class TrainKeys:
                                 "'float32', 'bfloat16' or 'float16' (with a gradient scaler)")
     compile: str | bool = option('auto', "torch.compile the model: 'auto' (on for CUDA only), True or False")
     seed: int = option(1337, "seed of the model init, the batches and the dropout masks")
+    ddp_timeout: float = option(30.0, "minutes a rank waits for the others at a collective (the dataset build, "
+                                      "checkpoint barriers) before torch.distributed gives up")
     debug_nan_at_iter: int | None = option(None, "test hook: make the loss NaN at this step")
 
 
@@ -157,6 +161,7 @@ RESUME_MAY_CHANGE = {'dropout'}  # model fields that do not change the weights' 
 CHOICES = dict(init_from=('scratch', 'resume'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
                compile=('auto', True, False))
 EVAL_SEED = 20240520  # eval batches are the same for every run, whatever its seed
+EVAL_TOKENS = 2048    # tokens per evaluation micro-batch (the demo's micro-batch; 2 sequences at block_size 1024)
 
 
 class ConfigError(Exception):
@@ -270,6 +275,8 @@ def validate(cfg, world_size):
     for key in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'total_batch_size'):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.ddp_timeout <= 0:
+        raise ConfigError(f"ddp_timeout must be > 0 (minutes), got {cfg.ddp_timeout}")
     for key in ('max_iters', 'warmup_iters', 'stats_seqs', 'snapshot_interval'):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
@@ -311,6 +318,13 @@ def grad_accum_steps(cfg, world_size):
         raise ConfigError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * block_size * "
                           f"world_size = {cfg.batch_size} * {cfg.block_size} * {world_size} = {per_pass}{hint}")
     return cfg.total_batch_size // per_pass
+
+
+def eval_batch_size(block_size):
+    """Sequences per evaluation micro-batch. It depends on block_size alone, so that a run's
+    evaluation windows (eval_iters micro-batches of these, drawn with EVAL_SEED) and hence its val
+    loss are the same whatever batch_size and number of GPUs ran it."""
+    return max(1, EVAL_TOKENS // block_size)
 
 
 def model_args(cfg):
@@ -392,15 +406,21 @@ def micro_step_seed(seed, step, micro_step):
     return int(np.random.SeedSequence([seed, step, micro_step, 1]).generate_state(1, np.uint64)[0] >> 1)
 
 
-# dense bf16 peak FLOP/s by torch.cuda.get_device_name(); first match wins, None: unknown
+# dense (no sparsity: half the datasheets' headline) bf16 tensor-core peak FLOP/s, by
+# torch.cuda.get_device_name(); the first match wins. NVL and PCIe cards have lower clocks or fewer
+# SMs than the SXM ones of the same name ('NVIDIA H100 80GB HBM3' is the SXM H100, 'NVIDIA H200' the
+# SXM H200); both NVL cards are rated 1,671 TFLOP/s with sparsity.
 PEAK_FLOPS = [
-    (r'H100.*NVL', None), (r'H100.*PCIe', 756e12), (r'H100', 989e12), (r'H200', 989e12),
+    (r'H100.*NVL', 836e12), (r'H100.*PCIe', 756e12), (r'H100', 989e12),
+    (r'H200.*NVL', 836e12), (r'H200', 989e12),
     (r'A100', 312e12), (r'\bL4\b', 121e12), (r'\bA10\b', 125e12), (r'RTX 4090', 165e12),
 ]
 
 
-def peak_flops(device):
-    if not device.startswith('cuda'):
+def peak_flops(device, dtype):
+    """The GPU's peak FLOP/s for MFU (train.py and bench.py): only for bf16 on a GPU of PEAK_FLOPS,
+    the table's precision; None otherwise (CPU, fp32, fp16, an unknown GPU), reported as n/a."""
+    if not device.startswith('cuda') or dtype != 'bfloat16':
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, name)), None)
@@ -527,9 +547,10 @@ def train(cfg, ckpt=None):
     else:
         torch.use_deterministic_algorithms(True, warn_only=True)  # exact resume on CPU
 
-    if ddp:
+    if ddp:  # ddp_timeout bounds every wait, e.g. for rank 0 building the dataset or writing a checkpoint
         dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo',
-                                device_id=torch.device(device) if device_type == 'cuda' else None)
+                                device_id=torch.device(device) if device_type == 'cuda' else None,
+                                timeout=datetime.timedelta(minutes=cfg.ddp_timeout))
     grad_accum = grad_accum_steps(cfg, world_size)
 
     # data: the builtin corpus is built once per machine while the other ranks wait
@@ -548,14 +569,16 @@ def train(cfg, ckpt=None):
         val_paths = shard_paths(cfg.dataset, 'val', cfg.data_root)
         meta = dataset_meta(cfg.dataset, cfg.data_root) or {}
         follow_dataset(cfg, meta)
+        # every batch is checked for token ids >= vocab_size on the host, before it goes to the device
         sampler = lambda paths, n, seed: Sampler(paths, n, cfg.block_size, seed, rank=0, doc_aligned=cfg.doc_aligned,
-                                                 device=device, bos=meta.get('bos', EOT))
+                                                 device=device, bos=meta.get('bos', EOT), vocab_size=cfg.vocab_size)
         # Training: every rank uses the same stream (seed, rank 0) and takes micro-step
         # rank*grad_accum + m, so a step sees the same sequences on 1 or N GPUs.
         train_data = sampler(train_paths, cfg.batch_size, cfg.seed)
-        # Evaluation: fixed batches, the same in every run; rank r takes batches r, r+W, ...
-        eval_data = {'train': sampler(train_paths, cfg.batch_size, EVAL_SEED),
-                     'val': sampler(val_paths, cfg.batch_size, EVAL_SEED)}
+        # Evaluation: eval_iters micro-batches of eval_batch_size(block_size) windows, the same in every
+        # run and for any batch_size or world size; rank r takes micro-batches r, r+W, ...
+        eval_data = {'train': sampler(train_paths, eval_batch_size(cfg.block_size), EVAL_SEED),
+                     'val': sampler(val_paths, eval_batch_size(cfg.block_size), EVAL_SEED)}
         stats_x = sampler(val_paths, cfg.stats_seqs, EVAL_SEED + 1).get(0)[0] if cfg.stats_seqs and master else None
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
@@ -591,7 +614,15 @@ def train(cfg, ckpt=None):
     aux_names = list(residual['aux'])
     has_task = task_mask(torch.zeros(1), meta) is not None   # the dataset scores a task (trigger: the answers)
     model = torch.compile(raw_model) if use_compile else raw_model  # checkpoints use raw_model: no _orig_mod.
-    train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
+    # DDP: all-reduce buckets of 100 MB instead of the default 25. The fp32 gradients of the presets
+    # (0.7 GB at 160m, 1.1 GB at 290m) then fill 7-11 buckets, so the compiled model is cut into as
+    # many graphs (DDPOptimizer cuts it at every bucket: ~43 pieces at 290m with 25 MB) and launches as
+    # many all-reduces, while every bucket but the last still overlaps with the backward. The
+    # gradients are views into those buckets (gradient_as_bucket_view) instead of a second copy of
+    # them (1.1 GB at 290m); so they are zeroed in place between steps, not set to None, which would
+    # make the next backward allocate fresh ones and copy them into the buckets.
+    train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, bucket_cap_mb=100,
+                      gradient_as_bucket_view=True) if ddp else model
 
     snapshot_dir = os.path.join(cfg.out_dir, 'snapshots')
     if master:
@@ -609,28 +640,43 @@ def train(cfg, ckpt=None):
     log('start', iter=iter_num, params=raw_model.num_params(), world_size=world_size, grad_accum=grad_accum,
         device=device, dtype=dtype, compile=use_compile, residual=residual, config=asdict(cfg))
 
+    def fetch(data, *index):
+        """A batch from a Sampler; a token id >= vocab_size in the data is a one-line error (exit 2)."""
+        try:
+            x, y = data.get(*index)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return x.to(device), y.to(device)  # no-op on CUDA, where the sampler already copied them
+
     @torch.no_grad()
     def evaluate():
-        """Mean CE and aux terms over eval_iters fixed batches per split, computed by all ranks; the
-        task accuracy (argmax on the answers) for datasets that have a task."""
+        """Mean CE and aux terms over the fixed evaluation windows of each split (eval_iters
+        micro-batches, shared out over the ranks); the task accuracy (argmax on the answers) for
+        datasets that have a task.
+
+        Each micro-batch's numbers go into its own row of a float64 table, zeros in the rows of the
+        other ranks; the table is all-reduced (adding zeros is exact), then its rows are summed. The
+        table, and so the result, is the same bits on 1 or N ranks and at any batch_size (on CPU;
+        nothing is claimed for GPU kernels)."""
         model.eval()
         out = {}
         for split, data in eval_data.items():
-            total = torch.zeros(4 + len(aux_names), device=device)  # ce sum, batches, task hits, answers, aux sums
+            rows = torch.zeros(cfg.eval_iters, 3 + len(aux_names), dtype=torch.float64)  # ce, task hits, answers, aux
             for j in range(rank, cfg.eval_iters, world_size):
-                x, y = (t.to(device) for t in data.get(j))
-                with autocast:
-                    logits, ce, aux = model(x, y)
+                x, y = fetch(data, j)
                 answers = task_mask(x, meta)
+                with autocast:
+                    logits, ce, aux = model(x, y, return_logits=answers is not None)
                 hits = ((logits.argmax(-1) == y) & answers).sum() if answers is not None else torch.zeros_like(ce)
                 n_answers = answers.sum() if answers is not None else torch.zeros_like(ce)
-                total += torch.stack([ce.float(), torch.ones_like(ce, dtype=torch.float), hits.float(),
-                                      n_answers.float()] + [aux[name].float() for name in aux_names])
+                rows[j] = torch.stack([ce.float(), hits.float(), n_answers.float()] +
+                                      [aux[name].float() for name in aux_names]).cpu().double()
             if ddp:
-                dist.all_reduce(total)
-            ce_sum, n, hits, n_answers, *aux_sums = total.tolist()
-            out[f'{split}_loss'] = ce_sum / n
-            out[f'{split}_aux'] = {name: v / n for name, v in zip(aux_names, aux_sums)}
+                rows = rows.to(device)  # NCCL reduces GPU tensors
+                dist.all_reduce(rows)
+            ce_sum, hits, n_answers, *aux_sums = rows.sum(0).tolist()
+            out[f'{split}_loss'] = ce_sum / cfg.eval_iters
+            out[f'{split}_aux'] = {name: v / cfg.eval_iters for name, v in zip(aux_names, aux_sums)}
             if has_task:
                 out[f'{split}_task_acc'] = hits / n_answers if n_answers else None
         stats = None
@@ -667,12 +713,8 @@ def train(cfg, ckpt=None):
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(sigterm=True))
 
     flops_per_token = raw_model.estimate_flops_per_token()
-    peak = peak_flops(device)
-    def get_batch(step, micro_step):
-        x, y = train_data.get(step, micro_step)
-        return x.to(device), y.to(device)  # no-op on CUDA, where the sampler already copied them
-
-    x, y = get_batch(iter_num, rank * grad_accum)
+    peak = peak_flops(device, dtype)  # None (mfu n/a) unless bf16 on a known GPU
+    x, y = fetch(train_data, iter_num, rank * grad_accum)
     step_times, eval_seconds, t_start = [], 0.0, time.time()
     reason = None
     try:
@@ -727,12 +769,12 @@ def train(cfg, ckpt=None):
                 sync = not ddp or m == grad_accum - 1
                 with contextlib.nullcontext() if sync else train_model.no_sync():
                     with autocast:
-                        _, ce, aux = train_model(x, y)
+                        _, ce, aux = train_model(x, y, return_logits=False)  # the B x T x V logits are not kept
                     loss = total_loss(ce, aux, cfg)
                     if iter_num == cfg.debug_nan_at_iter:
                         loss = loss * float('nan')
                     # fetch the next batch while the device works on this one
-                    x, y = get_batch(*((iter_num, g + 1) if m + 1 < grad_accum else (iter_num + 1, rank * grad_accum)))
+                    x, y = fetch(train_data, *((iter_num, g + 1) if m + 1 < grad_accum else (iter_num + 1, rank * grad_accum)))
                     scaler.scale(loss / grad_accum).backward()
                 sums += torch.stack([loss.detach().float(), ce.detach().float()] +
                                     [aux[name].detach().float() for name in aux_names])
@@ -751,7 +793,7 @@ def train(cfg, ckpt=None):
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not ddp)  # DDP: keep the gradients as views into its buckets
             step_times.append(time.time() - t0)
 
             if iter_num % cfg.log_interval == 0:

@@ -67,3 +67,4 @@ device = 'auto'
 dtype = 'auto'
 compile = 'auto'
 seed = 1337
+ddp_timeout = 30.0  # minutes (torchrun only)

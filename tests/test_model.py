@@ -590,19 +590,128 @@ def test_config_errors(kw, match):
 
 @pytest.mark.parametrize('residual', ['vanilla', 'ledger'])
 def test_forward_input_errors(residual):
-    """Too-long sequences and token ids outside [0, vocab) raise ValueError with the bounds."""
+    """Too-long sequences raise ValueError in forward; token ids outside [0, vocab) raise one, with
+    the bounds, in generate() (checked once on the prompt; forward leaves ids to the data path)."""
     model = make(residual)
     with pytest.raises(ValueError, match='block_size'):
         model(torch.zeros(1, BLOCK + 1, dtype=torch.long))
     bad = tokens(1, 6)
     bad[0, 2] = -1
-    with pytest.raises(ValueError, match=rf'\[0, {V}\)'):
-        model(bad)
+    with pytest.raises(ValueError, match=rf'\[0, {V}\); got \[-1, '):
+        model.generate(bad, 2)
     bad[0, 2] = V
-    with pytest.raises(ValueError, match=rf'\[0, {V}\)'):
-        model(bad)
+    with pytest.raises(ValueError, match=rf'\[0, {V}\); got \[\d+, {V}\]'):
+        model.generate(bad, 2)
     model(torch.zeros(1, BLOCK, dtype=torch.long))  # exactly block_size is fine
     model(torch.full((1, 3), V - 1))
+    model.generate(torch.full((1, 3), V - 1), 2)
+
+
+@pytest.mark.parametrize('residual', ['vanilla', 'ledger'])
+def test_forward_never_waits_for_the_device(residual):
+    """No op of forward (with targets, as in training and evaluation) reads a value back to the host
+    (aten._local_scalar_dense: .item(), bool(), int() of a tensor), which on a GPU would stall the
+    queue at every call; the token-id range check used to do that. Control: generate() checks its
+    prompt once, and that read is seen."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket is torch.ops.aten._local_scalar_dense
+            return func(*args, **(kwargs or {}))
+    model = make(residual)
+    with Reads() as reads:
+        model(tokens(2, 12), tokens(2, 12, seed=1), return_logits=False)
+    assert reads.n == 0
+    with torch.no_grad(), Reads() as reads:
+        model.generate(tokens(2, 12), 1, temperature=0)
+    assert reads.n > 0
+
+
+@pytest.mark.parametrize('residual', ['vanilla', 'ledger'])
+def test_return_logits_false_gives_the_same_loss_and_no_logits(residual):
+    """return_logits=False (train.py's training steps): the same loss and aux, bitwise, and None for
+    the B x T x V logits, so nothing keeps them alive through backward."""
+    model = make(residual)
+    idx, tgt = tokens(2, 12), tokens(2, 12, seed=1)
+    logits, loss, aux = model(idx, tgt)
+    none, loss2, aux2 = model(idx, tgt, return_logits=False)
+    assert logits.shape == (2, 12, V) and none is None
+    assert torch.equal(loss, loss2) and aux.keys() == aux2.keys()
+    assert all(torch.equal(aux[k], aux2[k]) for k in aux)
+
+
+@pytest.mark.parametrize('residual', ['vanilla', 'ledger'])
+def test_qk_norm_runs_in_the_activations_dtype(residual):
+    """Under bf16 autocast q and k are bf16 while the norms' weights are fp32; applied as they are,
+    torch warns about the mismatch and falls back to its slow path. The norms run in q's dtype: no
+    warning, bf16 out, and the logits stay close to the fp32 pass."""
+    import warnings
+    model = make(residual, qk_norm=True)
+    idx = tokens(2, 12)
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)   # torch gives this warning once per process otherwise
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                logits = model(idx)[0]
+            clean = [str(w.message) for w in caught if 'dtype' in str(w.message)]
+            model.sublayers[0].fn.q_norm(torch.randn(2, 2, 12, 16, dtype=torch.bfloat16))  # control: the module as it is
+            control = [str(w.message) for w in caught if 'dtype' in str(w.message)]
+    finally:
+        torch.set_warn_always(warn_always)
+    assert not clean, clean
+    assert control and 'Mismatch dtype' in control[0]
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), model(idx)[0], atol=0.05, rtol=0)
+
+
+def large_score_model(residual):
+    """A model whose attention scores are around 50 with a spread of a few units (q and k share a
+    large bias, as next to massive activations): bf16 resolves 50 only to 0.25."""
+    model = make(residual, n_head=2, n_embd=128, block_size=64, vocab_size=128, bias=True, ledger_rank=8)
+    with torch.no_grad():
+        for sub in model.sublayers[::2]:
+            sub.fn.qkv.weight[:256] *= 4
+            sub.fn.qkv.bias[:256] = 2.5
+    return model
+
+
+@pytest.mark.parametrize('residual', ['vanilla', 'ledger'])
+def test_probe_attention_is_fp32_under_bf16_autocast(residual):
+    """The explicit attention path (observer.attention) computes scores and softmax in fp32 whatever
+    the autocast dtype: the probabilities it hands over are the fp64 softmax of the q and k it hands
+    over (1e-6; control: with the scores rounded to bf16 they are not, 1e-2), and probe.measure's
+    alpha_1 under bf16 autocast is within 1e-3 of the fp32 pass (2.5e-3 off with bf16 scores)."""
+    from probe import measure
+    model = large_score_model(residual)
+    x = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(1))
+
+    class Keep(Observer):
+        attention = True
+
+        def on_attention(self, layer, q, k, v, att):
+            if layer == 0:
+                self.q, self.k, self.att = q, k, att
+    keep = Keep()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        model(x[:2], observer=keep)
+    assert keep.q.dtype == torch.bfloat16 and keep.att.dtype == torch.float32
+    scores = keep.q.double() @ keep.k.double().transpose(-2, -1) / 8
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    assert scores[..., causal].abs().max() > 32   # large enough for bf16 to lose the differences
+    exact = scores.masked_fill(~causal, float('-inf')).softmax(-1)
+    torch.testing.assert_close(keep.att.double(), exact, atol=1e-6, rtol=0)
+    rounded = scores.to(torch.bfloat16).double().masked_fill(~causal, float('-inf')).softmax(-1)
+    assert (rounded - exact).abs().max() > 1e-2
+    alpha32 = torch.tensor(measure(model, x)[0]['attention']['alpha1'])
+    alpha16 = torch.tensor(measure(model, x, dtype='bfloat16')[0]['attention']['alpha1'])
+    assert (alpha16 - alpha32).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize('residual', ['vanilla', 'ledger'])

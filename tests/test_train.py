@@ -93,6 +93,7 @@ def test_unknown_key_on_command_line_lists_close_matches(tmp_path, capsys, one_l
     ('--dtype=fp8', ['dtype', 'fp8']),
     ('--residual=ledgr', ['residual', 'ledgr']),
     ('--n_layer', ['--key=value']),
+    ('--ddp_timeout=0', ['ddp_timeout', '> 0']),
 ])
 def test_bad_values_are_one_line_errors(arg, words, capsys, one_line_error):
     assert train.main([arg]) == 2
@@ -393,10 +394,75 @@ def test_ddp_matches_single_process(data_root, tmp_path, root, env):
             assert y[key] == pytest.approx(x[key], rel=1e-5), (x['iter'], key)
         assert y['aux']['commit_rate'] == pytest.approx(x['aux']['commit_rate'], rel=1e-5)
     ea, eb = read_log(single, 'eval'), read_log(ddp, 'eval')
-    assert eb[0]['val_loss'] == pytest.approx(ea[0]['val_loss'], rel=1e-5)  # eval batches are shared out, not multiplied
+    assert eb[0]['val_loss'] == ea[0]['val_loss']  # eval batches are shared out, not multiplied
     wa, wb = final_state(single)['model'], final_state(ddp)['model']
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def in_process():
+    """For tests that run train.main past the config checks in this process: train() makes torch's
+    algorithms deterministic on the CPU, which is put back afterwards."""
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
+def test_eval_windows_do_not_depend_on_batch_size_or_world_size(data_root, tmp_path, root, env, in_process, capsys):
+    """The evaluation at step 0 gives the same bits at batch_size 1, 2 and 4 (same total_batch_size)
+    and on 2 ranks (gloo), for both splits and the aux terms; and it is the mean CE over eval_iters
+    micro-batches of train.eval_batch_size(block_size) windows drawn with EVAL_SEED, recomputed here."""
+    from prepare import Sampler
+    args = dict(max_iters=0, eval_iters=3, stats_seqs=0)   # 3 micro-batches: 2 on rank 0, 1 on rank 1
+    env = dict(env, GLOO_SOCKET_IFNAME=os.environ.get('GLOO_SOCKET_IFNAME', 'lo'))
+    ddp = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                            os.path.join(root, 'train.py')] + tiny(data_root, tmp_path / 'ddp', batch_size=2, **args),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root, env=env)
+    for b in (1, 2, 4):   # here, one thread as in the ranks (conftest, torchrun), while the ranks run
+        assert train.main(tiny(data_root, tmp_path / f'b{b}', batch_size=b, **args)) == 0
+    capsys.readouterr()
+    out, _ = ddp.communicate(timeout=180)
+    assert ddp.returncode == 0, out[-3000:]
+    keys = ('train_loss', 'val_loss', 'train_aux', 'val_aux')
+    evals = {name: read_log(tmp_path / name, 'eval')[0] for name in ('b1', 'b2', 'b4', 'ddp')}
+    assert read_log(tmp_path / 'ddp', 'start')[0]['world_size'] == 2
+    for name, e in evals.items():
+        assert e['iter'] == 0 and {k: e[k] for k in keys} == {k: evals['b4'][k] for k in keys}, name
+
+    cfg, _ = train.load_config(tiny(data_root, tmp_path / 'x', **args))
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(**train.model_args(cfg))).eval()
+    val = Sampler([os.path.join(data_root, 'text', 'text_val_000000.bin')], train.eval_batch_size(32), 32,
+                  train.EVAL_SEED)
+    assert train.eval_batch_size(32) == 64 and train.eval_batch_size(1024) == 2 and train.eval_batch_size(4096) == 1
+    with torch.no_grad():
+        ce = [model(*val.get(j))[1].item() for j in range(3)]
+    assert evals['b4']['val_loss'] == pytest.approx(sum(ce) / 3, rel=1e-12)
+
+
+def test_a_token_id_outside_the_vocabulary_is_a_one_line_error(data_root, tmp_path, capsys, one_line_error, in_process):
+    """The data path checks every batch (the model's forward does not, to spare a host sync per call):
+    data with ids up to 511 and vocab_size=256 stop the run with one line naming the shard, from the
+    statistics' windows or, without them, from the first training batch."""
+    assert train.main(tiny(data_root, tmp_path / 'out', vocab_size=256, max_iters=2)) == 2
+    one_line_error(capsys.readouterr().err, 'train.py', 'text_val_000000.bin: token id', 'vocab_size=256')
+    assert train.main(tiny(data_root, tmp_path / 'out', vocab_size=256, max_iters=2, stats_seqs=0)) == 2
+    one_line_error(capsys.readouterr().err, 'train.py', 'text_train_000000.bin: token id', 'vocab_size=256')
+    assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
+
+
+@pytest.mark.parametrize('name, flops', [('NVIDIA H200 NVL', 836e12), ('NVIDIA H200', 989e12),
+                                         ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12),
+                                         ('NVIDIA H100 NVL', 836e12), ('NVIDIA A100-SXM4-80GB', 312e12),
+                                         ('NVIDIA GeForce GTX 1080', None)])
+def test_peak_flops_knows_the_card_and_only_rates_bf16(name, flops, monkeypatch):
+    """The one peak table of train.py and bench.py: NVL and PCIe cards are not rated as SXM ones; MFU
+    only for bf16 (the table's precision), never on the CPU."""
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
+    assert train.peak_flops('cuda:0', 'bfloat16') == flops
+    assert train.peak_flops('cuda:0', 'float32') is None and train.peak_flops('cuda:0', 'float16') is None
+    assert train.peak_flops('cpu', 'bfloat16') is None
 
 
 def test_penalty_adds_alpha_times_the_commit_rate(finished_run, data_root, tmp_path, cli):
