@@ -9,7 +9,8 @@ over sublayers, kurtosis, start_mass and start_mass_dominant at peak_layer, domi
 and commit rate; a (step x sublayer) heatmap of top1/median. The text summary gives, per run and
 stream, the first step (and tokens) at which top1/median (max over sublayers) was >= 10, 100, 1000,
 and whether the dominant channel stayed the same. Logs written before a statistic was logged are
-plotted with what they have, and the summary names what is missing.
+plotted with what they have, and the summary names what is missing. A log holds one run: a second
+start event that says init_from 'scratch' (another run written into the same out_dir) is refused.
 
 --group NAME=CKPT,CKPT,... (repeatable, in place of the INPUTs; a quoted glob such as
 'out/vanilla_s*/ckpt.pt' is expanded): every checkpoint is probed as usual (its report is printed;
@@ -152,6 +153,11 @@ def read_run(path, name):
             cfg = ev.get('config')
             if not isinstance(cfg, dict) or not isinstance(cfg.get('total_batch_size'), int):
                 raise ValueError(f"{log}: line {line}: start event without config.total_batch_size")
+            if start is not None and cfg.get('init_from') == 'scratch':
+                raise ValueError(f"{log}: line {line}: a second run was started from scratch into this log (its start "
+                                 f"event says init_from 'scratch'; a resumed run's says 'resume'), after the one "
+                                 f"that started at line {start[0]}; the lines from {line} on are the later run: "
+                                 f"give each run its own out_dir")
             for k in ('residual', 'n_layer', 'n_embd'):
                 if start is not None and cfg.get(k) != start[1].get(k):
                     raise ValueError(f"{log}: line {line}: a different model was appended to this log ({k} {cfg.get(k)}, "

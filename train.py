@@ -17,6 +17,11 @@ masks (the generator is re-seeded at every micro-step). A run killed at any poin
 its last checkpoint therefore ends with the same weights as one that never stopped (bitwise, on
 CPU in fp32), and the data of a step does not depend on the number of GPUs.
 
+An out_dir holds one run. A from-scratch run into an out_dir that already holds one (ckpt.pt,
+log.jsonl or snapshots) stops before touching anything, naming what is there and the ways on:
+--init_from=resume continues it, --overwrite=True removes that run's files first (ckpt.pt,
+log.jsonl, log.jsonl.bad, snapshots/ckpt_*.pt and temp files; nothing else in the folder).
+
 What lands in out_dir (rank 0 writes):
   ckpt.pt    at every evaluation, at the end and on SIGTERM; written atomically, so a crash leaves
              the previous one. A dict: model (state_dict of the uncompiled model), optimizer, scaler,
@@ -88,7 +93,11 @@ class TrainKeys:
                                                 "improves (nanoGPT). A SIGTERM always saves")
     snapshot_interval: int = option(0, "also keep weights-only snapshots out_dir/snapshots/ckpt_<iter, 6 digits>.pt "
                                        "every this many steps, from step 0 to the last (0: off); probe.py reads them")
-    init_from: str = option('scratch', "'scratch' or 'resume' (continue from out_dir/ckpt.pt)")
+    init_from: str = option('scratch', "'scratch' or 'resume' (continue from out_dir/ckpt.pt). A scratch run stops "
+                                       "if out_dir already holds a run (see overwrite)")
+    overwrite: bool = option(False, "init_from='scratch' into an out_dir that holds a run: remove that run's files "
+                                    "first (ckpt.pt, log.jsonl, log.jsonl.bad, snapshots/ckpt_*.pt, temp files; "
+                                    "nothing else). False: stop with one line instead. Never taken from a checkpoint")
     trust_checkpoint: bool = option(False, "resume from a checkpoint that holds pickled Python objects (which "
                                            "can run code), e.g. one written by an older version of this repo. "
                                            "Only for files you trust; off: such files are refused")
@@ -334,7 +343,8 @@ def load_config(argv, world_size=1):
         values = {f.name: saved.get(f.name, f.default) for f in fields(TrainConfig)}
         values.update({k: v for k, (v, _) in given.items()})
         values.update(out_dir=os.path.dirname(path), init_from='resume',  # where it was read, not where it was written
-                      trust_checkpoint=given.get('trust_checkpoint', (False,))[0])  # never inherited
+                      trust_checkpoint=given.get('trust_checkpoint', (False,))[0],  # never inherited
+                      overwrite=given.get('overwrite', (False,))[0])
         for key in MODEL_KEYS:
             if key in given and key not in RESUME_MAY_CHANGE and given[key][0] != ckpt['model_args'].get(key):
                 raise ConfigError(f"{given[key][1]} sets {key}={given[key][0]!r} but {path} holds a model with "
@@ -343,6 +353,52 @@ def load_config(argv, world_size=1):
     cfg = TrainConfig(**values)
     validate(cfg, world_size)
     return cfg, ckpt
+
+
+def run_files(out_dir):
+    """The files of a run in out_dir: ckpt.pt, log.jsonl, log.jsonl.bad and snapshots/ckpt_*.pt."""
+    files = [os.path.join(out_dir, f) for f in ('ckpt.pt', 'log.jsonl', 'log.jsonl.bad')
+             if os.path.lexists(os.path.join(out_dir, f))]
+    snapshots = os.path.join(out_dir, 'snapshots')
+    if os.path.isdir(snapshots):
+        files += [os.path.join(snapshots, f) for f in sorted(os.listdir(snapshots)) if re.fullmatch(r'ckpt_\d+\.pt', f)]
+    return files
+
+
+def describe_run_files(files):
+    """'ckpt.pt, log.jsonl, 7 snapshots' for the paths of run_files."""
+    names = [os.path.basename(f) for f in files if os.path.basename(os.path.dirname(f)) != 'snapshots']
+    n = len(files) - len(names)
+    return ', '.join(names + ([f"{n} snapshot{'s' if n > 1 else ''} (snapshots/ckpt_*.pt)"] if n else []))
+
+
+def check_out_dir(cfg):
+    """One out_dir, one run: a from-scratch run may not mix its checkpoint, log and snapshots with
+    those of a run already there. Reads only; overwrite=True removes that run later (remove_run)."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ConfigError(f"out_dir={cfg.out_dir!r} is a file, not a folder")
+    if cfg.init_from == 'resume' and cfg.overwrite:
+        raise ConfigError("overwrite=True starts the run in out_dir over, init_from='resume' continues it: give one")
+    found = run_files(cfg.out_dir)
+    if cfg.init_from == 'scratch' and found and not cfg.overwrite:
+        raise ConfigError(f"{cfg.out_dir} already holds a run ({describe_run_files(found)}); continue it with "
+                          f"--init_from=resume, start over with --overwrite=True (removes those files first), "
+                          f"or give another --out_dir")
+
+
+def remove_run(out_dir):
+    """overwrite=True: remove the run_files of an earlier run and its temp files, nothing else (an
+    emptied snapshots/ folder too). Returns what was removed, described."""
+    found = run_files(out_dir)
+    for f in found:
+        os.remove(f)
+    snapshots = os.path.join(out_dir, 'snapshots')
+    if os.path.isdir(snapshots):
+        remove_stale_temp_files(snapshots)
+        with contextlib.suppress(OSError):
+            os.rmdir(snapshots)  # only when nothing else is in it
+    remove_stale_temp_files(out_dir)
+    return describe_run_files(found)
 
 
 def print_help():
@@ -595,6 +651,10 @@ def train(cfg, ckpt=None):
 
     snapshot_dir = os.path.join(cfg.out_dir, 'snapshots')
     if master:
+        if cfg.overwrite and os.path.isdir(cfg.out_dir):  # only now that everything before could be checked
+            removed = remove_run(cfg.out_dir)
+            if removed:
+                print(f"overwrite: removed the earlier run's {removed} from {cfg.out_dir}")
         os.makedirs(cfg.out_dir, exist_ok=True)
         remove_stale_temp_files(cfg.out_dir)
         if os.path.isdir(snapshot_dir):
@@ -797,6 +857,7 @@ def main(argv=None):
     where = f"train.py[rank {os.environ['RANK']}]" if int(os.environ.get('WORLD_SIZE', 1)) > 1 else "train.py"
     try:
         cfg, ckpt = load_config(argv, int(os.environ.get('WORLD_SIZE', 1)))
+        check_out_dir(cfg)
         return train(cfg, ckpt)
     except ConfigError as e:
         print(f"{where}: error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ eval_only = False
 always_save_checkpoint = True
 snapshot_interval = 0
 init_from = 'scratch'
+overwrite = False  # True: remove the run already in out_dir first (else: stop and say so)
 trust_checkpoint = False
 wandb_log = False
 wandb_project = 'ledger-residuals'

@@ -35,9 +35,9 @@ def stats(ratio, channel=None, new=True):
     return st
 
 
-def start(residual='ledger', n_layer=2, tbs=TBS, it=0):
+def start(residual='ledger', n_layer=2, tbs=TBS, it=0, **config):
     return dict(event='start', iter=it, config=dict(residual=residual, n_layer=n_layer, n_embd=16,
-                                                    total_batch_size=tbs, block_size=32))
+                                                    total_batch_size=tbs, block_size=32, **config))
 
 
 def ev(it, streams, val_loss=3.0, commit=0.2):
@@ -152,6 +152,11 @@ BAD_LOGS = {
     'other_model': ([start(), ev(0, dict(h=stats([1.0, 2.0]))), ev(2, dict(h=stats([1.0, 2.0, 3.0, 4.0])))],
                     'line 3: eval at iter 2 has streams'),
     'other_start': ([start(), ev(0, dict(h=stats([1.0, 2.0]))), start(n_layer=4)], 'line 3: a different model'),
+    # the same model trained from scratch again into the same out_dir (train.py before it refused that)
+    'second_scratch': ([start(init_from='scratch'), ev(0, dict(h=stats([1.0, 2.0]))), start(init_from='scratch')],
+                       "line 3: a second run was started from scratch into this log (its start event says init_from "
+                       "'scratch'; a resumed run's says 'resume'), after the one that started at line 1; the lines "
+                       "from 3 on are the later run"),
 }
 
 

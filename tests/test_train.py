@@ -313,6 +313,54 @@ def test_resume_keeps_best_val_loss_and_rejects_shape_changes(finished_run, tmp_
     assert [e['iter'] for e in read_log(out, 'eval')] == [0, 4, 6, 8]  # iter 6 was not evaluated twice
 
 
+def tree(folder):
+    """{relative path: bytes} of every file under folder, and '<dir>' for every folder."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), folder)] = '<dir>'
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            out[os.path.relpath(path, folder)] = open(path, 'rb').read()
+    return out
+
+
+def test_a_scratch_run_cannot_clobber_a_run_and_overwrite_removes_all_of_it(finished_run, data_root, tmp_path, cli,
+                                                                           one_line_error):
+    out = tmp_path / 'out'
+    shutil.copytree(finished_run[0], out)          # ckpt.pt, log.jsonl, snapshots/ (3)
+    (out / 'notes.txt').write_text('mine\n')       # not the run's: never removed
+    (out / '.ckpt.pt.123.tmp').write_bytes(b'x')   # a temp file of a killed save
+    before = tree(out)
+    r = cli('train.py', *tiny(data_root, out, max_iters=2, seed=5))
+    assert r.returncode == 2
+    one_line_error(r.stderr, 'train.py', f'{out} already holds a run (ckpt.pt, log.jsonl, 3 snapshots',
+                   '--init_from=resume', '--overwrite=True', '--out_dir')
+    assert tree(out) == before                     # nothing touched, byte for byte
+
+    r = cli('train.py', *tiny(data_root, out, max_iters=2, eval_interval=2, seed=5, overwrite=True))
+    assert r.returncode == 0, r.stderr
+    assert f"overwrite: removed the earlier run's ckpt.pt, log.jsonl, 3 snapshots (snapshots/ckpt_*.pt) from {out}" \
+        in r.stdout
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl', 'notes.txt']   # no stale snapshot, temp file or log line
+    assert (out / 'notes.txt').read_text() == 'mine\n'
+    assert [(e['event'], e['iter']) for e in read_log(out) if e['event'] != 'train'] == \
+        [('start', 0), ('eval', 0), ('eval', 2), ('stop', 2)]
+    assert read_log(out, 'start')[0]['config']['seed'] == 5 and final_state(out)['iter_num'] == 2
+
+
+def test_out_dir_misuse_is_one_line_and_touches_nothing(finished_run, tmp_path, capsys, one_line_error):
+    (tmp_path / 'a_file').write_text('x')
+    assert train.main([f'--out_dir={tmp_path / "a_file"}']) == 2
+    one_line_error(capsys.readouterr().err, 'train.py', 'a_file', 'is a file, not a folder')
+    out = tmp_path / 'out'
+    shutil.copytree(finished_run[0], out)
+    before = tree(out)
+    assert train.main([f'--out_dir={out}', '--init_from=resume', '--overwrite=True']) == 2
+    one_line_error(capsys.readouterr().err, 'train.py', 'overwrite=True', "init_from='resume'", 'give one')
+    assert tree(out) == before and sorted(os.listdir(tmp_path)) == ['a_file', 'out']
+
+
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     old = {'model': {'w': torch.zeros(3)}, 'model_args': {}, 'config': {}, 'iter_num': 1}
     train.save_checkpoint(old, str(tmp_path))
