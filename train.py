@@ -115,8 +115,9 @@ class TrainKeys:
     total_batch_size: int = option(16 * 128, "tokens per optimizer step, summed over ranks and micro-steps")
     batch_size: int = option(16, "micro-batch: sequences per forward pass on each rank")
     # loss
-    commit_sparsity: float = option(0.02, "alpha: loss = CE + alpha * mean commit gate (models with commit "
-                                          "gates, such as the ledger)")
+    commit_sparsity: float | None = option(None, "alpha: loss = CE + alpha * mean commit gate, for models with "
+                                                 "commit gates such as the ledger. None: 0.02 for those, 0 for "
+                                                 "models without (vanilla), where a value > 0 is an error")
     # optimizer: AdamW
     learning_rate: float = option(2e-3, "peak learning rate")
     max_iters: int = option(60, "optimizer steps in the whole run")
@@ -162,6 +163,7 @@ TrainConfig = dataclasses.make_dataclass('TrainConfig', [model_key(f) for f in f
                                          bases=(TrainKeys,))
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 PENALTIES = {'commit_rate': 'commit_sparsity'}  # aux term of the forward -> the key that weights it in the loss
+PENALTY_DEFAULTS = {'commit_sparsity': 0.02}     # the weight None stands for, on a model that has the aux term
 RESUME_MAY_CHANGE = {'dropout'}  # model fields that do not change the weights' shapes or meaning
 CHOICES = dict(init_from=('scratch', 'resume'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
                compile=('auto', True, False))
@@ -271,6 +273,9 @@ def validate(cfg, world_size):
         raise ConfigError(str(e)) from None
     for name, key in PENALTIES.items():
         weight = getattr(cfg, key)
+        if weight is None:  # the default: the penalty where the model has the aux term, none where it has not
+            weight = PENALTY_DEFAULTS[key] if name in RESIDUALS[cfg.residual].aux else 0.0
+            setattr(cfg, key, weight)
         if weight < 0:
             raise ConfigError(f"{key} must be >= 0, got {weight}")
         if weight > 0 and name not in RESIDUALS[cfg.residual].aux:
@@ -435,11 +440,13 @@ def get_lr(it, cfg):
 
 
 def total_loss(ce, aux, cfg):
-    """The training loss: cross-entropy plus each penalised aux term times its weight (PENALTIES)."""
+    """The training loss: cross-entropy plus each penalised aux term times its weight (PENALTIES; a
+    weight of None is the default, PENALTY_DEFAULTS, as validate() resolves it)."""
     loss = ce
     for name, key in PENALTIES.items():
         if name in aux:
-            loss = loss + getattr(cfg, key) * aux[name]
+            weight = getattr(cfg, key)
+            loss = loss + (PENALTY_DEFAULTS[key] if weight is None else weight) * aux[name]
     return loss
 
 

@@ -46,7 +46,7 @@ scaled_init = False
 bias = False
 gelu = 'exact'
 norm_eps = 1e-6
-commit_sparsity = 0.02
+commit_sparsity = None  # 0.02 for models with commit gates (this ledger), 0 for vanilla
 
 # optimisation
 learning_rate = 2e-3

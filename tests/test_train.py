@@ -134,9 +134,10 @@ def test_train_config_holds_every_model_field():
 
 def test_demo_config_spells_out_the_defaults(root):
     cfg, _ = train.load_config([os.path.join(root, 'config', 'demo.py')])
-    assert cfg == train.TrainConfig()
+    assert cfg == train.load_config([])[0]  # the defaults, with commit_sparsity None resolved as for any run
     given = train.read_config_file(os.path.join(root, 'config', 'demo.py'))
     assert set(given) == {f.name for f in fields(train.TrainConfig)} - {'debug_nan_at_iter'}
+    assert given == {f.name: f.default for f in fields(train.TrainConfig) if f.name in given}  # as written, None too
 
 
 def test_sparsity_on_vanilla_and_bad_batch_are_config_errors(capsys, one_line_error):
@@ -361,6 +362,22 @@ def test_out_dir_misuse_is_one_line_and_touches_nothing(finished_run, tmp_path, 
     assert tree(out) == before and sorted(os.listdir(tmp_path)) == ['a_file', 'out']
 
 
+def test_vanilla_trains_with_the_default_sparsity(data_root, tmp_path, cli, capsys, one_line_error):
+    """commit_sparsity None: 0.02 for models with commit gates, 0 for the others; a value > 0 given
+    for a model without commit gates is still an error."""
+    assert train.TrainConfig().commit_sparsity is None
+    assert train.load_config([])[0].commit_sparsity == 0.02
+    assert train.load_config(['--residual=vanilla'])[0].commit_sparsity == 0.0
+    assert train.load_config(['--residual=vanilla', '--commit_sparsity=0'])[0].commit_sparsity == 0.0
+    assert train.main(['--residual=vanilla', '--commit_sparsity=0.02']) == 2
+    one_line_error(capsys.readouterr().err, 'train.py', 'commit_sparsity=0.02', 'vanilla', 'no commit gates')
+    out = tmp_path / 'out'
+    r = cli('train.py', *tiny(data_root, out, residual='vanilla', max_iters=1, eval_interval=100, stats_seqs=0))
+    assert r.returncode == 0, r.stderr
+    assert read_log(out, 'start')[0]['config']['commit_sparsity'] == 0.0
+    assert [t['loss'] == t['ce'] for t in read_log(out, 'train')] == [True]
+
+
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     old = {'model': {'w': torch.zeros(3)}, 'model_args': {}, 'config': {}, 'iter_num': 1}
     train.save_checkpoint(old, str(tmp_path))
@@ -475,7 +492,7 @@ def test_target_val_loss_stops_after_saving_and_eval_only_writes_no_checkpoint(f
 def test_sigterm_saves_and_exits_zero(data_root, tmp_path, root, env):
     """(on a vanilla model, which has no commit rate to log)"""
     out = tmp_path / 'out'
-    args = tiny(data_root, out, max_iters=100_000, eval_interval=1000, residual='vanilla', commit_sparsity=0)
+    args = tiny(data_root, out, max_iters=100_000, eval_interval=1000, residual='vanilla')
     proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + args,
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
