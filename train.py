@@ -22,7 +22,7 @@ log.jsonl or snapshots) stops before touching anything, naming what is there and
 --init_from=resume continues it, --overwrite=True removes that run's files first (ckpt.pt,
 log.jsonl, log.jsonl.bad, snapshots/ckpt_*.pt and temp files; nothing else in the folder).
 
-What lands in out_dir (rank 0 writes):
+What lands in out_dir (rank 0 writes; files follow the umask):
   ckpt.pt    at every evaluation, at the end and on SIGTERM; written atomically, so a crash leaves
              the previous one. A dict: model (state_dict of the uncompiled model), optimizer, scaler,
              model_args (GPTConfig fields), config (this TrainConfig), iter_num (steps done = the next
@@ -58,9 +58,9 @@ import math
 import os
 import random
 import re
+import secrets
 import signal
 import sys
-import tempfile
 import textwrap
 import time
 import traceback
@@ -471,9 +471,12 @@ def peak_flops(device):
 
 def save_checkpoint(ckpt, out_dir, name='ckpt.pt'):
     """torch.save, atomically: readers (and a crash at any moment) see the old file or the whole
-    new one. Written to a temp file in out_dir, fsynced, renamed over the old one, dir fsynced."""
+    new one. Written to a temp file in out_dir, fsynced, renamed over the old one, dir fsynced.
+    The file's mode follows the umask like any other file (tempfile.mkstemp's would be 0600, which
+    a shared group folder cannot read)."""
     path = os.path.join(out_dir, name)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=out_dir)
+    tmp = os.path.join(out_dir, f'.{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask takes its bits off
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(ckpt, f)

@@ -362,6 +362,20 @@ def test_out_dir_misuse_is_one_line_and_touches_nothing(finished_run, tmp_path, 
     assert tree(out) == before and sorted(os.listdir(tmp_path)) == ['a_file', 'out']
 
 
+def test_checkpoints_and_snapshots_follow_the_umask(tmp_path):
+    """A group-shared out_dir (umask 002/027) must be readable by the group: mkstemp's 0600 was not."""
+    old = os.umask(0o027)
+    try:
+        train.save_checkpoint({'iter_num': 1}, str(tmp_path))
+        os.umask(0o002)
+        (tmp_path / 'snapshots').mkdir()
+        train.save_checkpoint({'iter_num': 1}, str(tmp_path / 'snapshots'), 'ckpt_000001.pt')
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / 'ckpt.pt').st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / 'snapshots' / 'ckpt_000001.pt').st_mode & 0o777 == 0o664
+
+
 def test_vanilla_trains_with_the_default_sparsity(data_root, tmp_path, cli, capsys, one_line_error):
     """commit_sparsity None: 0.02 for models with commit gates, 0 for the others; a value > 0 given
     for a model without commit gates is still an error."""
