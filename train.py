@@ -22,8 +22,12 @@ log.jsonl or snapshots) stops before touching anything, naming what is there and
 --init_from=resume continues it, --overwrite=True removes that run's files first (ckpt.pt,
 log.jsonl, log.jsonl.bad, snapshots/ckpt_*.pt and temp files; nothing else in the folder).
 
+Ctrl-C (SIGINT) and SIGTERM (preemption) both finish the current step, save ckpt.pt, log a stop
+record and exit 0; under torchrun every rank stops at the same step. A second Ctrl-C stops at once,
+without saving (exit code 130).
+
 What lands in out_dir (rank 0 writes; files follow the umask):
-  ckpt.pt    at every evaluation, at the end and on SIGTERM; written atomically, so a crash leaves
+  ckpt.pt    at every evaluation, at the end and on Ctrl-C/SIGTERM; written atomically, so a crash leaves
              the previous one. A dict: model (state_dict of the uncompiled model), optimizer, scaler,
              model_args (GPTConfig fields), config (this TrainConfig), iter_num (steps done = the next
              step to run), best_val_loss, val_loss and val_loss_iter (the last evaluation), rng,
@@ -43,10 +47,11 @@ What lands in out_dir (rank 0 writes; files follow the umask):
                     argmax accuracy on the answers; prepare.task_mask), best_val_loss, eval_s, stats (stats.activation_stats of a fixed val batch:
                     {stream: {key: [one value per sublayer]}} for the keys in stats.STATS_KEYS,
                     dominant_dim and peak_layer one integer each; python probe.py out_dir plots them)
-             stop:  iter, reason (max_iters, target_val_loss, sigterm, eval_only, non-finite loss)
+             stop:  iter, reason (max_iters, target_val_loss, sigint, sigterm, eval_only, non-finite loss)
 Checkpoints hold only tensors and plain Python values, and are read with torch.load(weights_only=True),
 so a checkpoint from a stranger cannot run code; a file that needs more is refused (trust_checkpoint).
-Exit codes: 0 done (also after SIGTERM), 2 bad config or missing data, 3 non-finite loss.
+Exit codes: 0 done (also after Ctrl-C or SIGTERM), 2 bad config or missing data, 3 non-finite loss,
+130 stopped at once by a second Ctrl-C (nothing saved since the last checkpoint).
 """
 
 import ast
@@ -557,6 +562,37 @@ class Log:
                 scalars[f"stats/{stream}_n_massive"] = sum(stats['n_massive'])
             self.wandb.log(scalars, step=values['iter'])
 
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (preemption) ask the training loop to stop: it finishes the
+    current step, saves and exits 0 (every rank agrees at the step's all-reduce). A Ctrl-C after
+    that stops at once: KeyboardInterrupt, which main() reports in one line (exit code 130)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, master):
+        self.master = master
+        self.received = set()  # names of the signals received, e.g. {'SIGINT'}
+        self.previous = {}
+
+    def __call__(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if self.master and not self.received:  # os.write: safe inside a signal handler, unlike print
+            os.write(sys.stdout.fileno(), (f"\n{name}: stopping after this step, saving first"
+                                           + (" (Ctrl-C again: stop at once, without saving)"
+                                              if signum == signal.SIGINT else "") + "\n").encode())
+        self.received.add(name)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -732,9 +768,8 @@ def train(cfg, ckpt=None):
                                  iter_num=iter_num, tokens=iter_num * cfg.total_batch_size,
                                  val_loss=val_loss if val_loss_iter == iter_num else None), snapshot_dir, name)
 
-    # SIGTERM (preemption): finish the current step, save, exit 0; all ranks agree via the all-reduce
-    stop = {'sigterm': False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(sigterm=True))
+    # Ctrl-C and SIGTERM (preemption): finish the current step, save, exit 0; all ranks agree via the all-reduce
+    stop = StopSignals(master)
 
     flops_per_token = raw_model.estimate_flops_per_token()
     peak = peak_flops(device)
@@ -745,7 +780,7 @@ def train(cfg, ckpt=None):
     x, y = get_batch(iter_num, rank * grad_accum)
     step_times, eval_seconds, t_start = [], 0.0, time.time()
     reason = None
-    try:
+    with stop:
         while True:
             # evaluate and checkpoint (not again right after resuming from a checkpoint written after
             # evaluating this very step)
@@ -806,11 +841,12 @@ def train(cfg, ckpt=None):
                     scaler.scale(loss / grad_accum).backward()
                 sums += torch.stack([loss.detach().float(), ce.detach().float()] +
                                     [aux[name].detach().float() for name in aux_names])
-            # one small all-reduce: the global mean losses, and whether any rank got a SIGTERM
-            flags = torch.cat([sums / (grad_accum * world_size), torch.tensor([float(stop['sigterm'])], device=device)])
+            # one small all-reduce: the global mean losses, and whether any rank got a Ctrl-C or a SIGTERM
+            got = [float(name in stop.received) for name in ('SIGINT', 'SIGTERM')]
+            flags = torch.cat([sums / (grad_accum * world_size), torch.tensor(got, device=device)])
             if ddp:
                 dist.all_reduce(flags)
-            loss_f, ce_f, *aux_f, sigterm = flags.tolist()
+            loss_f, ce_f, *aux_f, sigint, sigterm = flags.tolist()
             aux_f = dict(zip(aux_names, aux_f))
             if not math.isfinite(loss_f):
                 log('stop', iter=iter_num, reason='non-finite loss', loss=str(loss_f))
@@ -842,11 +878,12 @@ def train(cfg, ckpt=None):
                     tokens=(iter_num + 1) * cfg.total_batch_size, elapsed_s=time.time() - t_start)
             iter_num += 1
 
-            if sigterm:
-                if master:
-                    print(f"SIGTERM: saving {cfg.out_dir}/ckpt.pt at iter {iter_num} and exiting")
+            if sigint or sigterm:
+                reason = 'sigint' if sigint else 'sigterm'
                 save()
-                reason = 'sigterm'
+                if master:
+                    print(f"{reason.upper()}: saved {cfg.out_dir}/ckpt.pt at iter {iter_num}; continue with "
+                          f"--init_from=resume")
                 break
         log('stop', iter=iter_num, reason=reason)
         if master:
@@ -855,8 +892,6 @@ def train(cfg, ckpt=None):
         if ddp:
             dist.barrier()
         return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
 
 
 def main(argv=None):
@@ -865,10 +900,15 @@ def main(argv=None):
         print_help()
         return 0
     where = f"train.py[rank {os.environ['RANK']}]" if int(os.environ.get('WORLD_SIZE', 1)) > 1 else "train.py"
+    cfg = None
     try:
         cfg, ckpt = load_config(argv, int(os.environ.get('WORLD_SIZE', 1)))
         check_out_dir(cfg)
         return train(cfg, ckpt)
+    except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one in it
+        kept = f"{cfg.out_dir}/ckpt.pt, if any, is the last checkpoint" if cfg else "nothing was written"
+        print(f"{where}: interrupted: stopped at once, without saving ({kept})", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"{where}: error: {e}", file=sys.stderr)
         return 2

@@ -268,13 +268,28 @@ def assert_same_state(a, b):
     assert a['iter_num'] == b['iter_num'] and a['best_val_loss'] == b['best_val_loss']
 
 
-def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path, cli, root, env):
-    # dropout on, so that the dropout masks have to be reproduced too
-    args = dict(max_iters=40, eval_interval=5, dropout=0.1, stats_seqs=0)
-    whole, killed = tmp_path / 'whole', tmp_path / 'killed'
-    uninterrupted = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, whole, **args), cwd=root, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, killed, **args), cwd=root,
+EXACT = dict(max_iters=40, eval_interval=5, dropout=0.1, stats_seqs=0)  # dropout on: its masks must be reproduced too
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data_root, tmp_path_factory, root, env):
+    """The EXACT run without a stop, started in the background (the interrupted runs of the tests
+    run beside it); calling the fixture's value waits for it and gives its out_dir."""
+    out = tmp_path_factory.mktemp('whole') / 'out'
+    proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, out, **EXACT), cwd=root,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def finished():
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+        return out
+    yield finished
+    proc.kill()
+    proc.wait()
+
+
+def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path, cli, root, env, uninterrupted):
+    killed = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, killed, **EXACT), cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in proc.stdout:
         if line.startswith('iter 12:'):  # checkpoints exist for iters 0, 5 and 10
@@ -287,11 +302,61 @@ def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path, cli, root, e
 
     r = cli('train.py', *[f'--out_dir={killed}', '--init_from=resume'])  # the checkpoint's config fills in the rest
     assert r.returncode == 0, r.stderr
-    assert uninterrupted.wait(timeout=120) == 0, uninterrupted.stderr.read()
     assert f'resuming at iter {k}' in r.stdout
     starts = read_log(killed, 'start')
     assert [s['iter'] for s in starts] == [0, k]
-    assert_same_state(final_state(whole), final_state(killed))
+    assert_same_state(final_state(uninterrupted()), final_state(killed))
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_bitwise_exact(data_root, tmp_path, cli, root, env, uninterrupted):
+    """Ctrl-C is SIGINT: like SIGTERM, it finishes the step, saves ckpt.pt at the step it stopped
+    at, logs the stop and exits 0 without a traceback; resuming ends as if nothing had happened."""
+    out = tmp_path / 'out'
+    proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, out, **EXACT), cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith('iter 12:'):  # checkpoints exist for iters 0, 5 and 10
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == '', err      # no traceback, nothing on stderr
+    k = read_log(out, 'train')[-1]['iter'] + 1          # the steps done
+    assert 13 <= k < 40, "the run finished before Ctrl-C reached it"
+    assert final_state(out)['iter_num'] == k
+    assert read_log(out)[-1] == {'event': 'stop', 'iter': k, 'reason': 'sigint'}
+    assert f"SIGINT: saved {out}/ckpt.pt at iter {k}; continue with --init_from=resume" in rest.splitlines()
+    assert 'Ctrl-C again: stop at once' in rest
+
+    r = cli('train.py', f'--out_dir={out}', '--init_from=resume')
+    assert r.returncode == 0, r.stderr
+    assert [s['iter'] for s in read_log(out, 'start')] == [0, k]
+    assert_same_state(final_state(uninterrupted()), final_state(out))
+
+
+CTRL_C_TWICE = """
+import signal, sys, train
+real = train.get_lr
+def get_lr(it, cfg):  # Ctrl-C twice while step 3 runs: deterministic, where a second kill from outside would race
+    if it == 3:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+    return real(it, cfg)
+train.get_lr = get_lr
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(data_root, tmp_path, root, env):
+    out = tmp_path / 'out'
+    r = subprocess.run([sys.executable, '-c', CTRL_C_TWICE] + tiny(data_root, out, max_iters=10, eval_interval=2),
+                       cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.splitlines() == [f"train.py: interrupted: stopped at once, without saving ({out}/ckpt.pt, "
+                                     f"if any, is the last checkpoint)"]
+    assert 'SIGINT: stopping after this step' in r.stdout
+    assert final_state(out)['iter_num'] == 2          # the checkpoint of the last evaluation, left as it was
+    assert read_log(out)[-1]['event'] == 'train' and read_log(out, 'train')[-1]['iter'] == 2  # step 3 never finished
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']   # no temp file left
 
 
 def test_resume_keeps_best_val_loss_and_rejects_shape_changes(finished_run, tmp_path, capsys, cli, one_line_error):
@@ -459,6 +524,28 @@ def test_ddp_matches_single_process(data_root, tmp_path, root, env):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
 
 
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(data_root, tmp_path, root, env):
+    """Ctrl-C in a terminal reaches torchrun, which passes SIGINT to every rank: the ranks agree on
+    the step at the all-reduce, rank 0 saves there, and no rank dies with a traceback."""
+    out = tmp_path / 'out'
+    env = dict(env, GLOO_SOCKET_IFNAME=os.environ.get('GLOO_SOCKET_IFNAME', 'lo'))
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             os.path.join(root, 'train.py')] + tiny(data_root, out, max_iters=100_000, eval_interval=1000,
+                                                                    stats_seqs=0),
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith('iter 3:'):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, err = proc.communicate(timeout=120)
+    k = read_log(out, 'train')[-1]['iter'] + 1
+    assert final_state(out)['iter_num'] == k and final_state(out)['world_size'] == 2
+    assert read_log(out)[-1] == {'event': 'stop', 'iter': k, 'reason': 'sigint'}
+    assert f"SIGINT: saved {out}/ckpt.pt at iter {k}; continue with --init_from=resume" in rest.splitlines()
+    assert f"done: sigint at iter {k}" in rest               # after the barriers: rank 1 got there too
+    assert 'train.py' not in err and 'KeyboardInterrupt' not in err   # no rank's traceback (torchrun prints its own)
+
+
 def test_penalty_adds_alpha_times_the_commit_rate(finished_run, data_root, tmp_path, cli):
     out = tmp_path / 'alpha0'
     r = cli('train.py', *tiny(data_root, out, max_iters=1, eval_interval=100, stats_seqs=0, commit_sparsity=0.0))
@@ -515,7 +602,7 @@ def test_sigterm_saves_and_exits_zero(data_root, tmp_path, root, env):
             break
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert 'SIGTERM' in rest
+    assert 'SIGTERM: saved' in rest
     ckpt = read_checkpoint(str(out / 'ckpt.pt'))
     last = read_log(out, 'train')[-1]['iter']
     assert ckpt['iter_num'] == last + 1 >= 4
