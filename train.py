@@ -24,7 +24,8 @@ log.jsonl, log.jsonl.bad, snapshots/ckpt_*.pt and temp files; nothing else in th
 
 Ctrl-C (SIGINT) and SIGTERM (preemption) both finish the current step, save ckpt.pt, log a stop
 record and exit 0; under torchrun every rank stops at the same step. A second Ctrl-C stops at once,
-without saving (exit code 130).
+without saving (exit code 130). A resumed run first sets aside a cut last line of log.jsonl (a run
+killed while writing it) into log.jsonl.bad, so that its own records start on a line of their own.
 
 What lands in out_dir (rank 0 writes; files follow the umask):
   ckpt.pt    at every evaluation, at the end and on Ctrl-C/SIGTERM; written atomically, so a crash leaves
@@ -48,6 +49,7 @@ What lands in out_dir (rank 0 writes; files follow the umask):
                     {stream: {key: [one value per sublayer]}} for the keys in stats.STATS_KEYS,
                     dominant_dim and peak_layer one integer each; python probe.py out_dir plots them)
              stop:  iter, reason (max_iters, target_val_loss, sigint, sigterm, eval_only, non-finite loss)
+  log.jsonl.bad  cut-off last lines set aside by resumed runs (see above), if any
 Checkpoints hold only tensors and plain Python values, and are read with torch.load(weights_only=True),
 so a checkpoint from a stranger cannot run code; a file that needs more is refused (trust_checkpoint).
 Exit codes: 0 done (also after Ctrl-C or SIGTERM), 2 bad config or missing data, 3 non-finite loss,
@@ -539,11 +541,48 @@ def format_time(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-class Log:
-    """Appends one JSON object per line to out_dir/log.jsonl (and to wandb); rank 0 only."""
+def heal_log(path):
+    """A run killed while writing log.jsonl can leave its last line cut off (no newline at the end).
+    Before a resumed run appends to it, that line is moved to log.jsonl.bad (appended there), so
+    every record stays on a line of its own and the log reads as one run again. Returns a line
+    saying so, or None when there was nothing to heal."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, 'rb') as f:
+        data = f.read()
+    if not data or data.endswith(b'\n'):
+        return None
+    start = data.rfind(b'\n') + 1
+    last = data[start:]
+    try:
+        whole = isinstance(json.loads(last), dict)  # cut right before its newline: only that is missing
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        whole = False
+    if whole:
+        with open(path, 'ab') as f:
+            f.write(b'\n')
+        return None
+    bad = path + '.bad'
+    with open(bad, 'ab') as f:  # kept first, then dropped from the log: a crash in between loses nothing
+        f.write(last + b'\n')
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, 'r+b') as f:
+        f.truncate(start)
+    line = data.count(b'\n') + 1
+    return f"{path}: line {line} was cut off ({len(last)} bytes, a run killed while writing it); moved it to {bad}"
 
-    def __init__(self, cfg, master):
+
+class Log:
+    """Appends one JSON object per line to out_dir/log.jsonl (and to wandb); rank 0 only. A resumed
+    run (heal=True) first moves a cut last line aside (heal_log)."""
+
+    def __init__(self, cfg, master, heal=False):
         self.path = os.path.join(cfg.out_dir, 'log.jsonl') if master else None
+        if master and heal:
+            healed = heal_log(self.path)
+            if healed:
+                print(healed)
         self.wandb = None
         if master and cfg.wandb_log:
             import wandb
@@ -711,7 +750,7 @@ def train(cfg, ckpt=None):
         print(f"device {device}, {dtype}, compile {use_compile}, world size {world_size}, "
               f"{grad_accum} micro-steps of {cfg.batch_size} x {cfg.block_size} tokens per rank, "
               f"{cfg.total_batch_size:,} tokens per step" + (f", resuming at iter {iter_num}" if resumed else ""))
-    log = Log(cfg, master)
+    log = Log(cfg, master, heal=resumed)
     log('start', iter=iter_num, params=raw_model.num_params(), world_size=world_size, grad_accum=grad_accum,
         device=device, dtype=dtype, compile=use_compile, residual=residual, config=asdict(cfg))
 

@@ -1,5 +1,6 @@
-"""train.py: config parsing, presets, checkpoints, exact resume after SIGKILL, atomic saves, DDP
-equivalence, the sparsity penalty, non-finite losses and SIGTERM. CPU only, offline.
+"""train.py: config parsing, presets, checkpoints, exact resume after SIGKILL and Ctrl-C, atomic saves,
+DDP equivalence, the sparsity penalty, non-finite losses, SIGTERM, one run per out_dir and logs that
+heal. CPU only, offline.
 
 Training runs go through subprocesses (process behaviour is what matters) on a tiny model and a
 tiny synthetic dataset written with prepare.write_shard, so nothing depends on the builtin build.
@@ -425,6 +426,32 @@ def test_out_dir_misuse_is_one_line_and_touches_nothing(finished_run, tmp_path, 
     assert train.main([f'--out_dir={out}', '--init_from=resume', '--overwrite=True']) == 2
     one_line_error(capsys.readouterr().err, 'train.py', 'overwrite=True', "init_from='resume'", 'give one')
     assert tree(out) == before and sorted(os.listdir(tmp_path)) == ['a_file', 'out']
+
+
+def test_a_cut_last_log_line_is_set_aside_on_resume_and_the_run_probes(finished_run, tmp_path, cli):
+    """A run killed while writing log.jsonl leaves its last line cut off. The probe reads the run
+    without that line (and says so); a resume moves the line to log.jsonl.bad, in one line, before
+    appending, so that the log reads as one run."""
+    out = tmp_path / 'out'
+    shutil.copytree(finished_run[0], out)
+    cut = b'{"event": "eval", "iter": 6, "train_loss": 5.1, "val_lo'
+    with open(out / 'log.jsonl', 'ab') as f:
+        f.write(cut)
+    n = len((out / 'log.jsonl').read_bytes().split(b'\n'))   # the cut line's number
+    p = cli('probe.py', out, '--out', tmp_path / 'traj')
+    assert p.returncode == 0, p.stderr
+    assert f"line {n} of the log is cut off" in p.stdout
+
+    r = cli('train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=8')
+    assert r.returncode == 0, r.stderr
+    assert f"{out}/log.jsonl: line {n} was cut off ({len(cut)} bytes, a run killed while writing it); moved it to " \
+           f"{out}/log.jsonl.bad" in r.stdout.splitlines()
+    assert (out / 'log.jsonl.bad').read_bytes() == cut + b'\n'
+    assert [e['iter'] for e in read_log(out, 'start')] == [0, 6]     # every line is JSON again
+    p = cli('probe.py', out, '--out', tmp_path / 'traj')
+    assert p.returncode == 0, p.stderr
+    run = json.loads((tmp_path / 'traj' / 'trajectory.json').read_text())['runs'][0]
+    assert run['iters'] == [0, 4, 6, 8] and run['starts'] == 2 and run['cut_line'] is None
 
 
 def test_checkpoints_and_snapshots_follow_the_umask(tmp_path):
