@@ -213,7 +213,6 @@ The per-stream statistics live in stats.py, so that train.py logs the same numbe
 (activation_stats) that the probe reports afterwards.
 """
 
-import argparse
 import contextlib
 import json
 import math
@@ -230,7 +229,7 @@ import torch.nn.functional as F
 from model import RESIDUALS, Observer, residual_info, resolve_device
 from plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
 from runs import THRESHOLDS, group_statistics, groups_text, read_run, trajectory_text
-from prepare import EOT, task_mask
+from prepare import EOT, OneLineParser, task_mask
 from stats import MASSIVE_ABS, MASSIVE_REL, SublayerAccumulator, depth_structure, lower_median
 
 SINK_EPS = 0.3            # Gu et al.: a head is a sink head when alpha_1 > 0.3 ...
@@ -1141,8 +1140,9 @@ def parse_groups(specs):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Massive activations and attention sinks of train.py checkpoints, "
-                                            "their trajectories over training runs, and groups of runs.")
+    p = OneLineParser(prog='probe.py', description="Massive activations and attention sinks of train.py "
+                                                   "checkpoints, their trajectories over training runs, and "
+                                                   "groups of runs.")
     p.add_argument('inputs', nargs='*', metavar='INPUT',
                    help='checkpoint files written by train.py (ckpt.pt, snapshots/ckpt_*.pt); OpenAI GPT-2 '
                         '(gpt2, gpt2-medium, gpt2-large, gpt2-xl: downloaded once) or a folder holding a GPT-2 '
