@@ -536,6 +536,25 @@ def set_rng_states(states, device):
         torch.cuda.set_rng_state(states['cuda'], device)
 
 
+def busy_cpu_hint():
+    """A line for CPU runs on a machine where other processes keep cores busy (1-minute load
+    average), None otherwise. torch's OpenMP threads spin-wait for each other, so a thread that
+    shares its core with other work slows every step down: the demo's step on 2 cores, one kept
+    busy by another process, took 20 s with torch's 2 threads and 10 s with 1 (README,
+    Troubleshooting). The default stays torch's, a thread per core: a load average lags and is
+    coarse, and a thread count chosen from it would differ from run to run; a hint costs nothing
+    when it is wrong."""
+    threads = torch.get_num_threads()
+    if os.environ.get('OMP_NUM_THREADS') or threads < 2 or not hasattr(os, 'getloadavg'):
+        return None
+    busy = os.getloadavg()[0]  # mostly others' load: this run has only just started
+    if busy < (os.cpu_count() or threads) - threads + 0.9:  # a core's worth of others' work or more
+        return None
+    return (f"note: other processes keep about {busy:.1f} of the {os.cpu_count()} CPU cores busy (load average) and "
+            f"torch's {threads} threads spin-wait for each other, which can make every step several times slower; "
+            f"OMP_NUM_THREADS=1 (or the number of idle cores) before the command is faster then")
+
+
 def format_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -750,6 +769,9 @@ def train(cfg, ckpt=None):
         print(f"device {device}, {dtype}, compile {use_compile}, world size {world_size}, "
               f"{grad_accum} micro-steps of {cfg.batch_size} x {cfg.block_size} tokens per rank, "
               f"{cfg.total_batch_size:,} tokens per step" + (f", resuming at iter {iter_num}" if resumed else ""))
+        hint = busy_cpu_hint() if device_type == 'cpu' else None
+        if hint:
+            print(hint)
     log = Log(cfg, master, heal=resumed)
     log('start', iter=iter_num, params=raw_model.num_params(), world_size=world_size, grad_accum=grad_accum,
         device=device, dtype=dtype, compile=use_compile, residual=residual, config=asdict(cfg))

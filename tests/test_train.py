@@ -484,6 +484,28 @@ def test_vanilla_trains_with_the_default_sparsity(data_root, tmp_path, cli, caps
     assert [t['loss'] == t['ce'] for t in read_log(out, 'train')] == [True]
 
 
+def test_busy_cores_get_a_hint(monkeypatch):
+    """The load average cannot be set by a test, so it is given: a core's worth of other work on 2
+    cores, with torch's 2 threads, is the demo's slow case; idle cores, one thread or an
+    OMP_NUM_THREADS of the user's are not."""
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        hints = {}
+        for load in (0.3, 1.2):
+            monkeypatch.setattr(os, 'getloadavg', lambda: (load, 0.0, 0.0))
+            hints[load] = train.busy_cpu_hint()
+        monkeypatch.setenv('OMP_NUM_THREADS', '2')
+        hints['set'] = train.busy_cpu_hint()
+    finally:
+        torch.set_num_threads(threads)
+    assert hints[0.3] is None and hints['set'] is None
+    assert hints[1.2].startswith('note: other processes keep about 1.2 of the 2 CPU cores busy')
+    assert 'OMP_NUM_THREADS=1' in hints[1.2]
+
+
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     old = {'model': {'w': torch.zeros(3)}, 'model_args': {}, 'config': {}, 'iter_num': 1}
     train.save_checkpoint(old, str(tmp_path))
