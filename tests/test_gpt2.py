@@ -26,7 +26,8 @@ def need_transformers():
     if os.environ.get('CI'):
         import transformers  # CI must run these tests: a missing transformers fails, it does not skip
         return transformers
-    return pytest.importorskip('transformers')
+    return pytest.importorskip('transformers', reason='transformers is not installed: it is test-only, for '
+                               'tests/test_gpt2.py (pip install transformers; see README, Tests)')
 
 
 V, BLOCK = 320, 64
