@@ -15,7 +15,9 @@ and a training window may start anywhere (or, with doc_aligned=True, at a docume
 
 Files land in data/<dataset>/ next to this file; set LEDGER_DATA or pass --data_root to move them.
 Downloads come from huggingface.co unless --base_url or LEDGER_BASE_URL names a mirror; they
-resume after a dropped connection and retry with exponential backoff (base LEDGER_BACKOFF, 1 s).
+resume after a dropped connection and retry with exponential backoff (base LEDGER_BACKOFF, 1 s),
+one line per try; what waiting cannot heal (no such host, connection refused, HTTP 4xx) fails at
+once and says how to work offline. Errors: one line, exit code 2, no empty folder left behind.
 The same machinery fetches OpenAI's GPT-2 weights for the probe (fetch_gpt2, docs/reference.md §6) into
 data/gpt2/<name>/.
 
