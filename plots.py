@@ -19,6 +19,10 @@ import numpy as np
 
 RUN_COLOURS = 'tab10'     # one colour per run/checkpoint while there are at most 10
 MANY = 8                  # more lines than this: colour by order with a colour bar instead of a legend
+# the layerwise profile: key, sideways offset in sublayers, line style, marker
+LAYERWISE_LINES = (('top1', -0.15, '-', 'o'), ('top2', 0.0, '--', 's'), ('top3', 0.15, ':', '^'),
+                   ('median', 0.0, '-.', 'x'))
+ALPHA1_NUMBERS = 144      # alpha_1 heatmaps with at most this many (layer, head) cells print every value
 
 
 def _pyplot():
@@ -76,13 +80,15 @@ def plot_checkpoint(r, sample, out_dir):
         files.append(_save(fig, os.path.join(out_dir, f"{name}_{suffix}.png")))
 
     n = len(streams)
-    # Sun-style layerwise profile
+    # Sun-style layerwise profile. top1/2/3 are often nearly equal (no outlier yet): each gets its own
+    # marker and line style and a small sideways offset, so that none hides the others
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
     for ax, (sname, st) in zip(axes[0], streams.items()):
         p = st['per_sublayer']
         S = len(p['top1'])
-        for key in ('top1', 'top2', 'top3', 'median'):
-            ax.plot(range(S), np.maximum(p[key], 1e-12), marker='o', ms=3, label=key)
+        for key, dx, style, marker in LAYERWISE_LINES:
+            ax.plot(np.arange(S) + dx, np.maximum(p[key], 1e-12), ls=style, marker=marker, ms=4, lw=1.2,
+                    mfc='none' if key in ('top2', 'top3') else None, label=key + (f' (x {dx:+g})' if dx else ''))
         ax.set_yscale('log')
         _blocks(ax, S)
         ax.set_xlabel('sublayer s (attn even, mlp odd; dashed: block boundaries)')
@@ -115,18 +121,33 @@ def plot_checkpoint(r, sample, out_dir):
         ax.set_ylabel('sublayer s')
         ax.set_title(f"{name}: {sname}, position 0 across depth", fontsize=9)
     save(fig, 'pos0_depth')
-    # alpha_1 layer x head
+    # alpha_1 layer x head, both panels on one scale from 0 to the largest value (a fixed 0..1 scale
+    # hides values of 0.03-0.08); epsilon is marked on the colour bar when in range; on small grids
+    # every cell carries its number, '*' on sink heads (alpha_1 > epsilon)
     a = r['attention']
+    top = max(float(np.max(a['alpha1_prefix'])), float(np.max(a['alpha1'])), 1e-6)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
-    for ax, key, T, sink in ((axes[0][0], 'alpha1_prefix', a['prefix_T'], a['sink1_prefix']),
-                             (axes[0][1], 'alpha1', a['T'], a['sink1'])):
+    for ax, key, T, sink, uniform in ((axes[0][0], 'alpha1_prefix', a['prefix_T'], a['sink1_prefix'],
+                                       a.get('uniform_alpha1_prefix')),
+                                      (axes[0][1], 'alpha1', a['T'], a['sink1'], a.get('uniform_alpha1'))):
         img = np.array(a[key])
-        im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='Blues', vmin=0, vmax=1)
-        fig.colorbar(im, ax=ax, label='alpha_1')
+        im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='Blues', vmin=0, vmax=top)
+        bar = fig.colorbar(im, ax=ax, label='alpha_1')
+        if a['epsilon'] <= top:
+            bar.ax.axhline(a['epsilon'], color='firebrick', lw=1.5)
+            bar.ax.text(1.05, a['epsilon'], 'eps', color='firebrick', fontsize=7, va='center',
+                        transform=bar.ax.get_yaxis_transform())
+        if img.size <= ALPHA1_NUMBERS:
+            for (l, h), v in np.ndenumerate(img):
+                ax.text(h, l, f"{v:.2f}" + ('*' if v > a['epsilon'] else ''), ha='center', va='center',
+                        fontsize=8 if img.size <= 64 else 6, color='white' if v > 0.6 * top else 'black')
         _int_ticks(ax)
         ax.set_xlabel('head')
         ax.set_ylabel('layer (block, 0-based)')
-        ax.set_title(f"{name}: alpha_1 at T={T}, Sink_1 = {sink:.1f}%", fontsize=9)
+        title = f"{name}: alpha_1 at T={T}, Sink_1 = {sink:.1f}% (*: > eps {a['epsilon']})"
+        if uniform is not None:
+            title += f"\nuniform attention gives {uniform:.3f}" + (" (T < 64: not comparable)" if T < 64 else "")
+        ax.set_title(title, fontsize=9)
     save(fig, 'alpha1')
     return files
 

@@ -15,7 +15,9 @@ and a training window may start anywhere (or, with doc_aligned=True, at a docume
 
 Files land in data/<dataset>/ next to this file; set LEDGER_DATA or pass --data_root to move them.
 Downloads come from huggingface.co unless --base_url or LEDGER_BASE_URL names a mirror; they
-resume after a dropped connection and retry with exponential backoff (base LEDGER_BACKOFF, 1 s).
+resume after a dropped connection and retry with exponential backoff (base LEDGER_BACKOFF, 1 s),
+one line per try; what waiting cannot heal (no such host, connection refused, HTTP 4xx) fails at
+once and says how to work offline. Errors: one line, exit code 2, no empty folder left behind.
 The same machinery fetches OpenAI's GPT-2 weights for the probe (fetch_gpt2, docs/reference.md §6) into
 data/gpt2/<name>/.
 
@@ -58,6 +60,7 @@ verifies a split against the rules above, independently of the generator.
 """
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -66,15 +69,18 @@ import os
 import pathlib
 import platform
 import shutil
+import signal
 import sys
 import sysconfig
 import tempfile
 import time
+import urllib.parse
 
 import numpy as np
 import requests
 import tiktoken
 import tiktoken.load
+import urllib3
 from tqdm import tqdm
 
 EOT = 50256  # <|endoftext|>
@@ -200,6 +206,25 @@ def read_shard(path):
 
 def _data_root(data_root):
     return data_root or os.environ.get('LEDGER_DATA') or DATA_ROOT
+
+
+def makedirs(folder):
+    """os.makedirs(folder, exist_ok=True); returns the folders it created, deepest first, for
+    remove_empty."""
+    created, path = [], os.path.abspath(folder)
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    return created
+
+
+def remove_empty(folders):
+    """Remove those of the folders (makedirs' list) that are empty: a build or a download that
+    failed leaves no empty folder behind (one that worked, or a .part kept for a resume, is kept)."""
+    for path in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 def _how_to_make(dataset, data_root):
@@ -342,7 +367,8 @@ class Sampler:
 # Downloads (FineWeb shards, GPT-2 weights): resumable, retried, verified before they get their final name
 
 class DownloadError(RuntimeError):
-    """A download that failed for good (HTTP 4xx, too many retries, or not a valid file)."""
+    """A download that failed for good (no such host, connection refused, HTTP 4xx, too many
+    retries, or not a valid file). Its message says how to work without the network."""
 
 
 class _Retry(Exception):
@@ -364,7 +390,31 @@ def _is_complete(path, check=check_shard):
     return _state(path, check) == 'complete'
 
 
-def _fetch_once(url, part, have, desc):
+def _cannot_connect(url, e):
+    """What went wrong, in a few words, when a connection could not even be opened (no such host,
+    refused, unreachable): waiting does not heal these, so they are not retried. None otherwise
+    (timeouts and connections broken midway are retried)."""
+    reason = getattr(e.args[0], 'reason', None) if isinstance(e, requests.ConnectionError) and e.args else None
+    if not isinstance(reason, urllib3.exceptions.NewConnectionError) or isinstance(e, requests.Timeout):
+        return None
+    host = urllib.parse.urlsplit(url).netloc
+    if isinstance(reason, urllib3.exceptions.NameResolutionError):
+        return f"cannot resolve the host name {host.rsplit(':', 1)[0]} (no network, or a wrong --base_url)"
+    why = str(reason).rsplit(': ', 1)[-1].split('] ')[-1]  # e.g. 'Connection refused'
+    return f"cannot connect to {host}: {why}"
+
+
+def _short(e, part):
+    """A retried failure in a few words (requests' own messages run to 300 characters)."""
+    if isinstance(e, requests.Timeout):
+        return "timed out"
+    if isinstance(e, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
+        got = os.path.getsize(part) if os.path.exists(part) else 0
+        return f"connection broken after {got:,} bytes"
+    return str(e)
+
+
+def _fetch_once(url, part, have, desc, offline):
     """One GET that appends to `part` from byte `have` on. Returns when the body is complete."""
     headers = {'Range': f'bytes={have}-'} if have else {}
     with requests.get(url, headers=headers, stream=True, timeout=(10, 60)) as r:
@@ -373,7 +423,7 @@ def _fetch_once(url, part, have, desc):
         if r.status_code >= 500 or r.status_code == 429:
             raise _Retry(f"HTTP {r.status_code} {r.reason}")
         if r.status_code not in (200, 206):
-            raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}; check --base_url and the file name")
+            raise DownloadError(f"{url}: HTTP {r.status_code} {r.reason}; check --base_url and the file name. {offline}")
         if r.status_code == 200:
             have = 0  # full body: the server ignored Range (or none was asked), start the part over
         elif not r.headers.get('Content-Range', '').startswith(f'bytes {have}-'):
@@ -381,22 +431,31 @@ def _fetch_once(url, part, have, desc):
             raise _Retry(f"server answered Range bytes={have}- with {r.headers.get('Content-Range')!r}")
         size = r.headers.get('Content-Length')
         total = have + int(size) if size is not None else None
+        # a progress bar on a terminal only; a try that fails takes its bar away, so that each try
+        # leaves one line at most (the retry message)
         with open(part, 'ab' if have else 'wb') as f, \
-                tqdm(desc=desc, total=total, initial=have, unit='B', unit_scale=True, unit_divisor=1024) as bar:
-            for chunk in r.iter_content(chunk_size=1 << 16):  # a dropped connection loses < 64 KiB
-                f.write(chunk)
-                bar.update(len(chunk))
-    if total is not None and os.path.getsize(part) < total:
-        raise _Retry(f"connection closed at byte {os.path.getsize(part)} of {total}")
+                tqdm(desc=desc, total=total, initial=have, unit='B', unit_scale=True, unit_divisor=1024,
+                     disable=None) as bar:
+            try:
+                for chunk in r.iter_content(chunk_size=1 << 16):  # a dropped connection loses < 64 KiB
+                    f.write(chunk)
+                    bar.update(len(chunk))
+                if total is not None and f.tell() < total:
+                    raise _Retry(f"connection closed at byte {f.tell():,} of {total:,}")
+            except BaseException:
+                bar.leave = False
+                raise
 
 
-def fetch(url, path, tries=5, backoff=1.0, check=check_shard, what='a token shard'):
+def fetch(url, path, tries=5, backoff=1.0, check=check_shard, what='a token shard', offline=''):
     """Download url to path via path + '.part', resuming with HTTP Range after a dropped connection.
 
     check(path) says what a good file is: it returns when the file is complete and valid, raises
     Incomplete for a correct beginning (resumed) and ValueError/OSError otherwise. A .part left by an
-    earlier run is resumed when it is a correct beginning, else started over. Gives up after
-    `tries` failures in a row that brought no new bytes, sleeping backoff * 2**k between them. The
+    earlier run is resumed when it is a correct beginning, else started over. Failures that waiting
+    cannot heal (no such host, connection refused, HTTP 4xx) raise DownloadError at once, ending
+    with `offline` (how to do without the network); others are retried, one line each on stderr,
+    until `tries` failures in a row brought no new bytes, sleeping backoff * 2**k between them. The
     file gets its final name only after check passes; a body that fails it is deleted.
     """
     part = path + '.part'
@@ -407,16 +466,19 @@ def fetch(url, path, tries=5, backoff=1.0, check=check_shard, what='a token shar
     while not _is_complete(part, check):
         have = os.path.getsize(part) if os.path.exists(part) else 0
         try:
-            _fetch_once(url, part, have, desc)
+            _fetch_once(url, part, have, desc, offline)
             break
         except (_Retry, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            fatal = _cannot_connect(url, e)
+            if fatal:
+                raise DownloadError(f"{url}: {fatal}; not retried. {offline}") from None
             now = os.path.getsize(part) if os.path.exists(part) else 0
             failures = 0 if now > have else failures + 1
             if failures >= tries:
-                raise DownloadError(f"{url}: giving up after {tries} failed tries ({e}); "
-                                    "re-run to try again (downloads resume where they stopped)") from e
+                raise DownloadError(f"{url}: giving up after {tries} failed tries ({_short(e, part)}); re-run to "
+                                    f"try again (downloads resume where they stopped). {offline}") from None
             wait = backoff * 2 ** max(failures - 1, 0)
-            print(f"{desc}: {e}; retrying in {wait:.1f} s", file=sys.stderr)
+            print(f"{desc}: {_short(e, part)}; retrying in {wait:.1f} s", file=sys.stderr)
             time.sleep(wait)
     try:
         check(part)
@@ -436,13 +498,19 @@ def download(dataset, n_train=4, data_root=None, base_url=HF_URL, tries=5, backo
         print(f"{dataset} has {info['train_shards']} train shards; fetching all of them")
         n_train = info['train_shards']
     folder = os.path.join(_data_root(data_root), dataset)
-    os.makedirs(folder, exist_ok=True)
+    offline = (f"Without network: train on an offline corpus (python train.py --dataset=builtin, or python "
+               f"prepare.py --dataset=text --input FILES), or copy the shards into {folder}")
     names = [f"{info['prefix']}_val_000000.bin"] + \
             [f"{info['prefix']}_train_{i:06d}.bin" for i in range(1, n_train + 1)]
-    for name in names:
-        path = os.path.join(folder, name)
-        if not _is_complete(path):
-            fetch(f"{base_url.rstrip('/')}/{info['hf_repo']}/resolve/main/{name}", path, tries, backoff)
+    created = makedirs(folder)
+    try:
+        for name in names:
+            path = os.path.join(folder, name)
+            if not _is_complete(path):
+                fetch(f"{base_url.rstrip('/')}/{info['hf_repo']}/resolve/main/{name}", path, tries, backoff,
+                      offline=offline)
+    finally:
+        remove_empty(created)
     return [os.path.join(folder, name) for name in names]
 
 # -----------------------------------------------------------------------------
@@ -528,11 +596,17 @@ def fetch_gpt2(name, data_root=None, base_url=None, tries=5, backoff=None):
                          "or give a folder holding config.json and model.safetensors")
     base_url = base_url or os.environ.get('LEDGER_BASE_URL') or HF_HUB
     folder = os.path.join(_data_root(data_root), 'gpt2', name)
-    os.makedirs(folder, exist_ok=True)
-    for file, (check, what) in GPT2_WEIGHT_FILES.items():
-        path = os.path.join(folder, file)
-        if not _is_complete(path, check):
-            fetch(hub_url(base_url, GPT2_MODELS[name], file), path, tries, backoff or default_backoff(), check, what)
+    offline = (f"Without network: put {' and '.join(GPT2_WEIGHT_FILES)} of {GPT2_MODELS[name]} (from any "
+               f"machine that has them) into a folder and give the folder instead of {name}")
+    created = makedirs(folder)
+    try:
+        for file, (check, what) in GPT2_WEIGHT_FILES.items():
+            path = os.path.join(folder, file)
+            if not _is_complete(path, check):
+                fetch(hub_url(base_url, GPT2_MODELS[name], file), path, tries, backoff or default_backoff(), check,
+                      what, offline)
+    finally:
+        remove_empty(created)
     return folder
 
 # -----------------------------------------------------------------------------
@@ -572,8 +646,14 @@ def encode_documents(sources, workers=1):
     # chunks of documents: each message wakes the parent (which shares the cores), ~8 chunks per
     # worker still balance the load, and at most 64 docs per chunk keep the progress bar moving
     chunksize = min(64, max(1, len(sources) // (workers * 8)))
-    with multiprocessing.Pool(workers, initializer=gpt2_encoding) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_worker) as pool:
         yield from pool.imap(_encode_document, sources, chunksize)
+
+
+def _init_worker():
+    """A tokeniser process: Ctrl-C is the parent's to handle (no traceback from every worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gpt2_encoding()
 
 
 def _split_key(name):
@@ -600,7 +680,7 @@ def build_corpus(docs, dataset, data_root=None, val_fraction=0.05, workers=None,
     workers = workers or os.cpu_count()
     prefix = DATASETS[dataset]['prefix']
     folder = os.path.join(_data_root(data_root), dataset)
-    os.makedirs(folder, exist_ok=True)
+    created = makedirs(folder)
     tmp = tempfile.mkdtemp(prefix=f'.{prefix}-building-', dir=folder)
     try:
         keys = [_split_key(name) for name, _ in docs]
@@ -629,8 +709,9 @@ def build_corpus(docs, dataset, data_root=None, val_fraction=0.05, workers=None,
             flush(split)
 
         skipped = []
+        # a progress bar on a terminal only, gone when done: the summary line or the error stays alone
         encoded = tqdm(encode_documents([source for _, source in docs], workers),
-                       total=len(docs), unit='doc', desc=dataset)
+                       total=len(docs), unit='doc', desc=dataset, leave=False, disable=None)
         for tokens, (name, _), key in zip(encoded, docs, keys):  # encoded first: it runs to its end
             if tokens is None:
                 skipped.append(name)
@@ -664,6 +745,7 @@ def build_corpus(docs, dataset, data_root=None, val_fraction=0.05, workers=None,
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
 
 
 def _install(tmp, folder, prefix, files, meta):
@@ -833,7 +915,7 @@ def build_trigger(data_root=None, vocab_size=34, p=0.06, seq_len=64, seed=0, tra
     doc_len = seq_len + 1
     per_shard = max(1, shard_tokens // doc_len)  # documents per shard
     folder = os.path.join(_data_root(data_root), dataset)
-    os.makedirs(folder, exist_ok=True)
+    created = makedirs(folder)
     tmp = tempfile.mkdtemp(prefix=f'.{prefix}-building-', dir=folder)
     try:
         files = {'train': [], 'val': []}
@@ -865,6 +947,7 @@ def build_trigger(data_root=None, vocab_size=34, p=0.06, seq_len=64, seed=0, tra
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
 
 
 def check_trigger_rule(tokens, meta):
@@ -994,8 +1077,12 @@ def main(argv=None):
             download(args.dataset, args.shards, args.data_root, args.base_url, backoff=default_backoff())
         print(summary(args.dataset, args.data_root, time.time() - t0))
     except (RuntimeError, ValueError, OSError) as e:  # ours, ShardError (ValueError), requests' (OSError)
-        print(f"prepare.py: error: {e}", file=sys.stderr)
-        return 1
+        print(f"prepare.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prepare.py: interrupted (builds start over, downloads resume where they stopped: run the same "
+              "command again)", file=sys.stderr)
+        return 130
     return 0
 
 

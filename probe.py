@@ -147,6 +147,9 @@ probe.json (tests/test_probe.py checks that every key below is there):
         T                 full sequence length
         prefix_T          length of the Sink_1 pass (64, or T if shorter)
         epsilon           0.3
+        short_T           True when prefix_T < 64: alpha_1 and Sink_1 are not comparable with Gu et al.'s (the report warns)
+        uniform_alpha1_prefix  alpha_1 of uniform causal attention on prefix_T tokens: H(prefix_T) / prefix_T (0.457 at 5)
+        uniform_alpha1    the same at T (H(n) = 1 + 1/2 + ... + 1/n; above epsilon up to T = 9, 0.074 at 64)
         alpha1            [L][H] alpha_1 at length T
         alpha1_prefix     [L][H] alpha_1 on the first prefix_T tokens
         sink1             Sink_1 at length T, percent
@@ -223,7 +226,6 @@ The per-stream statistics live in stats.py, so that train.py logs the same numbe
 (activation_stats) that the probe reports afterwards.
 """
 
-import argparse
 import contextlib
 import json
 import math
@@ -240,11 +242,12 @@ import torch.nn.functional as F
 from model import RESIDUALS, Observer, residual_info, resolve_device
 from plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
 from runs import THRESHOLDS, group_statistics, groups_text, read_run, trajectory_text
-from prepare import EOT, task_mask
+from prepare import EOT, OneLineParser, task_mask
 from stats import MASSIVE_ABS, MASSIVE_REL, SublayerAccumulator, depth_structure, lower_median
 
 SINK_EPS = 0.3            # Gu et al.: a head is a sink head when alpha_1 > 0.3 ...
-SINK_T = 64               # ... measured on the first 64 tokens
+SINK_T = 64               # ... measured on the first 64 tokens; on fewer, even uniform attention passes
+                          # (uniform_alpha1: 0.457 at T = 5), so shorter measurements carry a warning
 COND_OTHER, COND_TRIGGER = 0.5, 0.1   # a conditional sink head: >= 0.5 of the other queries' attention
                                       # on position 0, <= 0.1 of the trigger queries'
 
@@ -501,6 +504,12 @@ def conditional_sink(obs, n_layer):
                 thresholds=dict(other=COND_OTHER, trigger=COND_TRIGGER), max_gap=gap, max_gap_head=[l, h])
 
 
+def uniform_alpha1(T):
+    """alpha_1 of uniform causal attention over T tokens: query t gives 1/(t+1) to position 0, so
+    mean_t 1/(t+1) = H(T) / T. Above SINK_EPS up to T = 9: a baseline that short prompts must beat."""
+    return sum(1 / (t + 1) for t in range(T)) / T
+
+
 def sink_rate(alpha1):
     """Gu et al.'s Sink_1: percent of (layer, head) pairs with alpha_1 > epsilon."""
     flat = [a for row in alpha1 for a in row]
@@ -577,7 +586,8 @@ def measure(model, x, y=None, batch_size=None, dtype='float32', bar=None, task=N
     for name, accs in obs.acc.items():
         streams[name], massive_pos[name] = stream_summary(accs, obs.cos.get(name, []), sink_pos)
         streams[name] = dict(where=stream_where(info, name), **streams[name])
-    attention = dict(T=T, prefix_T=min(T, SINK_T), epsilon=SINK_EPS, **att,
+    attention = dict(T=T, prefix_T=min(T, SINK_T), epsilon=SINK_EPS, short_T=T < SINK_T,
+                     uniform_alpha1_prefix=uniform_alpha1(min(T, SINK_T)), uniform_alpha1=uniform_alpha1(T), **att,
                      sink_positions=_counts(sink_pos.numpy()),
                      massive_positions=_counts(massive_pos[decoded].numpy()),
                      cooccurrence=streams[decoded]['summary']['cooccurrence'])
@@ -860,6 +870,10 @@ def report(r):
                      f"peak_layer s={sm['peak_layer']} ({sublayer_name(sm['peak_layer'])}), peak_feat_ratio "
                      f"{sm['peak_feat_ratio']:.4g}, bos_concentration {sm['bos_concentration']:.4g}, "
                      f"pos0 cos(s, s+1) mean {num(sm['pos0_cos_mean'], 0)}")
+        if sm['max_top1_median_sublayer'] != sm['peak_layer']:
+            lines.append(f"  two peaks, two measures: top1/median (one token's largest |x| against the median) "
+                         f"peaks at s={sm['max_top1_median_sublayer']}; peak_layer s={sm['peak_layer']} is where "
+                         f"dominant_dim's mean |x| over all tokens peaks")
         lines.append(f"  start-token mass at peak_layer: start_mass {sm['start_mass']:.4g} (uniform: 1/T = "
                      f"{1 / data['seq_len']:.4g}), start_mass_dominant {sm['start_mass_dominant']:.4g} "
                      f"(share of dominant_dim's |x| on position 0)")
@@ -877,6 +891,11 @@ def report(r):
                      f"{num(a['cos_q_k0'][l])}")
     lines.append(f"Sink_1 = {a['sink1_prefix']:.1f}% at T={a['prefix_T']}, {a['sink1']:.1f}% at T={a['T']} "
                  f"(epsilon {a['epsilon']})")
+    if a['short_T']:
+        lines.append(f"warning: T={a['T']} < {SINK_T}: alpha_1 and Sink_1 are not comparable with Gu et al.'s "
+                     f"(T={SINK_T}); uniform causal attention alone gives alpha_1 = {a['uniform_alpha1']:.3f} at "
+                     f"T={a['T']} ({'above' if a['uniform_alpha1'] > a['epsilon'] else 'below'} epsilon "
+                     f"{a['epsilon']}; above it up to T=9), so a sink here means little: probe {SINK_T} tokens or more")
     lines.append(f"sink position (argmax of attention received) [position, sequences]: {a['sink_positions'][:5]}; "
                  f"massive position {a['massive_positions'][:5]}; coincide in "
                  f"{100 * a['cooccurrence']:.0f}% of sequences")
@@ -930,6 +949,8 @@ def comparison(results):
     add('task accuracy', lambda r: r['task_acc'])
     add('conditional sink heads', lambda r: len(r['attention']['conditional']['heads']))
     add('conditional sink: max other - trigger', lambda r: r['attention']['conditional']['max_gap'])
+    if any(r['attention']['short_T'] for r in results):
+        add('T of Sink_1 (T=64) (< 64: not comparable)', lambda r: r['attention']['prefix_T'])
     add('Sink_1 % (T=64)', lambda r: r['attention']['sink1_prefix'])
     add('Sink_1 % (T=full)', lambda r: r['attention']['sink1'])
     add('massive pos == sink pos (frac)', lambda r: r['attention']['cooccurrence'])
@@ -1176,8 +1197,9 @@ def parse_groups(specs):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Massive activations and attention sinks of train.py checkpoints, "
-                                            "their trajectories over training runs, and groups of runs.")
+    p = OneLineParser(prog='probe.py', description="Massive activations and attention sinks of train.py "
+                                                   "checkpoints, their trajectories over training runs, and "
+                                                   "groups of runs.")
     p.add_argument('inputs', nargs='*', metavar='INPUT',
                    help='checkpoint files written by train.py (ckpt.pt, snapshots/ckpt_*.pt); OpenAI GPT-2 '
                         '(gpt2, gpt2-medium, gpt2-large, gpt2-xl: downloaded once) or a folder holding a GPT-2 '

@@ -9,7 +9,9 @@ over sublayers, kurtosis, start_mass and start_mass_dominant at peak_layer, domi
 and commit rate; a (step x sublayer) heatmap of top1/median. The text summary gives, per run and
 stream, the first step (and tokens) at which top1/median (max over sublayers) was >= 10, 100, 1000,
 and whether the dominant channel stayed the same. Logs written before a statistic was logged are
-plotted with what they have, and the summary names what is missing.
+plotted with what they have, and the summary names what is missing. A log holds one run: a second
+start event that says init_from 'scratch' (another run written into the same out_dir) is refused;
+a cut-off last line (a run killed while writing it, or still writing) is left out, and said.
 
 --group NAME=CKPT,CKPT,... (repeatable, in place of the INPUTs; a quoted glob such as
 'out/vanilla_s*/ckpt.pt' is expanded): every checkpoint is probed as usual (its report is printed;
@@ -42,6 +44,7 @@ trajectory.json (tests/test_runs.py checks that every key below is there):
       name                short name (the run's folder)
       path                as given
       log                 the log.jsonl read
+      cut_line            the number of its last line when that was cut off (run killed or still writing) and left out; else None
       residual            the run's residual operator (a key of model.RESIDUALS)
       decoded             the stream its LM head reads (h, C, ...)
       starts              start events (more than one: resumed)
@@ -95,23 +98,34 @@ LEGACY_DECODED = {'vanilla': 'h', 'ledger': 'C'}
 
 
 def read_log(path):
-    """[(line number, event dict)] of a log.jsonl; a line that is not a JSON event is an error."""
+    """([(line number, event dict)], cut) of a log.jsonl. cut: the number of the last line when it was
+    cut off (no newline after it, and not JSON: a run killed while writing it, or one still writing),
+    which is left out; else None. Any other line that is not a JSON event is an error."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such log file (train.py writes out_dir/log.jsonl)")
-    events = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i} is not JSON ({e.msg}, column {e.colno}); a run killed while "
-                                 f"writing leaves a cut line: delete that line") from None
-            if not isinstance(ev, dict) or 'event' not in ev:
-                raise ValueError(f"{path}: line {i} is not a log event (a JSON object with an 'event' key)")
-            events.append((i, ev))
-    return events
+    with open(path, 'rb') as f:
+        lines = f.read().split(b'\n')   # the last item is what follows the last newline ('' normally)
+    events, cut = [], None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
+            if i == len(lines):
+                cut = i
+                break
+            what = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+            if line.rfind(b'{"event": ') > 0:
+                raise ValueError(f"{path}: line {i} is not JSON ({what}): a record cut off by a killed run, with "
+                                 f"the next one appended to it (by a train.py from before resumed runs set cut "
+                                 f"lines aside); delete that line's text before its last '{{\"event\"'") from None
+            raise ValueError(f"{path}: line {i} is not JSON ({what}); only a cut-off last line is left out: fix "
+                             f"or delete line {i}") from None
+        if not isinstance(ev, dict) or 'event' not in ev:
+            raise ValueError(f"{path}: line {i} is not a log event (a JSON object with an 'event' key)")
+        events.append((i, ev))
+    return events, cut
 
 
 def _check_stats(log, line, it, stats, shape):
@@ -147,11 +161,17 @@ def read_run(path, name):
     """
     log = os.path.join(path, 'log.jsonl') if os.path.isdir(path) else path
     start, n_starts, evals, shape = None, 0, {}, None
-    for line, ev in read_log(log):
+    events, cut = read_log(log)
+    for line, ev in events:
         if ev['event'] == 'start':
             cfg = ev.get('config')
             if not isinstance(cfg, dict) or not isinstance(cfg.get('total_batch_size'), int):
                 raise ValueError(f"{log}: line {line}: start event without config.total_batch_size")
+            if start is not None and cfg.get('init_from') == 'scratch':
+                raise ValueError(f"{log}: line {line}: a second run was started from scratch into this log (its start "
+                                 f"event says init_from 'scratch'; a resumed run's says 'resume'), after the one "
+                                 f"that started at line {start[0]}; the lines from {line} on are the later run: "
+                                 f"give each run its own out_dir")
             for k in ('residual', 'n_layer', 'n_embd'):
                 if start is not None and cfg.get(k) != start[1].get(k):
                     raise ValueError(f"{log}: line {line}: a different model was appended to this log ({k} {cfg.get(k)}, "
@@ -179,7 +199,7 @@ def read_run(path, name):
             ({'commit_rate': ev['val_commit']} if ev.get('val_commit') is not None else {})
         for k, v in values.items():
             aux.setdefault(k, [None] * len(iters))[i] = v
-    run = dict(name=name, path=path, log=log, residual=cfg.get('residual'),
+    run = dict(name=name, path=path, log=log, cut_line=cut, residual=cfg.get('residual'),
                decoded=info.get('decoded', LEGACY_DECODED.get(cfg.get('residual'))), starts=n_starts,
                total_batch_size=cfg['total_batch_size'], seq_len=cfg.get('block_size'),
                iters=iters, tokens=tokens,
@@ -272,6 +292,9 @@ def trajectory_text(runs):
                      f"({tok[0]:,}..{tok[-1]:,} tokens, {run['total_batch_size']:,} per step){resumed}"
                      + (f"; val loss {loss[0]:.4g} -> {loss[-1]:.4g}" if loss else "")
                      + ''.join(f", val {k} {v[0]:.4g} -> {v[-1]:.4g}" for k, v in aux.items() if v))
+        if run['cut_line']:
+            lines.append(f"  line {run['cut_line']} of the log is cut off (a run killed while writing it, or still "
+                         f"writing) and left out")
         for sname, st in run['streams'].items():
             m = st['top1_median_max']
             lines.append(f"  stream {sname} ({st['n_sublayers']} sublayers): first top1/median (max over sublayers) "

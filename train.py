@@ -17,8 +17,18 @@ masks (the generator is re-seeded at every micro-step). A run killed at any poin
 its last checkpoint therefore ends with the same weights as one that never stopped (bitwise, on
 CPU in fp32), and the data of a step does not depend on the number of GPUs.
 
-What lands in out_dir (rank 0 writes):
-  ckpt.pt    at every evaluation, at the end and on SIGTERM; written atomically, so a crash leaves
+An out_dir holds one run. A from-scratch run into an out_dir that already holds one (ckpt.pt,
+log.jsonl or snapshots) stops before touching anything, naming what is there and the ways on:
+--init_from=resume continues it, --overwrite=True removes that run's files first (ckpt.pt,
+log.jsonl, log.jsonl.bad, snapshots/ckpt_*.pt and temp files; nothing else in the folder).
+
+Ctrl-C (SIGINT) and SIGTERM (preemption) both finish the current step, save ckpt.pt, log a stop
+record and exit 0; under torchrun every rank stops at the same step. A second Ctrl-C stops at once,
+without saving (exit code 130). A resumed run first sets aside a cut last line of log.jsonl (a run
+killed while writing it) into log.jsonl.bad, so that its own records start on a line of their own.
+
+What lands in out_dir (rank 0 writes; files follow the umask):
+  ckpt.pt    at every evaluation, at the end and on Ctrl-C/SIGTERM; written atomically, so a crash leaves
              the previous one. A dict: model (state_dict of the uncompiled model), optimizer, scaler,
              model_args (GPTConfig fields), config (this TrainConfig), iter_num (steps done = the next
              step to run), best_val_loss, val_loss and val_loss_iter (the last evaluation), rng,
@@ -38,10 +48,12 @@ What lands in out_dir (rank 0 writes):
                     argmax accuracy on the answers; prepare.task_mask), best_val_loss, eval_s, stats (stats.activation_stats of a fixed val batch:
                     {stream: {key: [one value per sublayer]}} for the keys in stats.STATS_KEYS,
                     dominant_dim and peak_layer one integer each; python probe.py out_dir plots them)
-             stop:  iter, reason (max_iters, target_val_loss, sigterm, eval_only, non-finite loss)
+             stop:  iter, reason (max_iters, target_val_loss, sigint, sigterm, eval_only, non-finite loss)
+  log.jsonl.bad  cut-off last lines set aside by resumed runs (see above), if any
 Checkpoints hold only tensors and plain Python values, and are read with torch.load(weights_only=True),
 so a checkpoint from a stranger cannot run code; a file that needs more is refused (trust_checkpoint).
-Exit codes: 0 done (also after SIGTERM), 2 bad config or missing data, 3 non-finite loss.
+Exit codes: 0 done (also after Ctrl-C or SIGTERM), 2 bad config or missing data, 3 non-finite loss,
+130 stopped at once by a second Ctrl-C (nothing saved since the last checkpoint).
 """
 
 import ast
@@ -54,9 +66,9 @@ import math
 import os
 import random
 import re
+import secrets
 import signal
 import sys
-import tempfile
 import textwrap
 import time
 import traceback
@@ -90,7 +102,11 @@ class TrainKeys:
                                                 "improves (nanoGPT). A SIGTERM always saves")
     snapshot_interval: int = option(0, "also keep weights-only snapshots out_dir/snapshots/ckpt_<iter, 6 digits>.pt "
                                        "every this many steps, from step 0 to the last (0: off); probe.py reads them")
-    init_from: str = option('scratch', "'scratch' or 'resume' (continue from out_dir/ckpt.pt)")
+    init_from: str = option('scratch', "'scratch' or 'resume' (continue from out_dir/ckpt.pt). A scratch run stops "
+                                       "if out_dir already holds a run (see overwrite)")
+    overwrite: bool = option(False, "init_from='scratch' into an out_dir that holds a run: remove that run's files "
+                                    "first (ckpt.pt, log.jsonl, log.jsonl.bad, snapshots/ckpt_*.pt, temp files; "
+                                    "nothing else). False: stop with one line instead. Never taken from a checkpoint")
     trust_checkpoint: bool = option(False, "resume from a checkpoint that holds pickled Python objects (which "
                                            "can run code), e.g. one written by an older version of this repo. "
                                            "Only for files you trust; off: such files are refused")
@@ -108,8 +124,9 @@ class TrainKeys:
     total_batch_size: int = option(16 * 128, "tokens per optimizer step, summed over ranks and micro-steps")
     batch_size: int = option(16, "micro-batch: sequences per forward pass on each rank")
     # loss
-    commit_sparsity: float = option(0.02, "alpha: loss = CE + alpha * mean commit gate (models with commit "
-                                          "gates, such as the ledger)")
+    commit_sparsity: float | None = option(None, "alpha: loss = CE + alpha * mean commit gate, for models with "
+                                                 "commit gates such as the ledger. None: 0.02 for those, 0 for "
+                                                 "models without (vanilla), where a value > 0 is an error")
     # optimizer: AdamW
     learning_rate: float = option(2e-3, "peak learning rate")
     max_iters: int = option(60, "optimizer steps in the whole run")
@@ -157,6 +174,7 @@ TrainConfig = dataclasses.make_dataclass('TrainConfig', [model_key(f) for f in f
                                          bases=(TrainKeys,))
 MODEL_KEYS = [f.name for f in fields(GPTConfig)]
 PENALTIES = {'commit_rate': 'commit_sparsity'}  # aux term of the forward -> the key that weights it in the loss
+PENALTY_DEFAULTS = {'commit_sparsity': 0.02}     # the weight None stands for, on a model that has the aux term
 RESUME_MAY_CHANGE = {'dropout'}  # model fields that do not change the weights' shapes or meaning
 CHOICES = dict(init_from=('scratch', 'resume'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
                compile=('auto', True, False))
@@ -267,6 +285,9 @@ def validate(cfg, world_size):
         raise ConfigError(str(e)) from None
     for name, key in PENALTIES.items():
         weight = getattr(cfg, key)
+        if weight is None:  # the default: the penalty where the model has the aux term, none where it has not
+            weight = PENALTY_DEFAULTS[key] if name in RESIDUALS[cfg.residual].aux else 0.0
+            setattr(cfg, key, weight)
         if weight < 0:
             raise ConfigError(f"{key} must be >= 0, got {weight}")
         if weight > 0 and name not in RESIDUALS[cfg.residual].aux:
@@ -348,7 +369,8 @@ def load_config(argv, world_size=1):
         values = {f.name: saved.get(f.name, f.default) for f in fields(TrainConfig)}
         values.update({k: v for k, (v, _) in given.items()})
         values.update(out_dir=os.path.dirname(path), init_from='resume',  # where it was read, not where it was written
-                      trust_checkpoint=given.get('trust_checkpoint', (False,))[0])  # never inherited
+                      trust_checkpoint=given.get('trust_checkpoint', (False,))[0],  # never inherited
+                      overwrite=given.get('overwrite', (False,))[0])
         for key in MODEL_KEYS:
             if key in given and key not in RESUME_MAY_CHANGE and given[key][0] != ckpt['model_args'].get(key):
                 raise ConfigError(f"{given[key][1]} sets {key}={given[key][0]!r} but {path} holds a model with "
@@ -357,6 +379,52 @@ def load_config(argv, world_size=1):
     cfg = TrainConfig(**values)
     validate(cfg, world_size)
     return cfg, ckpt
+
+
+def run_files(out_dir):
+    """The files of a run in out_dir: ckpt.pt, log.jsonl, log.jsonl.bad and snapshots/ckpt_*.pt."""
+    files = [os.path.join(out_dir, f) for f in ('ckpt.pt', 'log.jsonl', 'log.jsonl.bad')
+             if os.path.lexists(os.path.join(out_dir, f))]
+    snapshots = os.path.join(out_dir, 'snapshots')
+    if os.path.isdir(snapshots):
+        files += [os.path.join(snapshots, f) for f in sorted(os.listdir(snapshots)) if re.fullmatch(r'ckpt_\d+\.pt', f)]
+    return files
+
+
+def describe_run_files(files):
+    """'ckpt.pt, log.jsonl, 7 snapshots' for the paths of run_files."""
+    names = [os.path.basename(f) for f in files if os.path.basename(os.path.dirname(f)) != 'snapshots']
+    n = len(files) - len(names)
+    return ', '.join(names + ([f"{n} snapshot{'s' if n > 1 else ''} (snapshots/ckpt_*.pt)"] if n else []))
+
+
+def check_out_dir(cfg):
+    """One out_dir, one run: a from-scratch run may not mix its checkpoint, log and snapshots with
+    those of a run already there. Reads only; overwrite=True removes that run later (remove_run)."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ConfigError(f"out_dir={cfg.out_dir!r} is a file, not a folder")
+    if cfg.init_from == 'resume' and cfg.overwrite:
+        raise ConfigError("overwrite=True starts the run in out_dir over, init_from='resume' continues it: give one")
+    found = run_files(cfg.out_dir)
+    if cfg.init_from == 'scratch' and found and not cfg.overwrite:
+        raise ConfigError(f"{cfg.out_dir} already holds a run ({describe_run_files(found)}); continue it with "
+                          f"--init_from=resume, start over with --overwrite=True (removes those files first), "
+                          f"or give another --out_dir")
+
+
+def remove_run(out_dir):
+    """overwrite=True: remove the run_files of an earlier run and its temp files, nothing else (an
+    emptied snapshots/ folder too). Returns what was removed, described."""
+    found = run_files(out_dir)
+    for f in found:
+        os.remove(f)
+    snapshots = os.path.join(out_dir, 'snapshots')
+    if os.path.isdir(snapshots):
+        remove_stale_temp_files(snapshots)
+        with contextlib.suppress(OSError):
+            os.rmdir(snapshots)  # only when nothing else is in it
+    remove_stale_temp_files(out_dir)
+    return describe_run_files(found)
 
 
 def print_help():
@@ -393,11 +461,13 @@ def get_lr(it, cfg):
 
 
 def total_loss(ce, aux, cfg):
-    """The training loss: cross-entropy plus each penalised aux term times its weight (PENALTIES)."""
+    """The training loss: cross-entropy plus each penalised aux term times its weight (PENALTIES; a
+    weight of None is the default, PENALTY_DEFAULTS, as validate() resolves it)."""
     loss = ce
     for name, key in PENALTIES.items():
         if name in aux:
-            loss = loss + getattr(cfg, key) * aux[name]
+            weight = getattr(cfg, key)
+            loss = loss + (PENALTY_DEFAULTS[key] if weight is None else weight) * aux[name]
     return loss
 
 
@@ -428,9 +498,12 @@ def peak_flops(device, dtype):
 
 def save_checkpoint(ckpt, out_dir, name='ckpt.pt'):
     """torch.save, atomically: readers (and a crash at any moment) see the old file or the whole
-    new one. Written to a temp file in out_dir, fsynced, renamed over the old one, dir fsynced."""
+    new one. Written to a temp file in out_dir, fsynced, renamed over the old one, dir fsynced.
+    The file's mode follows the umask like any other file (tempfile.mkstemp's would be 0600, which
+    a shared group folder cannot read)."""
     path = os.path.join(out_dir, name)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=out_dir)
+    tmp = os.path.join(out_dir, f'.{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask takes its bits off
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(ckpt, f)
@@ -483,16 +556,72 @@ def set_rng_states(states, device):
         torch.cuda.set_rng_state(states['cuda'], device)
 
 
+def busy_cpu_hint():
+    """A line for CPU runs on a machine where other processes keep cores busy (1-minute load
+    average), None otherwise. torch's OpenMP threads spin-wait for each other, so a thread that
+    shares its core with other work slows every step down: the demo's step on 2 cores, one kept
+    busy by another process, took 20 s with torch's 2 threads and 10 s with 1 (README,
+    Troubleshooting). The default stays torch's, a thread per core: a load average lags and is
+    coarse, and a thread count chosen from it would differ from run to run; a hint costs nothing
+    when it is wrong."""
+    threads = torch.get_num_threads()
+    if os.environ.get('OMP_NUM_THREADS') or threads < 2 or not hasattr(os, 'getloadavg'):
+        return None
+    busy = os.getloadavg()[0]  # mostly others' load: this run has only just started
+    if busy < (os.cpu_count() or threads) - threads + 0.9:  # a core's worth of others' work or more
+        return None
+    return (f"note: other processes keep about {busy:.1f} of the {os.cpu_count()} CPU cores busy (load average) and "
+            f"torch's {threads} threads spin-wait for each other, which can make every step several times slower; "
+            f"OMP_NUM_THREADS=1 (or the number of idle cores) before the command is faster then")
+
+
 def format_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-class Log:
-    """Appends one JSON object per line to out_dir/log.jsonl (and to wandb); rank 0 only."""
+def heal_log(path):
+    """A run killed while writing log.jsonl can leave its last line cut off (no newline at the end).
+    Before a resumed run appends to it, that line is moved to log.jsonl.bad (appended there), so
+    every record stays on a line of its own and the log reads as one run again. Returns a line
+    saying so, or None when there was nothing to heal."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, 'rb') as f:
+        data = f.read()
+    if not data or data.endswith(b'\n'):
+        return None
+    start = data.rfind(b'\n') + 1
+    last = data[start:]
+    try:
+        whole = isinstance(json.loads(last), dict)  # cut right before its newline: only that is missing
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        whole = False
+    if whole:
+        with open(path, 'ab') as f:
+            f.write(b'\n')
+        return None
+    bad = path + '.bad'
+    with open(bad, 'ab') as f:  # kept first, then dropped from the log: a crash in between loses nothing
+        f.write(last + b'\n')
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, 'r+b') as f:
+        f.truncate(start)
+    line = data.count(b'\n') + 1
+    return f"{path}: line {line} was cut off ({len(last)} bytes, a run killed while writing it); moved it to {bad}"
 
-    def __init__(self, cfg, master):
+
+class Log:
+    """Appends one JSON object per line to out_dir/log.jsonl (and to wandb); rank 0 only. A resumed
+    run (heal=True) first moves a cut last line aside (heal_log)."""
+
+    def __init__(self, cfg, master, heal=False):
         self.path = os.path.join(cfg.out_dir, 'log.jsonl') if master else None
+        if master and heal:
+            healed = heal_log(self.path)
+            if healed:
+                print(healed)
         self.wandb = None
         if master and cfg.wandb_log:
             import wandb
@@ -510,6 +639,37 @@ class Log:
                 scalars[f"stats/{stream}_top1_median_max"] = max(stats['top1_median'])
                 scalars[f"stats/{stream}_n_massive"] = sum(stats['n_massive'])
             self.wandb.log(scalars, step=values['iter'])
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (preemption) ask the training loop to stop: it finishes the
+    current step, saves and exits 0 (every rank agrees at the step's all-reduce). A Ctrl-C after
+    that stops at once: KeyboardInterrupt, which main() reports in one line (exit code 130)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, master):
+        self.master = master
+        self.received = set()  # names of the signals received, e.g. {'SIGINT'}
+        self.previous = {}
+
+    def __call__(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if self.master and not self.received:  # os.write: safe inside a signal handler, unlike print
+            os.write(sys.stdout.fileno(), (f"\n{name}: stopping after this step, saving first"
+                                           + (" (Ctrl-C again: stop at once, without saving)"
+                                              if signum == signal.SIGINT else "") + "\n").encode())
+        self.received.add(name)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 # -----------------------------------------------------------------------------
 # training
@@ -626,6 +786,10 @@ def train(cfg, ckpt=None):
 
     snapshot_dir = os.path.join(cfg.out_dir, 'snapshots')
     if master:
+        if cfg.overwrite and os.path.isdir(cfg.out_dir):  # only now that everything before could be checked
+            removed = remove_run(cfg.out_dir)
+            if removed:
+                print(f"overwrite: removed the earlier run's {removed} from {cfg.out_dir}")
         os.makedirs(cfg.out_dir, exist_ok=True)
         remove_stale_temp_files(cfg.out_dir)
         if os.path.isdir(snapshot_dir):
@@ -636,7 +800,10 @@ def train(cfg, ckpt=None):
         print(f"device {device}, {dtype}, compile {use_compile}, world size {world_size}, "
               f"{grad_accum} micro-steps of {cfg.batch_size} x {cfg.block_size} tokens per rank, "
               f"{cfg.total_batch_size:,} tokens per step" + (f", resuming at iter {iter_num}" if resumed else ""))
-    log = Log(cfg, master)
+        hint = busy_cpu_hint() if device_type == 'cpu' else None
+        if hint:
+            print(hint)
+    log = Log(cfg, master, heal=resumed)
     log('start', iter=iter_num, params=raw_model.num_params(), world_size=world_size, grad_accum=grad_accum,
         device=device, dtype=dtype, compile=use_compile, residual=residual, config=asdict(cfg))
 
@@ -708,16 +875,15 @@ def train(cfg, ckpt=None):
                                  iter_num=iter_num, tokens=iter_num * cfg.total_batch_size,
                                  val_loss=val_loss if val_loss_iter == iter_num else None), snapshot_dir, name)
 
-    # SIGTERM (preemption): finish the current step, save, exit 0; all ranks agree via the all-reduce
-    stop = {'sigterm': False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(sigterm=True))
+    # Ctrl-C and SIGTERM (preemption): finish the current step, save, exit 0; all ranks agree via the all-reduce
+    stop = StopSignals(master)
 
     flops_per_token = raw_model.estimate_flops_per_token()
     peak = peak_flops(device, dtype)  # None (mfu n/a) unless bf16 on a known GPU
     x, y = fetch(train_data, iter_num, rank * grad_accum)
     step_times, eval_seconds, t_start = [], 0.0, time.time()
     reason = None
-    try:
+    with stop:
         while True:
             # evaluate and checkpoint (not again right after resuming from a checkpoint written after
             # evaluating this very step)
@@ -778,11 +944,12 @@ def train(cfg, ckpt=None):
                     scaler.scale(loss / grad_accum).backward()
                 sums += torch.stack([loss.detach().float(), ce.detach().float()] +
                                     [aux[name].detach().float() for name in aux_names])
-            # one small all-reduce: the global mean losses, and whether any rank got a SIGTERM
-            flags = torch.cat([sums / (grad_accum * world_size), torch.tensor([float(stop['sigterm'])], device=device)])
+            # one small all-reduce: the global mean losses, and whether any rank got a Ctrl-C or a SIGTERM
+            got = [float(name in stop.received) for name in ('SIGINT', 'SIGTERM')]
+            flags = torch.cat([sums / (grad_accum * world_size), torch.tensor(got, device=device)])
             if ddp:
                 dist.all_reduce(flags)
-            loss_f, ce_f, *aux_f, sigterm = flags.tolist()
+            loss_f, ce_f, *aux_f, sigint, sigterm = flags.tolist()
             aux_f = dict(zip(aux_names, aux_f))
             if not math.isfinite(loss_f):
                 log('stop', iter=iter_num, reason='non-finite loss', loss=str(loss_f))
@@ -814,11 +981,12 @@ def train(cfg, ckpt=None):
                     tokens=(iter_num + 1) * cfg.total_batch_size, elapsed_s=time.time() - t_start)
             iter_num += 1
 
-            if sigterm:
-                if master:
-                    print(f"SIGTERM: saving {cfg.out_dir}/ckpt.pt at iter {iter_num} and exiting")
+            if sigint or sigterm:
+                reason = 'sigint' if sigint else 'sigterm'
                 save()
-                reason = 'sigterm'
+                if master:
+                    print(f"{reason.upper()}: saved {cfg.out_dir}/ckpt.pt at iter {iter_num}; continue with "
+                          f"--init_from=resume")
                 break
         log('stop', iter=iter_num, reason=reason)
         if master:
@@ -827,8 +995,6 @@ def train(cfg, ckpt=None):
         if ddp:
             dist.barrier()
         return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
 
 
 def main(argv=None):
@@ -837,9 +1003,15 @@ def main(argv=None):
         print_help()
         return 0
     where = f"train.py[rank {os.environ['RANK']}]" if int(os.environ.get('WORLD_SIZE', 1)) > 1 else "train.py"
+    cfg = None
     try:
         cfg, ckpt = load_config(argv, int(os.environ.get('WORLD_SIZE', 1)))
+        check_out_dir(cfg)
         return train(cfg, ckpt)
+    except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one in it
+        kept = f"{cfg.out_dir}/ckpt.pt, if any, is the last checkpoint" if cfg else "nothing was written"
+        print(f"{where}: interrupted: stopped at once, without saving ({kept})", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"{where}: error: {e}", file=sys.stderr)
         return 2

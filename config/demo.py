@@ -12,6 +12,7 @@ eval_only = False
 always_save_checkpoint = True
 snapshot_interval = 0
 init_from = 'scratch'
+overwrite = False  # True: remove the run already in out_dir first (else: stop and say so)
 trust_checkpoint = False
 wandb_log = False
 wandb_project = 'ledger-residuals'
@@ -45,7 +46,7 @@ scaled_init = False
 bias = False
 gelu = 'exact'
 norm_eps = 1e-6
-commit_sparsity = 0.02
+commit_sparsity = None  # 0.02 for models with commit gates (this ledger), 0 for vanilla
 
 # optimisation
 learning_rate = 2e-3

@@ -6,8 +6,8 @@
     server.close()
 
 It honours Range (206, or 416 past the end) and misbehaves when told to, once per file: answer 503
-(fail_once), send half the body and cut the connection (drop_once); or always ignore Range and send
-the whole file with 200 (ignore_range), as some servers do.
+(fail_once), send half the body and cut the connection (drop_once); or every time: answer 503
+(fail_always), ignore Range and send the whole file with 200 (ignore_range), as some servers do.
 """
 import http.server
 import socket
@@ -26,6 +26,7 @@ class FileServer:
         self.prefix = prefix
         self.log = []             # (key, Range header or None) for every GET; key = the full path outside prefix
         self.fail_once = set()    # keys to answer 503 once
+        self.fail_always = set()  # keys to answer 503 every time
         self.drop_once = set()    # keys to send half of, then close the connection, once
         self.ignore_range = False
         server = self
@@ -36,7 +37,7 @@ class FileServer:
                 key = path.removeprefix(server.prefix) if path.startswith(server.prefix) else path
                 rng = self.headers.get('Range')
                 server.log.append((key, rng))
-                if key in server.fail_once:
+                if key in server.fail_once or key in server.fail_always:
                     server.fail_once.discard(key)
                     return self.send_error(503)
                 if key not in server.files or not path.startswith(server.prefix):

@@ -132,7 +132,7 @@ def test_download_clean_then_skips_complete_files(fineweb, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('ignore_range', [False, True], ids=['range', 'server-ignores-range'])
-def test_download_resumes_after_dropped_connection(fineweb, tmp_path, ignore_range):
+def test_download_resumes_after_dropped_connection(fineweb, tmp_path, ignore_range, capsys):
     name = 'finewebedu_train_000001.bin'
     fineweb.drop_once.add(name)
     fineweb.ignore_range = ignore_range  # a server without Range support answers 200: start over
@@ -140,6 +140,8 @@ def test_download_resumes_after_dropped_connection(fineweb, tmp_path, ignore_ran
     assert_downloaded(fineweb, tmp_path / 'data')
     # the client keeps whole 64 KiB chunks of the first half and asks for the rest
     assert fineweb.gets(name) == [(name, None), (name, f'bytes={1 << 16}-')]
+    # one short line for the retried try (no progress bars outside a terminal)
+    assert capsys.readouterr().err.splitlines() == [f'{name}: connection broken after 65,536 bytes; retrying in 0.0 s']
 
 
 def test_download_resumes_a_part_file_from_an_earlier_run(fineweb, tmp_path):
@@ -163,12 +165,23 @@ def test_download_starts_over_when_the_part_file_cannot_be_resumed(fineweb, tmp_
     assert fineweb.gets(name) == [(name, None)]
 
 
-def test_download_retries_server_errors(fineweb, tmp_path):
+def test_download_retries_server_errors(fineweb, tmp_path, capsys):
     name = 'finewebedu_val_000000.bin'
     fineweb.fail_once.add(name)
     assert run_download(fineweb, tmp_path / 'data') == 0
     assert_downloaded(fineweb, tmp_path / 'data')
     assert fineweb.gets(name) == [(name, None), (name, None)]
+    assert capsys.readouterr().err.splitlines() == [f'{name}: HTTP 503 Service Unavailable; retrying in 0.0 s']
+
+
+def test_download_gives_up_after_five_failed_tries_one_line_each(fineweb, tmp_path, capsys):
+    name = 'finewebedu_val_000000.bin'
+    fineweb.fail_always.add(name)
+    assert run_download(fineweb, tmp_path / 'data') == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[:4] == [f'{name}: HTTP 503 Service Unavailable; retrying in {w} s' for w in ('0.0', '0.0', '0.0', '0.1')]
+    assert len(err) == 5 and err[4].startswith('prepare.py: error:') and 'giving up after 5 failed tries' in err[4]
+    assert len(fineweb.gets(name)) == 5
 
 
 @pytest.mark.parametrize('damage, message', [
@@ -178,7 +191,7 @@ def test_download_retries_server_errors(fineweb, tmp_path):
 def test_download_rejects_a_server_that_sends_garbage(fineweb, tmp_path, capsys, damage, message):
     name = 'finewebedu_train_000001.bin'
     fineweb.files[name] = damage(fineweb.files[name])
-    assert run_download(fineweb, tmp_path / 'data') == 1
+    assert run_download(fineweb, tmp_path / 'data') == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
     assert err.startswith('prepare.py: error:')
     assert name in err and message in err and 'not a token shard' in err
@@ -189,7 +202,7 @@ def test_download_rejects_a_server_that_sends_garbage(fineweb, tmp_path, capsys,
 
 def test_download_404_fails_at_once(fineweb, tmp_path, capsys):
     del fineweb.files['finewebedu_train_000002.bin']
-    assert run_download(fineweb, tmp_path / 'data') == 1
+    assert run_download(fineweb, tmp_path / 'data') == 2
     assert 'HTTP 404' in capsys.readouterr().err
     assert len(fineweb.gets('finewebedu_train_000002.bin')) == 1
 
@@ -200,7 +213,7 @@ def test_cli_rejects_bad_arguments(capsys):
         with pytest.raises(SystemExit) as e:
             prepare.main(argv)
         assert e.value.code == 2
-    assert prepare.main(['--dataset=text', '--input', '/no/such/path']) == 1
+    assert prepare.main(['--dataset=text', '--input', '/no/such/path']) == 2
     assert 'no such file or folder' in capsys.readouterr().err
 
 # -----------------------------------------------------------------------------

@@ -356,6 +356,45 @@ def test_cli_two_checkpoints_json_pngs_comparison(tmp_path, capsys, save_ckpt):
             assert torch.equal(sd[k], w), k
 
 
+def test_short_windows_carry_a_sink_warning(tmp_path, capsys, save_ckpt):
+    """Below T = 64 even uniform attention passes Gu et al.'s 0.3 (alpha_1 = H(T)/T, 0.457 at T = 5):
+    the planted model's head 0 attends uniformly, and at T = 5 it counts as a sink head. The report
+    warns and probe.json flags it; at T = 64 neither."""
+    root = val_shard(tmp_path / 'data')
+    path = save_ckpt(planted_model(), tmp_path / 'planted.pt', root)
+    assert probe.main([path, '--out', str(tmp_path / 'o5'), '--num_seqs', '2', '--seq_len', '5']) == 0
+    text = capsys.readouterr().out
+    a = json.loads((tmp_path / 'o5' / 'probe.json').read_text())['checkpoints'][0]['attention']
+    assert a['prefix_T'] == a['T'] == 5 and a['short_T'] is True
+    assert a['uniform_alpha1'] == a['uniform_alpha1_prefix'] == pytest.approx((1 + 1/2 + 1/3 + 1/4 + 1/5) / 5)
+    assert a['alpha1'][0] == pytest.approx([a['uniform_alpha1'], 1.0], abs=1e-6)   # head 0 only attends uniformly ...
+    assert a['sink1_prefix'] == a['sink1'] == 100.0                               # ... and counts as a sink
+    assert ("warning: T=5 < 64: alpha_1 and Sink_1 are not comparable with Gu et al.'s (T=64); uniform causal "
+            "attention alone gives alpha_1 = 0.457 at T=5 (above epsilon 0.3; above it up to T=9)") in text
+    assert probe.uniform_alpha1(9) > 0.3 > probe.uniform_alpha1(10)
+    assert probe.main([path, '--out', str(tmp_path / 'o64'), '--num_seqs', '2', '--seq_len', '64']) == 0
+    assert 'warning: T=' not in capsys.readouterr().out
+    a = json.loads((tmp_path / 'o64' / 'probe.json').read_text())['checkpoints'][0]['attention']
+    assert a['short_T'] is False and a['sink1_prefix'] == 50.0
+
+
+def test_the_report_names_its_two_peaks(tmp_path, capsys, save_ckpt):
+    """top1/median peaks where one entry stands out most from the median; peak_layer is where the
+    dominant channel's mean |x| peaks. When they differ the report says they measure different things."""
+    root = val_shard(tmp_path / 'data')
+    path = save_ckpt(random_model('ledger'), tmp_path / 'ledger.pt', root)
+    assert probe.main([path, '--out', str(tmp_path / 'o'), '--num_seqs', '2', '--seq_len', '32']) == 0
+    text = capsys.readouterr().out
+    streams = json.loads((tmp_path / 'o' / 'probe.json').read_text())['checkpoints'][0]['streams']
+    differ = {n: st['summary'] for n, st in streams.items()
+              if st['summary']['max_top1_median_sublayer'] != st['summary']['peak_layer']}
+    assert differ, "no stream whose two peaks differ: the test shows nothing"
+    for sm in differ.values():
+        assert (f"two peaks, two measures: top1/median (one token's largest |x| against the median) peaks at "
+                f"s={sm['max_top1_median_sublayer']}; peak_layer s={sm['peak_layer']} is where dominant_dim's mean "
+                f"|x| over all tokens peaks") in text
+
+
 def test_cli_text_prompts(tmp_path, capsys, save_ckpt):
     model = random_model('vanilla', vocab=50257, d=16)
     path = save_ckpt(model, tmp_path / 'tiny.pt', str(tmp_path / 'nowhere'))

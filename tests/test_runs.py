@@ -35,9 +35,9 @@ def stats(ratio, channel=None, new=True):
     return st
 
 
-def start(residual='ledger', n_layer=2, tbs=TBS, it=0):
+def start(residual='ledger', n_layer=2, tbs=TBS, it=0, **config):
     return dict(event='start', iter=it, config=dict(residual=residual, n_layer=n_layer, n_embd=16,
-                                                    total_batch_size=tbs, block_size=32))
+                                                    total_batch_size=tbs, block_size=32, **config))
 
 
 def ev(it, streams, val_loss=3.0, commit=0.2):
@@ -152,6 +152,16 @@ BAD_LOGS = {
     'other_model': ([start(), ev(0, dict(h=stats([1.0, 2.0]))), ev(2, dict(h=stats([1.0, 2.0, 3.0, 4.0])))],
                     'line 3: eval at iter 2 has streams'),
     'other_start': ([start(), ev(0, dict(h=stats([1.0, 2.0]))), start(n_layer=4)], 'line 3: a different model'),
+    # the same model trained from scratch again into the same out_dir (train.py before it refused that)
+    'second_scratch': ([start(init_from='scratch'), ev(0, dict(h=stats([1.0, 2.0]))), start(init_from='scratch')],
+                       "line 3: a second run was started from scratch into this log (its start event says init_from "
+                       "'scratch'; a resumed run's says 'resume'), after the one that started at line 1; the lines "
+                       "from 3 on are the later run"),
+    # a cut line, then a resumed run's start record appended to it (train.py before it set cut lines aside)
+    'joined': ([start(), ev(0, dict(h=stats([1.0, 2.0]))), '{"event": "eval", "it' + json.dumps(start(it=0)),
+                ev(2, dict(h=stats([1.0, 2.0])))],
+               "line 3 is not JSON (Expecting ':' delimiter, column 24): a record cut off by a killed run, with the "
+               "next one appended to it"),
 }
 
 
@@ -163,6 +173,26 @@ def test_malformed_logs_are_one_line_errors(tmp_path, capsys, case, one_line_err
     assert code == 2
     one_line_error(err, 'probe.py', os.path.join(folder, 'log.jsonl'), words)
     assert not (tmp_path / 'o').exists()                  # nothing written
+
+
+def test_a_cut_last_line_is_left_out_and_said(tmp_path, capsys):
+    """Only the last line, and only without a newline after it (a run killed while writing it, or
+    one still writing): the reader leaves it out. Garbage elsewhere stays an error (BAD_LOGS)."""
+    events = [start(), ev(0, dict(h=stats([1.0, 2.0]))), ev(2, dict(h=stats([1.0, 3.0])))]
+    folder = write_log(tmp_path / 'run', events)
+    with open(os.path.join(folder, 'log.jsonl'), 'a') as f:
+        f.write('{"event": "eval", "iter": 4, "stats": {"h": {"top1_med')
+    got, cut = runs.read_log(os.path.join(folder, 'log.jsonl'))
+    assert [line for line, _ in got] == [1, 2, 3] and cut == 4
+    code, out, err = run_main(capsys, folder, '--out', tmp_path / 'o')
+    assert code == 0, err
+    assert 'line 4 of the log is cut off (a run killed while writing it, or still writing) and left out' in out
+    run = json.loads((tmp_path / 'o' / 'trajectory.json').read_text())['runs'][0]
+    assert run['iters'] == [0, 2] and run['cut_line'] == 4
+    with open(os.path.join(folder, 'log.jsonl'), 'a') as f:
+        f.write('\n')                                                 # the same text, now a whole line
+    code, _, err = run_main(capsys, folder, '--out', tmp_path / 'o')
+    assert code == 2 and 'line 4 is not JSON' in err and 'only a cut-off last line is left out' in err
 
 
 def test_inputs_that_cannot_go_together(tmp_path, capsys, cli, one_line_error):

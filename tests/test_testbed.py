@@ -30,7 +30,7 @@ def conditional_sink_model():
     exactly 0 at them) and its k is 100 u7: every non-trigger query puts all its attention on
     position 0; a trigger query attends uniformly (1/(t+1) on position 0). Head 1 has q = 0."""
     torch.manual_seed(0)
-    d, hd = 16, 8
+    d = 16
     m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=d, block_size=T, vocab_size=V))
     with torch.no_grad():
         m.wte.weight.zero_()

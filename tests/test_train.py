@@ -1,5 +1,6 @@
-"""train.py: config parsing, presets, checkpoints, exact resume after SIGKILL, atomic saves, DDP
-equivalence, the sparsity penalty, non-finite losses and SIGTERM. CPU only, offline.
+"""train.py: config parsing, presets, checkpoints, exact resume after SIGKILL and Ctrl-C, atomic saves,
+DDP equivalence, the sparsity penalty, non-finite losses, SIGTERM, one run per out_dir and logs that
+heal. CPU only, offline.
 
 Training runs go through subprocesses (process behaviour is what matters) on a tiny model and a
 tiny synthetic dataset written with prepare.write_shard, so nothing depends on the builtin build.
@@ -136,9 +137,10 @@ def test_train_config_holds_every_model_field():
 
 def test_demo_config_spells_out_the_defaults(root):
     cfg, _ = train.load_config([os.path.join(root, 'config', 'demo.py')])
-    assert cfg == train.TrainConfig()
+    assert cfg == train.load_config([])[0]  # the defaults, with commit_sparsity None resolved as for any run
     given = train.read_config_file(os.path.join(root, 'config', 'demo.py'))
     assert set(given) == {f.name for f in fields(train.TrainConfig)} - {'debug_nan_at_iter'}
+    assert given == {f.name: f.default for f in fields(train.TrainConfig) if f.name in given}  # as written, None too
 
 
 def test_sparsity_on_vanilla_and_bad_batch_are_config_errors(capsys, one_line_error):
@@ -287,13 +289,28 @@ def assert_same_state(a, b):
     assert a['iter_num'] == b['iter_num'] and a['best_val_loss'] == b['best_val_loss']
 
 
-def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path, cli, root, env):
-    # dropout on, so that the dropout masks have to be reproduced too
-    args = dict(max_iters=40, eval_interval=5, dropout=0.1, stats_seqs=0)
-    whole, killed = tmp_path / 'whole', tmp_path / 'killed'
-    uninterrupted = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, whole, **args), cwd=root, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, killed, **args), cwd=root,
+EXACT = dict(max_iters=40, eval_interval=5, dropout=0.1, stats_seqs=0)  # dropout on: its masks must be reproduced too
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data_root, tmp_path_factory, root, env):
+    """The EXACT run without a stop, started in the background (the interrupted runs of the tests
+    run beside it); calling the fixture's value waits for it and gives its out_dir."""
+    out = tmp_path_factory.mktemp('whole') / 'out'
+    proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, out, **EXACT), cwd=root,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def finished():
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+        return out
+    yield finished
+    proc.kill()
+    proc.wait()
+
+
+def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path, cli, root, env, uninterrupted):
+    killed = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, killed, **EXACT), cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in proc.stdout:
         if line.startswith('iter 12:'):  # checkpoints exist for iters 0, 5 and 10
@@ -306,11 +323,61 @@ def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path, cli, root, e
 
     r = cli('train.py', *[f'--out_dir={killed}', '--init_from=resume'])  # the checkpoint's config fills in the rest
     assert r.returncode == 0, r.stderr
-    assert uninterrupted.wait(timeout=120) == 0, uninterrupted.stderr.read()
     assert f'resuming at iter {k}' in r.stdout
     starts = read_log(killed, 'start')
     assert [s['iter'] for s in starts] == [0, k]
-    assert_same_state(final_state(whole), final_state(killed))
+    assert_same_state(final_state(uninterrupted()), final_state(killed))
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_bitwise_exact(data_root, tmp_path, cli, root, env, uninterrupted):
+    """Ctrl-C is SIGINT: like SIGTERM, it finishes the step, saves ckpt.pt at the step it stopped
+    at, logs the stop and exits 0 without a traceback; resuming ends as if nothing had happened."""
+    out = tmp_path / 'out'
+    proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, out, **EXACT), cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith('iter 12:'):  # checkpoints exist for iters 0, 5 and 10
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == '', err      # no traceback, nothing on stderr
+    k = read_log(out, 'train')[-1]['iter'] + 1          # the steps done
+    assert 13 <= k < 40, "the run finished before Ctrl-C reached it"
+    assert final_state(out)['iter_num'] == k
+    assert read_log(out)[-1] == {'event': 'stop', 'iter': k, 'reason': 'sigint'}
+    assert f"SIGINT: saved {out}/ckpt.pt at iter {k}; continue with --init_from=resume" in rest.splitlines()
+    assert 'Ctrl-C again: stop at once' in rest
+
+    r = cli('train.py', f'--out_dir={out}', '--init_from=resume')
+    assert r.returncode == 0, r.stderr
+    assert [s['iter'] for s in read_log(out, 'start')] == [0, k]
+    assert_same_state(final_state(uninterrupted()), final_state(out))
+
+
+CTRL_C_TWICE = """
+import signal, sys, train
+real = train.get_lr
+def get_lr(it, cfg):  # Ctrl-C twice while step 3 runs: deterministic, where a second kill from outside would race
+    if it == 3:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+    return real(it, cfg)
+train.get_lr = get_lr
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(data_root, tmp_path, root, env):
+    out = tmp_path / 'out'
+    r = subprocess.run([sys.executable, '-c', CTRL_C_TWICE] + tiny(data_root, out, max_iters=10, eval_interval=2),
+                       cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.splitlines() == [f"train.py: interrupted: stopped at once, without saving ({out}/ckpt.pt, "
+                                     f"if any, is the last checkpoint)"]
+    assert 'SIGINT: stopping after this step' in r.stdout
+    assert final_state(out)['iter_num'] == 2          # the checkpoint of the last evaluation, left as it was
+    assert read_log(out)[-1]['event'] == 'train' and read_log(out, 'train')[-1]['iter'] == 2  # step 3 never finished
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']   # no temp file left
 
 
 def test_resume_keeps_best_val_loss_and_rejects_shape_changes(finished_run, tmp_path, capsys, cli, one_line_error):
@@ -331,6 +398,132 @@ def test_resume_keeps_best_val_loss_and_rejects_shape_changes(finished_run, tmp_
     ckpt = final_state(out)
     assert ckpt['iter_num'] == 8 and ckpt['best_val_loss'] == -1.0 and ckpt['config']['dropout'] == 0.1
     assert [e['iter'] for e in read_log(out, 'eval')] == [0, 4, 6, 8]  # iter 6 was not evaluated twice
+
+
+def tree(folder):
+    """{relative path: bytes} of every file under folder, and '<dir>' for every folder."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), folder)] = '<dir>'
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            out[os.path.relpath(path, folder)] = open(path, 'rb').read()
+    return out
+
+
+def test_a_scratch_run_cannot_clobber_a_run_and_overwrite_removes_all_of_it(finished_run, data_root, tmp_path, cli,
+                                                                           one_line_error):
+    out = tmp_path / 'out'
+    shutil.copytree(finished_run[0], out)          # ckpt.pt, log.jsonl, snapshots/ (3)
+    (out / 'notes.txt').write_text('mine\n')       # not the run's: never removed
+    (out / '.ckpt.pt.123.tmp').write_bytes(b'x')   # a temp file of a killed save
+    before = tree(out)
+    r = cli('train.py', *tiny(data_root, out, max_iters=2, seed=5))
+    assert r.returncode == 2
+    one_line_error(r.stderr, 'train.py', f'{out} already holds a run (ckpt.pt, log.jsonl, 3 snapshots',
+                   '--init_from=resume', '--overwrite=True', '--out_dir')
+    assert tree(out) == before                     # nothing touched, byte for byte
+
+    r = cli('train.py', *tiny(data_root, out, max_iters=2, eval_interval=2, seed=5, overwrite=True))
+    assert r.returncode == 0, r.stderr
+    assert f"overwrite: removed the earlier run's ckpt.pt, log.jsonl, 3 snapshots (snapshots/ckpt_*.pt) from {out}" \
+        in r.stdout
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl', 'notes.txt']   # no stale snapshot, temp file or log line
+    assert (out / 'notes.txt').read_text() == 'mine\n'
+    assert [(e['event'], e['iter']) for e in read_log(out) if e['event'] != 'train'] == \
+        [('start', 0), ('eval', 0), ('eval', 2), ('stop', 2)]
+    assert read_log(out, 'start')[0]['config']['seed'] == 5 and final_state(out)['iter_num'] == 2
+
+
+def test_out_dir_misuse_is_one_line_and_touches_nothing(finished_run, tmp_path, capsys, one_line_error):
+    (tmp_path / 'a_file').write_text('x')
+    assert train.main([f'--out_dir={tmp_path / "a_file"}']) == 2
+    one_line_error(capsys.readouterr().err, 'train.py', 'a_file', 'is a file, not a folder')
+    out = tmp_path / 'out'
+    shutil.copytree(finished_run[0], out)
+    before = tree(out)
+    assert train.main([f'--out_dir={out}', '--init_from=resume', '--overwrite=True']) == 2
+    one_line_error(capsys.readouterr().err, 'train.py', 'overwrite=True', "init_from='resume'", 'give one')
+    assert tree(out) == before and sorted(os.listdir(tmp_path)) == ['a_file', 'out']
+
+
+def test_a_cut_last_log_line_is_set_aside_on_resume_and_the_run_probes(finished_run, tmp_path, cli):
+    """A run killed while writing log.jsonl leaves its last line cut off. The probe reads the run
+    without that line (and says so); a resume moves the line to log.jsonl.bad, in one line, before
+    appending, so that the log reads as one run."""
+    out = tmp_path / 'out'
+    shutil.copytree(finished_run[0], out)
+    cut = b'{"event": "eval", "iter": 6, "train_loss": 5.1, "val_lo'
+    with open(out / 'log.jsonl', 'ab') as f:
+        f.write(cut)
+    n = len((out / 'log.jsonl').read_bytes().split(b'\n'))   # the cut line's number
+    p = cli('probe.py', out, '--out', tmp_path / 'traj')
+    assert p.returncode == 0, p.stderr
+    assert f"line {n} of the log is cut off" in p.stdout
+
+    r = cli('train.py', f'--out_dir={out}', '--init_from=resume', '--max_iters=8')
+    assert r.returncode == 0, r.stderr
+    assert f"{out}/log.jsonl: line {n} was cut off ({len(cut)} bytes, a run killed while writing it); moved it to " \
+           f"{out}/log.jsonl.bad" in r.stdout.splitlines()
+    assert (out / 'log.jsonl.bad').read_bytes() == cut + b'\n'
+    assert [e['iter'] for e in read_log(out, 'start')] == [0, 6]     # every line is JSON again
+    p = cli('probe.py', out, '--out', tmp_path / 'traj')
+    assert p.returncode == 0, p.stderr
+    run = json.loads((tmp_path / 'traj' / 'trajectory.json').read_text())['runs'][0]
+    assert run['iters'] == [0, 4, 6, 8] and run['starts'] == 2 and run['cut_line'] is None
+
+
+def test_checkpoints_and_snapshots_follow_the_umask(tmp_path):
+    """A group-shared out_dir (umask 002/027) must be readable by the group: mkstemp's 0600 was not."""
+    old = os.umask(0o027)
+    try:
+        train.save_checkpoint({'iter_num': 1}, str(tmp_path))
+        os.umask(0o002)
+        (tmp_path / 'snapshots').mkdir()
+        train.save_checkpoint({'iter_num': 1}, str(tmp_path / 'snapshots'), 'ckpt_000001.pt')
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / 'ckpt.pt').st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / 'snapshots' / 'ckpt_000001.pt').st_mode & 0o777 == 0o664
+
+
+def test_vanilla_trains_with_the_default_sparsity(data_root, tmp_path, cli, capsys, one_line_error):
+    """commit_sparsity None: 0.02 for models with commit gates, 0 for the others; a value > 0 given
+    for a model without commit gates is still an error."""
+    assert train.TrainConfig().commit_sparsity is None
+    assert train.load_config([])[0].commit_sparsity == 0.02
+    assert train.load_config(['--residual=vanilla'])[0].commit_sparsity == 0.0
+    assert train.load_config(['--residual=vanilla', '--commit_sparsity=0'])[0].commit_sparsity == 0.0
+    assert train.main(['--residual=vanilla', '--commit_sparsity=0.02']) == 2
+    one_line_error(capsys.readouterr().err, 'train.py', 'commit_sparsity=0.02', 'vanilla', 'no commit gates')
+    out = tmp_path / 'out'
+    r = cli('train.py', *tiny(data_root, out, residual='vanilla', max_iters=1, eval_interval=100, stats_seqs=0))
+    assert r.returncode == 0, r.stderr
+    assert read_log(out, 'start')[0]['config']['commit_sparsity'] == 0.0
+    assert [t['loss'] == t['ce'] for t in read_log(out, 'train')] == [True]
+
+
+def test_busy_cores_get_a_hint(monkeypatch):
+    """The load average cannot be set by a test, so it is given: a core's worth of other work on 2
+    cores, with torch's 2 threads, is the demo's slow case; idle cores, one thread or an
+    OMP_NUM_THREADS of the user's are not."""
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        hints = {}
+        for load in (0.3, 1.2):
+            monkeypatch.setattr(os, 'getloadavg', lambda: (load, 0.0, 0.0))
+            hints[load] = train.busy_cpu_hint()
+        monkeypatch.setenv('OMP_NUM_THREADS', '2')
+        hints['set'] = train.busy_cpu_hint()
+    finally:
+        torch.set_num_threads(threads)
+    assert hints[0.3] is None and hints['set'] is None
+    assert hints[1.2].startswith('note: other processes keep about 1.2 of the 2 CPU cores busy')
+    assert 'OMP_NUM_THREADS=1' in hints[1.2]
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -465,6 +658,28 @@ def test_peak_flops_knows_the_card_and_only_rates_bf16(name, flops, monkeypatch)
     assert train.peak_flops('cpu', 'bfloat16') is None
 
 
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(data_root, tmp_path, root, env):
+    """Ctrl-C in a terminal reaches torchrun, which passes SIGINT to every rank: the ranks agree on
+    the step at the all-reduce, rank 0 saves there, and no rank dies with a traceback."""
+    out = tmp_path / 'out'
+    env = dict(env, GLOO_SOCKET_IFNAME=os.environ.get('GLOO_SOCKET_IFNAME', 'lo'))
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             os.path.join(root, 'train.py')] + tiny(data_root, out, max_iters=100_000, eval_interval=1000,
+                                                                    stats_seqs=0),
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith('iter 3:'):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, err = proc.communicate(timeout=120)
+    k = read_log(out, 'train')[-1]['iter'] + 1
+    assert final_state(out)['iter_num'] == k and final_state(out)['world_size'] == 2
+    assert read_log(out)[-1] == {'event': 'stop', 'iter': k, 'reason': 'sigint'}
+    assert f"SIGINT: saved {out}/ckpt.pt at iter {k}; continue with --init_from=resume" in rest.splitlines()
+    assert f"done: sigint at iter {k}" in rest               # after the barriers: rank 1 got there too
+    assert 'train.py' not in err and 'KeyboardInterrupt' not in err   # no rank's traceback (torchrun prints its own)
+
+
 def test_penalty_adds_alpha_times_the_commit_rate(finished_run, data_root, tmp_path, cli):
     out = tmp_path / 'alpha0'
     r = cli('train.py', *tiny(data_root, out, max_iters=1, eval_interval=100, stats_seqs=0, commit_sparsity=0.0))
@@ -512,7 +727,7 @@ def test_target_val_loss_stops_after_saving_and_eval_only_writes_no_checkpoint(f
 def test_sigterm_saves_and_exits_zero(data_root, tmp_path, root, env):
     """(on a vanilla model, which has no commit rate to log)"""
     out = tmp_path / 'out'
-    args = tiny(data_root, out, max_iters=100_000, eval_interval=1000, residual='vanilla', commit_sparsity=0)
+    args = tiny(data_root, out, max_iters=100_000, eval_interval=1000, residual='vanilla')
     proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + args,
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
@@ -521,7 +736,7 @@ def test_sigterm_saves_and_exits_zero(data_root, tmp_path, root, env):
             break
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert 'SIGTERM' in rest
+    assert 'SIGTERM: saved' in rest
     ckpt = read_checkpoint(str(out / 'ckpt.pt'))
     last = read_log(out, 'train')[-1]['iter']
     assert ckpt['iter_num'] == last + 1 >= 4
