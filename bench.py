@@ -5,6 +5,7 @@ train.py runs it.
     python bench.py                                    # small CPU shape: vanilla vs ledger
     python bench.py --preset=160m --device=cuda        # the paper's 12 x 768 shape, bf16 + compile
     python bench.py --residuals=vanilla,ledger,mine    # any keys of model.RESIDUALS
+    python bench.py --attention=all                    # every attention variant against plain softmax
 
 Each timed step is forward + backward + gradient clipping + AdamW step on random tokens, with the
 training loss of train.py (cross-entropy plus the configured penalties, e.g. commit_sparsity x
@@ -31,7 +32,7 @@ from contextlib import nullcontext
 
 import torch
 
-from model import GPT, RESIDUALS, GPTConfig, resolve_device
+from model import ATTENTION_VARIANTS, GPT, RESIDUALS, GPTConfig, resolve_device
 from train import TrainConfig, peak_flops, total_loss
 
 PRESETS = {  # n_layer, n_head, n_embd, block_size, batch_size
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument('--vocab_size', type=int, default=50257, help="the presets' GPT-2 vocabulary; 50304 pads it to 64")
     p.add_argument('--residuals', default='vanilla,ledger',
                    help='comma-separated keys of model.RESIDUALS; times are given relative to the first')
+    p.add_argument('--attention', default='softmax',
+                   help="comma-separated keys of model.ATTENTION_VARIANTS ('all' for every one), each run with "
+                        "every residual; times are given relative to the first model")
     p.add_argument('--ledger_rank', type=int, default=64)
     p.add_argument('--device', default='auto', help="'auto' = cuda if available, else cpu")
     p.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16'], help="'auto' = bf16 on CUDA")
@@ -79,9 +83,14 @@ def parse_args(argv=None):
     unknown = [r for r in args.residuals if r not in RESIDUALS]
     if unknown:
         p.error(f"--residuals: {', '.join(unknown)} not in model.RESIDUALS ({', '.join(RESIDUALS)})")
-    for residual in args.residuals:
+    args.attention = list(ATTENTION_VARIANTS) if args.attention == 'all' else args.attention.split(',')
+    unknown = [a for a in args.attention if a not in ATTENTION_VARIANTS]
+    if unknown:
+        p.error(f"--attention: {', '.join(unknown)} not in model.ATTENTION_VARIANTS ({', '.join(ATTENTION_VARIANTS)})")
+    args.models = [(r, a) for r in args.residuals for a in args.attention]   # (residual, attention variant)
+    for model in args.models:
         try:
-            config(args, residual)
+            config(args, model)
         except ValueError as e:
             p.error(str(e))
     try:
@@ -92,14 +101,21 @@ def parse_args(argv=None):
     return args
 
 
-def config(args, residual):
+def config(args, model):
+    residual, attention = model
     return GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
-                     vocab_size=args.vocab_size, residual=residual, ledger_rank=args.ledger_rank)
+                     vocab_size=args.vocab_size, residual=residual, ledger_rank=args.ledger_rank,
+                     **ATTENTION_VARIANTS[attention])
 
 
-def build(args, residual):
+def name_of(model):
+    residual, attention = model
+    return residual if attention == 'softmax' else f'{residual}+{attention}'
+
+
+def build(args, model):
     torch.manual_seed(0)
-    model = GPT(config(args, residual)).to(args.device)
+    model = GPT(config(args, model)).to(args.device)
     opt = model.configure_optimizer(0.1, 3e-4, (0.9, 0.999), device_type=args.device.split(':')[0])
     fwd = torch.compile(model) if args.compile else model
     return model, fwd, opt
@@ -145,10 +161,10 @@ def step_memory(step, device):
     return before / 2**30, (torch.cuda.max_memory_allocated(device) - before) / 2**30
 
 
-def measure(args, residual):
-    """One turn of one model, alone on the device: build, warm up, step memory, timed steps, and the
-    probe's overhead with --probe. Everything is freed before it returns."""
-    model, fwd, opt = build(args, residual)
+def measure(args, spec):
+    """One turn of one model ((residual, attention variant)), alone on the device: build, warm up, step
+    memory, timed steps, and the probe's overhead with --probe. Everything is freed before it returns."""
+    model, fwd, opt = build(args, spec)
     step = make_step(args, model, fwd, opt)
     for _ in range(args.warmup):
         step()
@@ -186,7 +202,7 @@ def main(argv=None):
     except ValueError as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
-    names = args.residuals
+    names = [name_of(m) for m in args.models]
     tokens = args.batch_size * args.block_size
     peak = peak_flops(args.device, args.dtype)   # None unless bf16 on a known GPU
     result = dict(device=args.device, dtype=args.dtype, compile=args.compile, n_layer=args.n_layer,
@@ -197,9 +213,10 @@ def main(argv=None):
           f"median of {args.rounds} x {args.steps} steps, each round after {args.warmup} warm-up steps")
     turns = {name: [] for name in names}
     for _ in range(args.rounds):
-        for name in names:
-            turns[name].append(measure(args, name))
-    print(f"{'model':8s} {'params':>10s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'state':>10s} {'step mem':>10s}")
+        for model in args.models:
+            turns[name_of(model)].append(measure(args, model))
+    w = max(8, max(map(len, names)))
+    print(f"{'model':{w}s} {'params':>10s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'state':>10s} {'step mem':>10s}")
     for name in names:
         r = result[name] = turns[name][0]   # size and memory: the same in every round
         times = sorted(t for turn in turns[name] for t in turn.pop('times'))
@@ -207,7 +224,7 @@ def main(argv=None):
         r['tokens_per_s'] = tokens / (r['ms_per_step'] / 1000)
         r['mfu'] = r['flops_per_token'] * r['tokens_per_s'] / peak if peak else None
         mfu = 'n/a' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"{name:8s} {r['params'] / 1e6:9.1f}M {r['ms_per_step']:9.1f} {r['tokens_per_s']:10.0f} {mfu:>6s} "
+        print(f"{name:{w}s} {r['params'] / 1e6:9.1f}M {r['ms_per_step']:9.1f} {r['tokens_per_s']:10.0f} {mfu:>6s} "
               f"{gib(r['state_mem_gib']):>10s} {gib(r['step_mem_gib']):>10s}", flush=True)
     base = names[0]
     for name in names[1:]:

@@ -56,10 +56,26 @@ class GPTConfig:
     bias: bool = option(False, "biases on the attention Linears and LayerNorms, as GPT-2 (the MLP always has them)")
     gelu: str = option('exact', "'exact' GELU or 'tanh' (GPT-2's approximation, 'gelu_new')")
     norm_eps: float = option(1e-6, "epsilon of every RMSNorm/LayerNorm (GPT-2 uses 1e-5)")
+    # ways to let an attention head do nothing (docs/reference.md §1.6); all off by default
+    attn_bias: bool = option(False, "explicit attention bias (Sun et al. 2024): a learned key/value slot per head "
+                                    "and layer that every query can attend to")
+    attn_softmax: str = option('softmax', "the attention weights: 'softmax'; 'plus_one' (1 added to the "
+                                          "denominator: a zero slot, Miller 2023); 'clipped' (Bondarenko et al. "
+                                          "2023: clip((zeta - gamma) softmax + gamma, 0, 1)); 'sigmoid' "
+                                          "(sigmoid(s - log n), no normalisation); 'relu' (relu(s) / n: Ran-Milo "
+                                          "2026), n the keys a query sees")
+    clip_gamma: float = option(-0.025, "clipped softmax: gamma <= 0 (Bondarenko et al.'s BERT setting)")
+    clip_zeta: float = option(1.0, "clipped softmax: zeta >= 1")
+    attn_gate: str = option('none', "'none', 'headwise' or 'elementwise': a sigmoid gate computed from the "
+                                    "sublayer's input multiplies each head's output before the output projection "
+                                    "(Qiu et al. 2025, position G1)")
+    n_registers: int = option(0, "learned register / sink tokens prepended to every sequence (Darcet et al. 2024; "
+                                 "Xiao et al. 2024): seen by every position, stripped before the head")
 
     def __post_init__(self):
         choices = dict(residual=tuple(RESIDUALS), norm=('rmsnorm', 'layernorm'), norm_position=('pre', 'post'),
-                       commit_read=('learned', 'off'), gelu=('exact', 'tanh'))
+                       commit_read=('learned', 'off'), gelu=('exact', 'tanh'), attn_softmax=ATTN_SOFTMAX,
+                       attn_gate=('none', 'headwise', 'elementwise'))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
@@ -68,6 +84,14 @@ class GPTConfig:
         for key in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.n_registers < 0:
+            raise ValueError(f"n_registers must be >= 0, got {self.n_registers}")
+        if self.clip_gamma > 0 or self.clip_zeta < 1:
+            raise ValueError(f"clipped softmax needs clip_gamma <= 0 and clip_zeta >= 1, got {self.clip_gamma} "
+                             f"and {self.clip_zeta}")
+        if self.attn_bias and self.attn_softmax == 'plus_one':
+            raise ValueError("attn_bias and attn_softmax='plus_one' both add a slot (plus_one is attn_bias with "
+                             "k' = v' = 0); choose one")
         RESIDUALS[self.residual].check(self)
 
 
@@ -294,22 +318,41 @@ class Observer:
 
     Pass an instance as model(idx, observer=...). Each hook may return a replacement tensor/state
     (interventions) or None to leave it alone. `attention = True` asks every attention layer to
-    compute its probabilities explicitly and hand them to `on_attention`.
+    compute its probabilities explicitly and hand them to `on_attention`. With registers
+    (n_registers), every hook sees the data positions only (position 0 is the first token of the
+    input); on_registers sees the register slots.
     """
     attention = False
 
     def on_input(self, s, u):
         """u: the normalised input of sublayer s (B, T, d)."""
 
-    def on_attention(self, layer, q, k, v, att):
-        """q, k, v: (B, H, T, hd) after QK-norm; att: (B, H, T, T) softmax probabilities."""
+    def on_attention(self, layer, q, k, v, att, extra=None):
+        """q, k, v: (B, H, T, hd) after QK-norm; att: (B, H, T, T) the weights of the data keys (for
+        'sigmoid' and 'relu', which are not normalised, their share of the row's total weight). extra:
+        {name: (B, H, T)} per query, what a variant offers a head to do nothing with: 'slot' (the
+        weight on the bias or +1 slot), 'registers' (on the register slots), 'total' (sigmoid, relu:
+        the row's total weight, 0 = nothing done), 'gate' (the mean gate of the head's output)."""
 
     def on_sublayer(self, s, streams):
         """streams: dict name -> (B, T, d) after sublayer s: the operator's streams, then its views
         (computed from the state before s; the ledger's 'read' is what s read)."""
 
+    def on_registers(self, s, streams):
+        """With registers: the same streams at the register slots only, (B, n_registers, d)."""
+
+
+ATTN_SOFTMAX = ('softmax', 'plus_one', 'clipped', 'sigmoid', 'relu')
+EXPLICIT_ONLY = ('clipped', 'sigmoid', 'relu')   # no fused kernel computes these weights
+
 
 class Attention(nn.Module):
+    """Causal self-attention, and the published ways to let a head do nothing (docs/reference.md §1.6):
+    a slot every query can attend to, learned (attn_bias: k', v' per head) or zero (plus_one); weights
+    that need not sum to one (clipped, sigmoid, relu); a sigmoid gate on each head's output
+    (attn_gate). Registers are extra positions in front of the sequence (GPT), not a change here.
+    SDPA computes softmax attention, with the slot as one more key under an explicit mask; the other
+    weights, and whatever the probe measures, are computed explicitly (attention_weights)."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -322,6 +365,12 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(hd, eps=config.norm_eps) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(hd, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
+        self.softmax, self.clip = config.attn_softmax, (config.clip_gamma, config.clip_zeta)
+        self.n_registers = config.n_registers
+        # attn_bias: k' and v' of each head (N(0, 0.02), set by GPT after the generic init)
+        self.slot = nn.Parameter(torch.zeros(2, config.n_head, 1, hd)) if config.attn_bias else None
+        self.gate = None if config.attn_gate == 'none' else \
+            nn.Linear(config.n_embd, config.n_head if config.attn_gate == 'headwise' else config.n_embd, bias=False)
 
     def forward(self, x, observer=None):
         B, T, C = x.shape
@@ -332,20 +381,106 @@ class Attention(nn.Module):
             # about the mismatch and takes its slow unfused path
             q, k = (F.rms_norm(t, (t.size(-1),), norm.weight.to(t.dtype), norm.eps)
                     for t, norm in ((q, self.q_norm), (k, self.k_norm)))
-        if observer is not None and observer.attention:
-            # the probe's statistics come from these probabilities: scores and softmax in fp32 whatever
-            # the autocast dtype (bf16 rounds a score near 50 by up to 0.125: its probability by up to 13 %)
-            with torch.autocast(x.device.type, enabled=False):
-                att = (q.float() @ k.float().transpose(-2, -1)).div_(math.sqrt(k.size(-1)))  # in place: T x T maps are big
-                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                att = att.masked_fill_(~causal, float('-inf')).softmax(dim=-1)
-                observer.on_attention(self.layer, q, k, v, att)
-                y = att @ v.float()
-        else:
+        slot = None                                    # (k', v'), each (B, H, 1, hd): one more key and value
+        if self.slot is not None:
+            slot = tuple(t.to(q.dtype).expand(B, -1, -1, -1) for t in self.slot)
+        elif self.softmax == 'plus_one':
+            slot = (q.new_zeros(B, self.n_head, 1, q.size(-1)),) * 2
+        gate = None if self.gate is None else torch.sigmoid(self.gate(x)).view(B, T, self.n_head, -1).transpose(1, 2)
+        if (observer is not None and observer.attention) or self.softmax in EXPLICIT_ONLY:
+            y = self.explicit(q, k, v, slot, gate, observer)
+        elif slot is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
+        else:
+            y = F.scaled_dot_product_attention(q, torch.cat([slot[0], k], 2), torch.cat([slot[1], v], 2),
+                                               attn_mask=attention_mask(T, 1, x.device),
+                                               dropout_p=self.dropout if self.training else 0.0)
+        if gate is not None:
+            y = y * gate.to(y.dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return F.dropout(self.proj(y), self.dropout, self.training)
+
+    def explicit(self, q, k, v, slot, gate, observer):
+        """Attention from explicitly computed weights, in fp32 whatever the autocast dtype (the probe's
+        statistics come from them; bf16 rounds a score near 50 by up to 0.125: its probability by up
+        to 13 %). Hands the weights of the data positions, and what each variant offers a head to do
+        nothing with, to the observer."""
+        T, S, R = q.size(2), 0 if slot is None else 1, self.n_registers
+        given = q, k, v                                # the observer gets them as the model computed them
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, v = q.float(), k.float(), v.float()
+            if slot is not None:
+                k, v = torch.cat([slot[0].float(), k], 2), torch.cat([slot[1].float(), v], 2)
+            scores = (q @ k.transpose(-2, -1)).div_(math.sqrt(k.size(-1)))   # in place: T x T maps are big
+            att = attention_weights(scores, attention_mask(T, S, q.device), self.softmax, *self.clip)
+            if observer is not None and observer.attention:
+                total = att.sum(-1) if self.softmax in ('sigmoid', 'relu') else None
+                share = att if total is None else att / total.clamp_min(1e-30).unsqueeze(-1)
+                extra = {}
+                if S:
+                    extra['slot'] = share[:, :, R:, 0]
+                if R:
+                    extra['registers'] = share[:, :, R:, S:S + R].sum(-1)
+                if total is not None:
+                    extra['total'] = total[:, :, R:]
+                if gate is not None:
+                    extra['gate'] = gate[:, :, R:].float().mean(-1)
+                q_, k_, v_ = (t[:, :, R:] for t in given)
+                observer.on_attention(self.layer, q_, k_, v_, share[:, :, R:, S + R:], extra or None)
+            if self.training and self.dropout:
+                att = F.dropout(att, self.dropout)
+            return att @ v
+
+
+# the published ways to let a head do nothing (docs/reference.md §1.6), by name: their GPTConfig flags
+ATTENTION_VARIANTS = {
+    'softmax': {},
+    'attn_bias': dict(attn_bias=True),                # Sun et al. 2024
+    'plus_one': dict(attn_softmax='plus_one'),        # Miller 2023
+    'clipped': dict(attn_softmax='clipped'),          # Bondarenko et al. 2023
+    'sigmoid': dict(attn_softmax='sigmoid'),          # Gu et al. 2025; Ramapuram et al. 2024
+    'relu': dict(attn_softmax='relu'),                # Ran-Milo 2026
+    'gate_headwise': dict(attn_gate='headwise'),      # Qiu et al. 2025
+    'gate_elementwise': dict(attn_gate='elementwise'),
+    'registers': dict(n_registers=4),                 # Darcet et al. 2024; Xiao et al. 2024
+}
+
+
+def attention_label(args):
+    """The attention variant of a model config (dict) in a few words for reports; '' for plain
+    softmax attention."""
+    parts = ['attn_bias'] if args.get('attn_bias') else []
+    kind = args.get('attn_softmax', 'softmax')
+    if kind == 'clipped':
+        parts.append(f"clipped({args.get('clip_gamma', -0.025):g},{args.get('clip_zeta', 1.0):g})")
+    elif kind != 'softmax':
+        parts.append(kind)
+    if args.get('attn_gate', 'none') != 'none':
+        parts.append(f"gate:{args['attn_gate']}")
+    if args.get('n_registers'):
+        parts.append(f"{args['n_registers']} registers")
+    return '+'.join(parts)
+
+
+def attention_mask(T, slots, device):
+    """(T, slots + T) bool: True where query t may look: every slot, and the keys up to t."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(T, slots, dtype=torch.bool, device=device), causal], 1) if slots else causal
+
+
+def attention_weights(scores, mask, kind='softmax', gamma=0.0, zeta=1.0):
+    """The attention weights of (..., T, K) scores where mask allows (0 elsewhere), for each
+    attn_softmax; n is the number of keys a query sees."""
+    if kind in ('softmax', 'plus_one'):                # plus_one: the zero slot is among the scores
+        return scores.masked_fill_(~mask, float('-inf')).softmax(dim=-1)
+    if kind == 'clipped':                              # exact zeros (and ones) are reachable
+        p = scores.masked_fill_(~mask, float('-inf')).softmax(dim=-1)
+        return ((zeta - gamma) * p + gamma).clamp(0, 1).masked_fill(~mask, 0)
+    n = mask.sum(-1, keepdim=True)
+    if kind == 'sigmoid':                              # bias -log n: the row sums to ~1 at zero scores
+        return torch.sigmoid(scores - torch.log(n.to(scores.dtype))).masked_fill(~mask, 0)
+    return (torch.relu(scores) / n).masked_fill(~mask, 0)   # relu: 1/n so the output does not grow with n
 
 
 class MLP(nn.Module):
@@ -370,23 +505,30 @@ class Sublayer(nn.Module):
         self.s = s
         self.fn = (Attention if s % 2 == 0 else MLP)(config, s // 2)
         self.res = RESIDUALS[config.residual](config, s)
+        self.n_registers = config.n_registers
 
     def forward(self, state, observer=None):
         u = self.res.read(state)
+        R = self.n_registers                            # observers see the data positions, from R on
         if observer is not None:
-            u = _replace(u, observer.on_input(self.s, u))
+            u = _replace(u, observer.on_input(self.s, u[:, R:]), R)
         y = self.fn(u, observer)
         new_state, aux = self.res.write(state, u, y)
         if observer is not None:
             streams = {**dict(zip(self.res.streams, new_state)), **self.res.view(state)}
-            out = observer.on_sublayer(self.s, streams)
+            if R:
+                observer.on_registers(self.s, {name: t[:, :R] for name, t in streams.items()})
+            out = observer.on_sublayer(self.s, {name: t[:, R:] for name, t in streams.items()})
             if out is not None:
-                new_state = tuple(out.get(name, t) for name, t in zip(self.res.streams, new_state))
+                new_state = tuple(_replace(t, out.get(name), R) for name, t in zip(self.res.streams, new_state))
         return new_state, aux
 
 
-def _replace(x, new):
-    return x if new is None else new
+def _replace(x, new, registers=0):
+    """x with its data positions (from `registers` on) replaced by new, or x itself if new is None."""
+    if new is None:
+        return x
+    return torch.cat([x[:, :registers], new], 1) if registers else new
 
 
 class GPT(nn.Module):
@@ -403,9 +545,15 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # registers: learned vectors in front of every sequence, without a position (docs/reference.md §1.6)
+        self.registers = nn.Parameter(torch.zeros(config.n_registers, config.n_embd)) if config.n_registers else None
         self.apply(self._init_weights)
         for sublayer in self.sublayers:
             sublayer.res.init_weights()
+        with torch.no_grad():                          # after the rest, so the shared weights init as without them
+            for p in [self.registers] + [sub.fn.slot for sub in self.sublayers[::2]]:
+                if p is not None:
+                    p.normal_(0.0, 0.02)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -432,14 +580,18 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
-        state = self.residual.start(self.drop(self.wte(idx) + self.wpe(pos)))
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        R = self.config.n_registers
+        if R:
+            x = torch.cat([self.registers.to(x.dtype).expand(B, -1, -1), x], 1)
+        state = self.residual.start(x)
         terms = {}
         for sublayer in self.sublayers:
             state, aux = sublayer(state, observer)
             for name, value in aux.items():
                 terms.setdefault(name, []).append(value)
         aux = {name: torch.stack(values).mean() for name, values in terms.items()}
-        logits = self.lm_head(self.norm_f(self.residual.decode(state, self.config)))
+        logits = self.lm_head(self.norm_f(self.residual.decode(state, self.config)[:, R:]))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

@@ -77,6 +77,8 @@ def plot_checkpoint(r, sample, out_dir):
     files = []
 
     def save(fig, suffix):
+        if r.get('kind'):                           # the model, attention variant included, on every figure
+            fig.suptitle(f"{name}: {r['kind']}", fontsize=10)
         files.append(_save(fig, os.path.join(out_dir, f"{name}_{suffix}.png")))
 
     n = len(streams)
@@ -169,7 +171,7 @@ def plot_overlay(results, out_dir):
         S_max = max(S_max, len(p['top1']))
         for ax, key in zip(axes, ('top1_median', 'top1')):
             ax.plot(p[key], marker='o', ms=3 if not many else 2, lw=1.5 if not many else 1, color=c,
-                    label=f"{r['name']} ({sname})")
+                    label=f"{r['name']} ({r['kind'] + ', ' if r.get('kind') else ''}{sname})")
     for ax, what in zip(axes, ('top1 / median', 'top1 |x|')):
         ax.set_yscale('log')
         _blocks(ax, S_max)

@@ -73,6 +73,7 @@ probe.json (tests/test_probe.py checks that every key below is there):
       tokens              tokens seen in training (None for checkpoints that do not say)
       weights             None for a train.py checkpoint; GPT-2: {kind: 'gpt2', folder, dtype, name}; hf: see hf.load
       model_args          GPTConfig fields
+      kind                the model in a few words: operator, QK-norm, attention variant (model_kind)
       residual            the residual operator, as the class describes itself (model.residual_info)
         name              its key in model.RESIDUALS
         decoded           the stream the LM head reads
@@ -124,6 +125,9 @@ probe.json (tests/test_probe.py checks that every key below is there):
             pos0_cos_next cos(x_s[0], x_{s+1}[0]) averaged over sequences (2L - 1 values)
           channel_mean_abs   [2L][d] mean |x| per channel over all tokens
           pos0_abs           [2L][d] mean |x| per channel at position 0
+          registers          None without n_registers; else the register slots (in no other statistic)
+            mean_abs         [2L][R] mean |x| of each register slot
+            max_abs          [2L][R] largest |x| of each register slot
           summary
             max_top1_median            largest top1/median over depth ...
             max_top1_median_sublayer   ... and where
@@ -171,6 +175,11 @@ probe.json (tests/test_probe.py checks that every key below is there):
           thresholds      {other: 0.5, trigger: 0.1}
           max_gap         the largest other - trigger over heads ...
           max_gap_head    ... and its [layer, head]
+        do_nothing        None for plain attention; else per do-nothing channel of the variant (DO_NOTHING)
+          <channel>
+            mean          [L][H] mean over queries and sequences
+            trigger       [L][H] over the trigger queries (None without a task)
+            other         [L][H] over the other queries after position 0 (None without a task)
       interventions       None without --interventions; else name -> result for
         <intervention>    none, zero, mean, soften, quant8, quant4
           target          what was changed, in words
@@ -239,7 +248,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import RESIDUALS, Observer, residual_info, resolve_device
+from model import RESIDUALS, Observer, attention_label, residual_info, resolve_device
 from plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
 from runs import THRESHOLDS, group_statistics, groups_text, read_run, trajectory_text
 from prepare import EOT, OneLineParser, task_mask
@@ -248,6 +257,11 @@ from stats import MASSIVE_ABS, MASSIVE_REL, SublayerAccumulator, depth_structure
 SINK_EPS = 0.3            # Gu et al.: a head is a sink head when alpha_1 > 0.3 ...
 SINK_T = 64               # ... measured on the first 64 tokens; on fewer, even uniform attention passes
                           # (uniform_alpha1: 0.457 at T = 5), so shorter measurements carry a warning
+DO_NOTHING = {  # Observer.on_attention's extra channels, in the report's words
+    'slot': "weight on the bias / +1 slot", 'registers': "weight on the register slots",
+    'total': "total weight of the row (sigmoid, relu: 0 = the head adds nothing)",
+    'gate': "mean output gate (0 = the head adds nothing)",
+}
 COND_OTHER, COND_TRIGGER = 0.5, 0.1   # a conditional sink head: >= 0.5 of the other queries' attention
                                       # on position 0, <= 0.1 of the trigger queries'
 
@@ -283,6 +297,8 @@ class Measure(Observer):
         self.first = {}        # stream -> (sublayer, [entry tensors]) earliest massive sublayer
         self.sample = {}       # stream -> [|x| of sequence 0 per sublayer], float16 on the CPU
         self.att = {}          # layer -> dict of sums over sequences
+        self.nothing = {}      # layer -> {do-nothing channel (Observer.on_attention's extra): {all|trigger|other: sums}}
+        self.registers = {}    # stream -> [(sum over sequences of mean |x| per register, max |x| per register)]
         self.sink_pos = []     # per batch: argmax over keys of the attention received
         self.n_seq = 0
         self.offset = 0
@@ -338,7 +354,27 @@ class Measure(Observer):
                 self.sample.setdefault(name, []).append(x[0].detach().float().abs().clamp(max=6e4).half().cpu())
         return out
 
-    def on_attention(self, layer, q, k, v, att):
+    def on_registers(self, s, streams):
+        if not self.streams:
+            return
+        for name, x in streams.items():
+            a = x.detach().float().abs()
+            rows = self.registers.setdefault(name, [])
+            mean, top = a.mean(-1).sum(0).double().cpu(), a.amax(dim=(0, 2)).double().cpu()   # (R,) each
+            if len(rows) <= s:
+                rows.append((mean, top))
+            else:
+                rows[s] = (rows[s][0] + mean, torch.maximum(rows[s][1], top))
+
+    def on_attention(self, layer, q, k, v, att, extra=None):
+        for name, t in (extra or {}).items():        # what the variant offers a head to do nothing with
+            t = t.detach().float()
+            acc = self.nothing.setdefault(layer, {}).setdefault(name, {})
+            parts = dict(all=t.mean(-1).sum(0))       # (H,): mean over queries, summed over sequences
+            if self._queries is not None:
+                parts.update({kind: (t * m.unsqueeze(1)).sum(dim=(0, 2)) for kind, m in self._queries.items()})
+            for part, v_ in parts.items():
+                acc[part] = acc.get(part, 0) + v_.double().cpu()
         q, k, v, att = q.float(), k.float(), v.float(), att.float()
         kn, vn = k.norm(dim=-1), v.norm(dim=-1)                               # (B, H, T)
         cos_qk0 = (q @ k[:, :, :1].transpose(-2, -1)).squeeze(-1) / (q.norm(dim=-1) * kn[..., :1]).clamp_min(1e-8)
@@ -483,7 +519,24 @@ def attention_summary(obs, n_layer):
         v0_ratio=[float(obs.att[l]['v0']) / n for l in range(n_layer)],
         cos_q_k0=[float(obs.att[l]['cos_qk0']) / n for l in range(n_layer)],
         conditional=conditional_sink(obs, n_layer),
+        do_nothing=do_nothing(obs, n_layer),
     )
+
+
+def do_nothing(obs, n_layer):
+    """{channel: {mean: [L][H], trigger: [L][H], other: [L][H]}}: per layer and head the mean over
+    queries of what an attention variant offers a head to do nothing with (Observer.on_attention's
+    extra: the slot's weight, the registers', the total weight of sigmoid/relu rows, the gate), and,
+    with a task, by query kind as for the conditional sink. None for plain attention."""
+    if not obs.nothing:
+        return None
+    out = {}
+    for name in obs.nothing[0]:
+        sums = [obs.nothing[l][name] for l in range(n_layer)]
+        out[name] = dict(mean=[(s_['all'] / obs.n_seq).tolist() for s_ in sums])
+        for kind, n in obs.n_queries.items():
+            out[name][kind] = [(s_[kind] / n).tolist() for s_ in sums] if n and kind in sums[0] else None
+    return out
 
 
 def conditional_sink(obs, n_layer):
@@ -585,7 +638,10 @@ def measure(model, x, y=None, batch_size=None, dtype='float32', bar=None, task=N
     streams, massive_pos = {}, {}
     for name, accs in obs.acc.items():
         streams[name], massive_pos[name] = stream_summary(accs, obs.cos.get(name, []), sink_pos)
-        streams[name] = dict(where=stream_where(info, name), **streams[name])
+        streams[name] = dict(where=stream_where(info, name), **streams[name], registers=None)
+        if name in obs.registers:                    # the register slots' own rows: [sublayer][register]
+            streams[name]['registers'] = dict(mean_abs=[(m / obs.n_seq).tolist() for m, _ in obs.registers[name]],
+                                              max_abs=[top.tolist() for _, top in obs.registers[name]])
     attention = dict(T=T, prefix_T=min(T, SINK_T), epsilon=SINK_EPS, short_T=T < SINK_T,
                      uniform_alpha1_prefix=uniform_alpha1(min(T, SINK_T)), uniform_alpha1=uniform_alpha1(T), **att,
                      sink_positions=_counts(sink_pos.numpy()),
@@ -790,12 +846,15 @@ def text_windows(texts, seq_len):
 
 
 def model_kind(cfg):
-    """'vanilla', 'vanilla+qk_norm', 'vanilla post-norm', 'ledger', 'ledger strict', ...: the
-    operator's own label (Residual.label), then the backbone's variants."""
+    """'vanilla', 'vanilla+qk_norm', 'vanilla post-norm', 'ledger', 'ledger strict', 'vanilla,
+    attention plus_one', ...: the operator's own label (Residual.label), then the backbone's variants
+    and the attention variant (model.attention_label)."""
     op = RESIDUALS.get(cfg['residual'])
     label = op.label(cfg) if op else cfg['residual']
     name, _, rest = label.partition(' ')
-    return name + ('+qk_norm' if cfg.get('qk_norm') else '') + (f' {rest}' if rest else '')
+    attention = attention_label(cfg)
+    return name + ('+qk_norm' if cfg.get('qk_norm') else '') + (f' {rest}' if rest else '') + \
+        (f', attention {attention}' if attention else '')
 
 
 def sublayer_name(s):
@@ -877,6 +936,11 @@ def report(r):
         lines.append(f"  start-token mass at peak_layer: start_mass {sm['start_mass']:.4g} (uniform: 1/T = "
                      f"{1 / data['seq_len']:.4g}), start_mass_dominant {sm['start_mass_dominant']:.4g} "
                      f"(share of dominant_dim's |x| on position 0)")
+        if st.get('registers'):                      # the register slots' own rows
+            top = np.array(st['registers']['max_abs'])                              # (S, R)
+            lines.append(f"  register slots (not in the statistics above; position 0 is the first token): largest "
+                         f"|x| per sublayer {', '.join(f'{v:.3g}' for v in top.max(1))}; by register at the last "
+                         f"sublayer {', '.join(f'{v:.3g}' for v in top[-1])}")
     a = r['attention']
     lines.append("")
     lines.append(f"attention: alpha_1 = mean_t A[t, 0]; sink head: alpha_1 > {a['epsilon']} (epsilon); "
@@ -914,6 +978,20 @@ def report(r):
         gl, gh = cs['max_gap_head']
         lines.append(f"{len(cs['heads'])} conditional sink head(s); largest other - trigger {cs['max_gap']:.3f} "
                      f"(layer {gl + 1}, head {gh})")
+    dn = a.get('do_nothing')
+    if dn:
+        lines.append("")
+        lines.append(f"do-nothing channels of the attention variant ({attention_label(r['model_args'])}), per layer and "
+                     "head, mean over queries" + (" (other / trigger queries)" if cs else "") + ": " +
+                     '; '.join(f"{name}: {DO_NOTHING[name]}" for name in dn))
+        for name, d in dn.items():
+            for l in range(len(d['mean'])):
+                cells = [f"{d['other'][l][h]:.2f}/{d['trigger'][l][h]:.2f}" if d.get('trigger') else f"{d['mean'][l][h]:.3f}"
+                         for h in range(len(d['mean'][l]))]
+                lines.append(f"{name:>9s} {l:4d} {l + 1:5d}  " + ' '.join(f"{c:>11s}" for c in cells))
+        if r['model_args'].get('attn_softmax') in ('sigmoid', 'relu'):
+            lines.append("(sigmoid/relu weights are not normalised: alpha_1, Sink_1 and the conditional sink above are "
+                         "the share of each row's total weight on position 0)")
     iv = r.get('interventions')
     if iv:
         lines.append("")
@@ -947,6 +1025,10 @@ def comparison(results):
     add('tokens seen', lambda r: r['tokens'])
     add('val loss', lambda r: r['val_loss'])
     add('task accuracy', lambda r: r['task_acc'])
+    add('attention variant', lambda r: attention_label(r['model_args']) or 'softmax')
+    for name in DO_NOTHING:
+        add(f'do-nothing: {name} (mean over heads)',
+            lambda r, name=name: float(np.mean(r['attention']['do_nothing'][name]['mean'])))
     add('conditional sink heads', lambda r: len(r['attention']['conditional']['heads']))
     add('conditional sink: max other - trigger', lambda r: r['attention']['conditional']['max_gap'])
     if any(r['attention']['short_T'] for r in results):
@@ -1139,7 +1221,8 @@ def probe_checkpoint(path, name, args, loaded=None):
                file=sys.stderr, disable=None)
     result, obs = measure(model, x, y, bs, args.dtype, bar, data['task'])
     r = dict(path=path, name=name, iter_num=ckpt.get('iter_num'), tokens=ckpt.get('tokens'), weights=ckpt.get('weights'),
-             model_args=dict(ckpt['model_args']), residual=result['residual'], params=model.num_params(),
+             model_args=dict(ckpt['model_args']), kind=model_kind(ckpt['model_args']), residual=result['residual'],
+             params=model.num_params(),
              device=f"{args.device}, {args.dtype}",
              data=data, sublayers=[dict(s=s, block=s // 2, layer=s // 2 + 1, kind='attn' if s % 2 == 0 else 'mlp')
                                    for s in range(2 * model.config.n_layer)],

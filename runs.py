@@ -500,6 +500,8 @@ def group_metrics(r):
     if cond:                                       # the trigger testbed: its signature and its task
         out['conditional sink: max other - trigger'] = cond['max_gap']
         out['conditional sink heads'] = len(cond['heads'])
+    for name, d in (r['attention'].get('do_nothing') or {}).items():   # the attention variant's own channels
+        out[f'do-nothing: {name} (mean over heads)'] = float(np.mean(d['mean']))
     if r.get('task_acc') is not None:
         out['task_acc'] = r['task_acc']
     out['val_loss'] = r['val_loss']

@@ -46,6 +46,12 @@ scaled_init = False
 bias = False
 gelu = 'exact'
 norm_eps = 1e-6
+attn_bias = False       # the attention variants that let a head do nothing (docs/reference.md §1.6): all off
+attn_softmax = 'softmax'
+clip_gamma = -0.025
+clip_zeta = 1.0
+attn_gate = 'none'
+n_registers = 0
 commit_sparsity = None  # 0.02 for models with commit gates (this ledger), 0 for vanilla
 
 # optimisation

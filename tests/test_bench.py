@@ -31,7 +31,7 @@ def test_one_model_at_a_time_and_memory_is_n_a_on_the_cpu(capsys, monkeypatch):
         return out
     monkeypatch.setattr(bench, 'build', build)
     assert bench.main(TINY + ['--rounds=2']) == 0
-    assert built == ['vanilla', 'ledger', 'vanilla', 'ledger'] and alive == [0, 0, 0, 0]
+    assert [r for r, _ in built] == ['vanilla', 'ledger', 'vanilla', 'ledger'] and alive == [0, 0, 0, 0]
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith(('vanilla ', 'ledger '))]
     assert [r[0] for r in rows] == ['vanilla', 'ledger']
@@ -65,6 +65,7 @@ def test_step_memory_needs_cuda_and_still_runs_the_step():
     (['--steps=x'], ['--steps', "'x'"]),
     (['--n_embd=30'], ['n_embd=30', 'n_head']),
     (['--batch_size=0'], ['--batch_size', '>= 1']),
+    (['--attention=softmax,plux_one'], ['plux_one', 'model.ATTENTION_VARIANTS']),
 ])
 def test_bad_input_is_one_line(argv, words, capsys, monkeypatch, one_line_error):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)   # --device=cuda is bad input on any machine
@@ -78,3 +79,18 @@ def test_the_script_exits_2(cli, one_line_error):
     r = cli('bench.py', '--residuals=nothing')
     assert r.returncode == 2 and r.stdout == ''
     one_line_error(r.stderr, 'bench.py', 'nothing')
+
+
+def test_every_attention_variant_against_plain_softmax(capsys):
+    """--attention=all: each variant of model.ATTENTION_VARIANTS is timed with each residual, relative to
+    the first model (vanilla with plain softmax attention)."""
+    from model import ATTENTION_VARIANTS
+    assert bench.main(['--attention=all', '--residuals=vanilla', '--n_layer=1', '--n_head=2', '--n_embd=16',
+                       '--block_size=8', '--batch_size=2', '--vocab_size=64', '--warmup=0', '--steps=1',
+                       '--device=cpu']) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    others = [f'vanilla+{name}' for name in ATTENTION_VARIANTS if name != 'softmax']
+    assert set(result) >= {'vanilla', *others}
+    for name in others:
+        assert f'{name}/vanilla time ratio' in out and result[name]['ratio'] > 0

@@ -108,7 +108,7 @@ class Recorder(probe.Capture):
         super().__init__()
         self.att = {}
 
-    def on_attention(self, layer, q, k, v, att):
+    def on_attention(self, layer, q, k, v, att, extra=None):
         assert q.shape == k.shape == v.shape and q.shape[1] == H      # k, v per query head (GQA repeated)
         self.att[layer] = att.detach().clone()
 

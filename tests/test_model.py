@@ -544,7 +544,7 @@ def test_norm_variants_run_and_differ(residual):
         attention = True
         qs = []
 
-        def on_attention(self, layer, q, k, v, att):
+        def on_attention(self, layer, q, k, v, att, extra=None):
             self.qs.append((q, k))
     make(residual, seed=0, qk_norm=True)(idx, observer=QK())
     for q, k in QK.qs:
@@ -695,7 +695,7 @@ def test_probe_attention_is_fp32_under_bf16_autocast(residual):
     class Keep(Observer):
         attention = True
 
-        def on_attention(self, layer, q, k, v, att):
+        def on_attention(self, layer, q, k, v, att, extra=None):
             if layer == 0:
                 self.q, self.k, self.att = q, k, att
     keep = Keep()
@@ -730,7 +730,7 @@ def test_observer_attention_path_matches_sdpa(residual):
         def __init__(self):
             self.calls = []
 
-        def on_attention(self, layer, q, k, v, att):
+        def on_attention(self, layer, q, k, v, att, extra=None):
             self.calls.append((layer, att.detach().clone()))
     obs = Att()
     out, _, _ = model(idx, observer=obs)

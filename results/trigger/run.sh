@@ -5,8 +5,8 @@
 #   bash results/trigger/run.sh                      # 4 presets x 5 seeds, two runs at a time
 #   SEEDS="1 2 3" JOBS=1 bash results/trigger/run.sh # fewer seeds, one run at a time
 #
-# Runs go to $OUT (default out/trigger/<preset>_s<seed>); a finished run is not trained again
-# (--init_from=resume returns at once), so an interrupted script can simply be started again.
+# Runs go to $OUT (default out/trigger/<preset>_s<seed>); a finished run is not trained again and an
+# interrupted one resumes (--init_from=resume), so the script can simply be started again.
 # Each run uses one thread (tiny matmuls: two single-threaded runs beat one two-threaded run on
 # 2 cores); JOBS of them run side by side.
 set -euo pipefail
@@ -23,8 +23,10 @@ python prepare.py --dataset=trigger                  # offline, under a second; 
 
 train_one() {  # preset seed
     local dir="$OUT/$1_s$2"
-    if [ -f "$dir/ckpt.pt" ]; then
-        python train.py --out_dir="$dir" --init_from=resume > "$dir.resume.log" 2>&1
+    if [ -f "$dir/log.jsonl" ] && tail -n 1 "$dir/log.jsonl" | grep -q '"reason": "max_iters"'; then
+        echo "done before: $dir"; return
+    elif [ -f "$dir/ckpt.pt" ]; then
+        python train.py --out_dir="$dir" --init_from=resume >> "$dir.log" 2>&1
     else
         mkdir -p "$OUT"
         python train.py "config/trigger_$1.py" --out_dir="$dir" --seed="$2" > "$dir.log" 2>&1

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The published fixes for massive activations and sinks (docs/reference.md §1.6) on the trigger testbed:
+# each fix x {vanilla, ledger} x 3 seeds, against the plain trigger_vanilla and trigger_ledger runs
+# of results/trigger/run.sh (5 seeds each; trained first if missing). Rebuilds results/mitigations/.
+#
+#   bash results/mitigations/run.sh
+#   FIXES="attn_bias relu" SEEDS="1 2 3" bash results/mitigations/run.sh
+#
+# A fix is a key of model.ATTENTION_VARIANTS, so its flags are defined once. Runs go to $OUT
+# (default out/mitigations/<residual>_<fix>_s<seed>); finished runs are not trained again and
+# interrupted ones resume. One thread per run, JOBS runs side by side.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+FIXES=${FIXES:-"attn_bias plus_one clipped sigmoid relu gate_elementwise registers"}
+SEEDS=${SEEDS:-"1 2 3"}
+JOBS=${JOBS:-2}
+OUT=${OUT:-out/mitigations}
+BASE=${BASE:-out/trigger}
+RESULTS=results/mitigations
+export OMP_NUM_THREADS=1 OUT
+
+start=$(date +%s)
+if ! ls "$BASE"/vanilla_s*/ckpt.pt "$BASE"/ledger_s*/ckpt.pt > /dev/null 2>&1; then
+    OUT="$BASE" bash results/trigger/run.sh
+fi
+
+train_one() {  # residual fix seed
+    local dir="$OUT/$1_$2_s$3"
+    local flags
+    flags=$(python -c "from model import ATTENTION_VARIANTS as A; print(' '.join(f'--{k}={v}' for k, v in A['$2'].items()))")
+    if [ -f "$dir/log.jsonl" ] && tail -n 1 "$dir/log.jsonl" | grep -q '"reason": "max_iters"'; then
+        echo "done before: $dir"; return
+    elif [ -f "$dir/ckpt.pt" ]; then
+        python train.py --out_dir="$dir" --init_from=resume >> "$dir.log" 2>&1
+    else
+        mkdir -p "$OUT"
+        python train.py "config/trigger_$1.py" $flags --out_dir="$dir" --seed="$3" > "$dir.log" 2>&1
+    fi
+    echo "trained $dir"
+}
+export -f train_one
+for r in vanilla ledger; do for f in $FIXES; do for s in $SEEDS; do echo "$r $f $s"; done; done; done \
+    | xargs -P "$JOBS" -L 1 bash -c 'train_one $0 $1 $2'
+trained=$(date +%s)
+
+mkdir -p "$RESULTS"
+groups=()
+for r in vanilla ledger; do
+    groups+=(--group "$r=$(ls "$BASE"/${r}_s*/ckpt.pt | paste -sd, -)")
+    for f in $FIXES; do
+        groups+=(--group "$r+$f=$(ls "$OUT"/${r}_${f}_s*/ckpt.pt | paste -sd, -)")
+    done
+done
+python probe.py "${groups[@]}" --num_seqs 256 --out "$OUT/groups" > "$RESULTS/groups.txt"
+cp "$OUT/groups/probe.json" "$RESULTS/probe.json"
+python "$RESULTS/table.py" "$RESULTS/probe.json" > "$RESULTS/table.md"
+done=$(date +%s)
+echo "trained in $(( (trained - start) / 60 )) min, probed in $(( (done - trained) / 60 )) min; see $RESULTS/table.md"
