@@ -549,13 +549,10 @@ def _ids(tok, text):
 def text_windows(tok, texts, T, prepend):
     """probe.text_windows with the model's tokenizer: each prompt's tokens ([prepend] first when the
     model's tokenizer puts a BOS there), cut to T and to the shortest prompt."""
+    from prepare import prompt_windows
     toks = [([prepend] if prepend is not None else []) + _ids(tok, t) for t in texts]
-    if any(len(t) == 0 for t in toks):
-        raise ValueError("a --text prompt encodes to no tokens")
-    T = min(T, min(len(t) for t in toks))
-    x = torch.tensor([t[:T] for t in toks], dtype=torch.long)
-    y = torch.tensor([t[1:T + 1] + [-1] * (T + 1 - len(t[1:T + 1])) for t in toks], dtype=torch.long)[:, :T]
-    data = dict(source='text', dataset=None, shards=[], texts=list(texts), num_seqs=len(texts), seq_len=T,
+    x, y = prompt_windows(toks, T)
+    data = dict(source='text', dataset=None, shards=[], texts=list(texts), num_seqs=len(texts), seq_len=x.size(1),
                 seed=None, doc_aligned=False, task=None, truncated_from=[len(t) for t in toks])
     return x, y, data
 

@@ -886,6 +886,18 @@ def trigger_documents(n, split, vocab_size=34, p=0.06, seq_len=64, seed=0):
         yield trigger_block(rng, block, vocab_size, p, seq_len)[:n - k * block]
 
 
+def prompt_windows(toks, seq_len):
+    """(x, y) from tokenised prompts (lists of ids): each cut to seq_len and to the shortest prompt so
+    they stack; y holds the next tokens, -1 after a prompt's last one. For the probe's --text."""
+    import torch
+    if any(len(t) == 0 for t in toks):
+        raise ValueError("a --text prompt encodes to no tokens")
+    T = min(seq_len, min(len(t) for t in toks))
+    x = torch.tensor([t[:T] for t in toks], dtype=torch.long)
+    y = torch.tensor([t[1:T + 1] + [-1] * (T + 1 - len(t[1:T + 1])) for t in toks], dtype=torch.long)[:, :T]
+    return x, y
+
+
 def task_mask(x, meta):
     """Where a dataset's task is scored: the positions t of x whose next token y[t] is an answer (x[t]
     is a TRIGGER), a bool tensor like x; None for datasets without a task (natural text). Task

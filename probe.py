@@ -829,15 +829,11 @@ def val_windows(ckpt, num_seqs, seq_len, seed, doc_aligned=False):
 def text_windows(texts, seq_len):
     """The prompts tokenised with GPT-2 BPE (<|endoftext|> allowed), truncated to seq_len and to the
     shortest prompt so they stack; targets are the next tokens, -1 after the last one."""
-    from prepare import gpt2_encoding
+    from prepare import gpt2_encoding, prompt_windows
     enc = gpt2_encoding()
     toks = [enc.encode(t, allowed_special={'<|endoftext|>'}) for t in texts]
-    if any(len(t) == 0 for t in toks):
-        raise ValueError("a --text prompt encodes to no tokens")
-    T = min(seq_len, min(len(t) for t in toks))
-    x = torch.tensor([t[:T] for t in toks], dtype=torch.long)
-    y = torch.tensor([t[1:T + 1] + [-1] * (T + 1 - len(t[1:T + 1])) for t in toks], dtype=torch.long)[:, :T]
-    data = dict(source='text', dataset=None, shards=[], texts=list(texts), num_seqs=len(texts), seq_len=T,
+    x, y = prompt_windows(toks, seq_len)
+    data = dict(source='text', dataset=None, shards=[], texts=list(texts), num_seqs=len(texts), seq_len=x.size(1),
                 seed=None, doc_aligned=False, bos=EOT, task=None, truncated_from=[len(t) for t in toks])
     return x, y, data
 
