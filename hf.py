@@ -808,11 +808,9 @@ def revision_trajectories(results, out_dir, args):
     if not runs:
         return []
     from plots import plot_trajectories
-    from runs import THRESHOLDS
+    from runs import THRESHOLDS, write_trajectories
     print(revision_text(runs))
     print()
     files = plot_trajectories(runs, out_dir, THRESHOLDS, x='iters')
-    with open(os.path.join(out_dir, 'trajectory.json'), 'w') as f:
-        from probe import _jsonable
-        json.dump(_jsonable(dict(args=args, thresholds=list(THRESHOLDS), runs=runs)), f, indent=1)
+    write_trajectories(out_dir, args, runs)
     return files

@@ -175,7 +175,7 @@ probe.json (tests/test_probe.py checks that every key below is there):
           thresholds      {other: 0.5, trigger: 0.1}
           max_gap         the largest other - trigger over heads ...
           max_gap_head    ... and its [layer, head]
-        do_nothing        None for plain attention; else per do-nothing channel of the variant (DO_NOTHING)
+        do_nothing        None for plain attention; else per do-nothing channel of the variant (report.DO_NOTHING)
           <channel>
             mean          [L][H] mean over queries and sequences
             trigger       [L][H] over the trigger queries (None without a task)
@@ -248,22 +248,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import RESIDUALS, Observer, attention_label, residual_info, resolve_device
+from model import Observer, residual_info, resolve_device
 from plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
-from runs import THRESHOLDS, group_statistics, groups_text, read_run, trajectory_text
+from runs import THRESHOLDS, group_statistics, groups_text, jsonable, read_run, trajectory_text, write_trajectories
 from prepare import EOT, OneLineParser, task_mask
-from stats import MASSIVE_ABS, MASSIVE_REL, SublayerAccumulator, depth_structure, lower_median
-
-SINK_EPS = 0.3            # Gu et al.: a head is a sink head when alpha_1 > 0.3 ...
-SINK_T = 64               # ... measured on the first 64 tokens; on fewer, even uniform attention passes
-                          # (uniform_alpha1: 0.457 at T = 5), so shorter measurements carry a warning
-DO_NOTHING = {  # Observer.on_attention's extra channels, in the report's words
-    'slot': "weight on the bias / +1 slot", 'registers': "weight on the register slots",
-    'total': "total weight of the row (sigmoid, relu: 0 = the head adds nothing)",
-    'gate': "mean output gate (0 = the head adds nothing)",
-}
-COND_OTHER, COND_TRIGGER = 0.5, 0.1   # a conditional sink head: >= 0.5 of the other queries' attention
-                                      # on position 0, <= 0.1 of the trigger queries'
+from report import comparison, comparison_text, model_kind, report, short, sublayer_name
+from stats import COND_OTHER, COND_TRIGGER, SINK_EPS, SINK_T, SublayerAccumulator, depth_structure, lower_median
 
 # ----------------------------------------------------------------------------------------------
 # Observers: measure a forward pass, or change it (interventions)
@@ -755,7 +745,7 @@ def intervention_targets(result, measure_obs, soften_k=None):
     where = f"{'+'.join(names)} after s={s} ({sublayer_name(s)})"
     n_entries = sum(len(e[0]) for e in entries.values())
     chans = sorted({int(c) for e in entries.values() for c in e[2]})
-    what = f"{n_entries} {'top-1 (no massive) ' if fallback else 'massive '}entries, channels {_short(chans)}"
+    what = f"{n_entries} {'top-1 (no massive) ' if fallback else 'massive '}entries, channels {short(chans)}"
     shown = ', '.join(f"{c} {m:.4g}" for c, m in list(channel_means.items())[:4])
     return dict(
         zero=(Intervention(s, zeros), f"{where}: {what} -> 0"),
@@ -763,10 +753,6 @@ def intervention_targets(result, measure_obs, soften_k=None):
         soften=(Intervention(s, soften_k=k), f"input u of s={s}, position 0: top-{k} channel(s) by |u| -> 0"),
         fallback=fallback, sublayer=s, streams=names, n_entries=n_entries, soften_k=k,
     )
-
-
-def _short(items, limit=6):
-    return ','.join(str(i) for i in items[:limit]) + (',...' if len(items) > limit else '')
 
 
 def run_interventions(model, x, y, result, measure_obs, soften_k=None, batch_size=None,
@@ -836,243 +822,6 @@ def text_windows(texts, seq_len):
     data = dict(source='text', dataset=None, shards=[], texts=list(texts), num_seqs=len(texts), seq_len=x.size(1),
                 seed=None, doc_aligned=False, bos=EOT, task=None, truncated_from=[len(t) for t in toks])
     return x, y, data
-
-# ----------------------------------------------------------------------------------------------
-# Report
-
-
-def model_kind(cfg):
-    """'vanilla', 'vanilla+qk_norm', 'vanilla post-norm', 'ledger', 'ledger strict', 'vanilla,
-    attention plus_one', ...: the operator's own label (Residual.label), then the backbone's variants
-    and the attention variant (model.attention_label)."""
-    op = RESIDUALS.get(cfg['residual'])
-    label = op.label(cfg) if op else cfg['residual']
-    name, _, rest = label.partition(' ')
-    attention = attention_label(cfg)
-    return name + ('+qk_norm' if cfg.get('qk_norm') else '') + (f' {rest}' if rest else '') + \
-        (f', attention {attention}' if attention else '')
-
-
-def sublayer_name(s):
-    return f"block {s // 2}, layer {s // 2 + 1}, {'attn' if s % 2 == 0 else 'mlp'}"
-
-
-def num(v, w=9):
-    if v is None:
-        return f"{'-':>{w}}"
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return f"{v:>{w}d}"
-    return f"{v:>{w}.4g}"
-
-
-def report(r):
-    """The text report of one checkpoint's result."""
-    lines = []
-    cfg, data = r['model_args'], r['data']
-    kind = model_kind(cfg)
-    lines.append(f"=== {r['name']}: {r['path']} ===")
-    w = r.get('weights')
-    hf = w is not None and w.get('kind') == 'hf'
-    where = f"{w['architecture']} ({w['dtype']}) {w['spec']}" if hf else \
-        f"GPT-2 weights{' ' + w['name'] if w and w['name'] else ''} ({w['dtype']}) from {w['folder']}" if w \
-        else f"iter {r['iter_num']}"
-    lines.append(f"model: {kind}, {cfg['n_layer']} layers x {cfg['n_embd']} wide x {cfg['n_head']} heads, "
-                 f"{r['params'] / 1e6:.2f}M params, {where}; ran on {r['device']}")
-    if data['source'] == 'val':
-        source = (f"of the {data['dataset']} corpus' val documents (this Python's standard library) in the model's "
-                  f"own tokenizer ({w['tokenizer']}), the same passages for every hf: model" if hf else
-                  f"from the {data['dataset']} val shards")
-        lines.append(f"data: {data['num_seqs']} windows x T={data['seq_len']} {source} "
-                     f"(seed {data['seed']}{', doc-aligned' if data['doc_aligned'] else ''})"
-                     + (" -- GPT-2 has no val split of ours: the built-in corpus (this Python's standard library); "
-                        "--text for your own" if w and not hf else ""))
-    else:
-        lines.append(f"data: {data['num_seqs']} --text prompt(s), T={data['seq_len']} "
-                     f"(prompt lengths {data['truncated_from']}, truncated to the shortest)")
-    if w:
-        lines.append("blocks: Sun et al.'s raw output of block i is the h row of s = 2i + 1 (mlp) below"
-                     + (f"; {w['sublayers']}" if hf else ""))
-    bos = '<|endoftext|>' if data['bos'] == EOT else f"BOS (token {data['bos']})"
-    lines.append(f"position 0 holds {bos} in {100 * data['bos_at_pos0']:.0f}% of sequences"
-                 + (f" ({data['bos_note']})" if data.get('bos_note') else "") + f"; val loss {num(r['val_loss'], 0)}")
-    if data['task']:
-        lines.append(f"task ({data['dataset']}): accuracy {num(r['task_acc'], 0)} on the {r['task_answers']} tokens "
-                     f"after a TRIGGER (argmax; chance 1/{data['task']['vocab_size'] - 2})")
-    for name, st in r['streams'].items():
-        p, sm = st['per_sublayer'], st['summary']
-        lines.append("")
-        lines.append(f"stream {name}: {st['where']}")
-        lines.append("   s blk layer kind      top1      top2      top3    median  top1/med  kurtosis "
-                     "feat_maxmed  n_out50 n_massive top_ch start_mass start_dom")
-        for s in range(len(p['top1'])):
-            lines.append(f"{s:4d} {s // 2:3d} {s // 2 + 1:5d} {'attn' if s % 2 == 0 else 'mlp ':4s} "
-                         f"{num(p['top1'][s])} {num(p['top2'][s])} {num(p['top3'][s])} {num(p['median'][s])} "
-                         f"{num(p['top1_median'][s])} {num(p['kurtosis'][s])} {num(p['feat_maxmed'][s], 11)} "
-                         f"{num(p['n_out50'][s], 8)} {num(p['n_massive'][s])} {p['top_channel'][s]:6d} "
-                         f"{num(p['start_mass'][s], 10)} {num(p['start_mass_dominant'][s])}")
-        if sm['emergence_sublayer'] is None:
-            lines.append(f"  census: no massive entry (|x| > {MASSIVE_ABS:g} and >= {MASSIVE_REL:g} x median); "
-                         f"max top1/median {sm['max_top1_median']:.4g} at s={sm['max_top1_median_sublayer']}")
-        else:
-            lm = sm['largest_massive']
-            lines.append(f"  census: emergence s={sm['emergence_sublayer']} ({sublayer_name(sm['emergence_sublayer'])}), "
-                         f"last s={sm['last_sublayer']}, up to {sm['n_massive_max']} entries per sublayer; largest "
-                         f"{lm['value']:.4g} at seq {lm['seq']} position {lm['position']} channel {lm['channel']} "
-                         f"(s={lm['sublayer']}); channels {_short([c for c, _ in sm['massive_channels']])}, "
-                         f"positions {_short([q for q, _ in sm['massive_positions']])}; "
-                         f"max top1/median {sm['max_top1_median']:.4g} at s={sm['max_top1_median_sublayer']}")
-        lines.append(f"  depth: dominant_dim {sm['dominant_dim']}, persistence {sm['persistence']:.3f}, "
-                     f"peak_layer s={sm['peak_layer']} ({sublayer_name(sm['peak_layer'])}), peak_feat_ratio "
-                     f"{sm['peak_feat_ratio']:.4g}, bos_concentration {sm['bos_concentration']:.4g}, "
-                     f"pos0 cos(s, s+1) mean {num(sm['pos0_cos_mean'], 0)}")
-        if sm['max_top1_median_sublayer'] != sm['peak_layer']:
-            lines.append(f"  two peaks, two measures: top1/median (one token's largest |x| against the median) "
-                         f"peaks at s={sm['max_top1_median_sublayer']}; peak_layer s={sm['peak_layer']} is where "
-                         f"dominant_dim's mean |x| over all tokens peaks")
-        lines.append(f"  start-token mass at peak_layer: start_mass {sm['start_mass']:.4g} (uniform: 1/T = "
-                     f"{1 / data['seq_len']:.4g}), start_mass_dominant {sm['start_mass_dominant']:.4g} "
-                     f"(share of dominant_dim's |x| on position 0)")
-        if st.get('registers'):                      # the register slots' own rows
-            top = np.array(st['registers']['max_abs'])                              # (S, R)
-            lines.append(f"  register slots (not in the statistics above; position 0 is the first token): largest "
-                         f"|x| per sublayer {', '.join(f'{v:.3g}' for v in top.max(1))}; by register at the last "
-                         f"sublayer {', '.join(f'{v:.3g}' for v in top[-1])}")
-    a = r['attention']
-    lines.append("")
-    lines.append(f"attention: alpha_1 = mean_t A[t, 0]; sink head: alpha_1 > {a['epsilon']} (epsilon); "
-                 f"T={a['prefix_T']} and T={a['T']}")
-    lines.append(f" blk layer  a1_mean@{a['prefix_T']:<4d} a1_max@{a['prefix_T']:<4d} sinks@{a['prefix_T']:<4d} "
-                 f"a1_mean@{a['T']:<4d} a1_max@{a['T']:<4d} sinks@{a['T']:<4d} |k0|/|k|  |v0|/|v| cos(q,k0)")
-    for l in range(len(a['alpha1'])):
-        lines.append(f"{l:4d} {l + 1:5d} {num(float(np.mean(a['alpha1_prefix'][l])), 12)} "
-                     f"{num(max(a['alpha1_prefix'][l]), 11)} {a['sink_heads_prefix'][l]:10d} "
-                     f"{num(float(np.mean(a['alpha1'][l])), 12)} {num(max(a['alpha1'][l]), 11)} "
-                     f"{a['sink_heads'][l]:10d} {num(a['k0_ratio'][l])} {num(a['v0_ratio'][l])} "
-                     f"{num(a['cos_q_k0'][l])}")
-    lines.append(f"Sink_1 = {a['sink1_prefix']:.1f}% at T={a['prefix_T']}, {a['sink1']:.1f}% at T={a['T']} "
-                 f"(epsilon {a['epsilon']})")
-    if a['short_T']:
-        lines.append(f"warning: T={a['T']} < {SINK_T}: alpha_1 and Sink_1 are not comparable with Gu et al.'s "
-                     f"(T={SINK_T}); uniform causal attention alone gives alpha_1 = {a['uniform_alpha1']:.3f} at "
-                     f"T={a['T']} ({'above' if a['uniform_alpha1'] > a['epsilon'] else 'below'} epsilon "
-                     f"{a['epsilon']}; above it up to T=9), so a sink here means little: probe {SINK_T} tokens or more")
-    lines.append(f"sink position (argmax of attention received) [position, sequences]: {a['sink_positions'][:5]}; "
-                 f"massive position {a['massive_positions'][:5]}; coincide in "
-                 f"{100 * a['cooccurrence']:.0f}% of sequences")
-    cs = a.get('conditional')
-    if cs:
-        lines.append("")
-        lines.append(f"conditional sink: attention on position 0 from the {cs['n_other']} other queries / from the "
-                     f"{cs['n_trigger']} trigger queries (whose next token is an answer), per layer and head; "
-                     f"'*': a conditional sink head (other >= {cs['thresholds']['other']}, trigger <= "
-                     f"{cs['thresholds']['trigger']})")
-        heads = {tuple(h) for h in cs['heads']}
-        for l in range(len(cs['other'])):
-            cells = [f"{cs['other'][l][h]:.2f}/{cs['trigger'][l][h]:.2f}{'*' if (l, h) in heads else ' '}"
-                     for h in range(len(cs['other'][l]))]
-            lines.append(f"{l:4d} {l + 1:5d}  " + ' '.join(f"{c:>11s}" for c in cells))
-        gl, gh = cs['max_gap_head']
-        lines.append(f"{len(cs['heads'])} conditional sink head(s); largest other - trigger {cs['max_gap']:.3f} "
-                     f"(layer {gl + 1}, head {gh})")
-    dn = a.get('do_nothing')
-    if dn:
-        lines.append("")
-        lines.append(f"do-nothing channels of the attention variant ({attention_label(r['model_args'])}), per layer and "
-                     "head, mean over queries" + (" (other / trigger queries)" if cs else "") + ": " +
-                     '; '.join(f"{name}: {DO_NOTHING[name]}" for name in dn))
-        for name, d in dn.items():
-            for l in range(len(d['mean'])):
-                cells = [f"{d['other'][l][h]:.2f}/{d['trigger'][l][h]:.2f}" if d.get('trigger') else f"{d['mean'][l][h]:.3f}"
-                         for h in range(len(d['mean'][l]))]
-                lines.append(f"{name:>9s} {l:4d} {l + 1:5d}  " + ' '.join(f"{c:>11s}" for c in cells))
-        if r['model_args'].get('attn_softmax') in ('sigmoid', 'relu'):
-            lines.append("(sigmoid/relu weights are not normalised: alpha_1, Sink_1 and the conditional sink above are "
-                         "the share of each row's total weight on position 0)")
-    iv = r.get('interventions')
-    if iv:
-        lines.append("")
-        lines.append("interventions (val loss on the probe windows; Sink_1 in %)")
-        lines.append(f" {'name':8s} {'val_loss':>9s} {'delta':>9s} {'Sink@' + str(a['prefix_T']):>9s} "
-                     f"{'Sink@' + str(a['T']):>9s} {'task_acc':>9s}  target")
-        for name, v in iv.items():
-            lines.append(f" {name:8s} {num(v['val_loss'])} {num(v['delta_loss'])} {num(v['sink1_prefix'])} "
-                         f"{num(v['sink1'])} {num(v['task_acc'])}  {v['target']}")
-        if iv['zero'].get('fallback'):
-            lines.append(" (no massive activation: zero/mean target each sequence's top-1 entry at the top1 peak)")
-    return '\n'.join(lines)
-
-
-def comparison(results):
-    """Side-by-side rows of the key summary numbers: {'columns': names, 'rows': [[label, values]]}."""
-    rows = []
-
-    def add(label, fn):
-        vals = []
-        for r in results:
-            try:
-                vals.append(fn(r))
-            except (KeyError, TypeError):
-                vals.append(None)
-        rows.append([label, vals])
-
-    add('residual', lambda r: model_kind(r['model_args']))
-    add('params (M)', lambda r: round(r['params'] / 1e6, 2))
-    add('iter', lambda r: r['iter_num'])
-    add('tokens seen', lambda r: r['tokens'])
-    add('val loss', lambda r: r['val_loss'])
-    add('task accuracy', lambda r: r['task_acc'])
-    add('attention variant', lambda r: attention_label(r['model_args']) or 'softmax')
-    for name in DO_NOTHING:
-        add(f'do-nothing: {name} (mean over heads)',
-            lambda r, name=name: float(np.mean(r['attention']['do_nothing'][name]['mean'])))
-    add('conditional sink heads', lambda r: len(r['attention']['conditional']['heads']))
-    add('conditional sink: max other - trigger', lambda r: r['attention']['conditional']['max_gap'])
-    if any(r['attention']['short_T'] for r in results):
-        add('T of Sink_1 (T=64) (< 64: not comparable)', lambda r: r['attention']['prefix_T'])
-    add('Sink_1 % (T=64)', lambda r: r['attention']['sink1_prefix'])
-    add('Sink_1 % (T=full)', lambda r: r['attention']['sink1'])
-    add('massive pos == sink pos (frac)', lambda r: r['attention']['cooccurrence'])
-    add('decoded stream', lambda r: r['residual']['decoded'])
-    others = [n for r in results for n in r['streams'] if n != r['residual']['decoded']]
-    for role in ['decoded'] + list(dict.fromkeys(others)):   # the decoded stream, then the rest by name
-        def stream(r, role=role):
-            return r['streams'][r['residual']['decoded'] if role == 'decoded' else role]
-        tag = role
-        add(f'[{tag}] max top1/median', lambda r: stream(r)['summary']['max_top1_median'])
-        add(f'[{tag}] max top1', lambda r: max(stream(r)['per_sublayer']['top1']))
-        add(f'[{tag}] peak_layer (s)', lambda r: stream(r)['summary']['peak_layer'])
-        add(f'[{tag}] dominant_dim', lambda r: stream(r)['summary']['dominant_dim'])
-        add(f'[{tag}] persistence', lambda r: stream(r)['summary']['persistence'])
-        add(f'[{tag}] bos_concentration', lambda r: stream(r)['summary']['bos_concentration'])
-        add(f'[{tag}] start_mass (peak)', lambda r: stream(r)['summary']['start_mass'])
-        add(f'[{tag}] start_mass_dominant (peak)', lambda r: stream(r)['summary']['start_mass_dominant'])
-        add(f'[{tag}] emergence (s)', lambda r: stream(r)['summary']['emergence_sublayer'])
-        add(f'[{tag}] n_massive (max)', lambda r: stream(r)['summary']['n_massive_max'])
-        add(f'[{tag}] kurtosis (max)', lambda r: max(stream(r)['per_sublayer']['kurtosis']))
-    for name in ('zero', 'mean', 'soften', 'quant8', 'quant4'):
-        add(f'delta val loss: {name}', lambda r, name=name: r['interventions'][name]['delta_loss'])
-    for name in ('zero', 'mean', 'soften'):
-        add(f'Sink_1 % (T=64): {name}', lambda r, name=name: r['interventions'][name]['sink1_prefix'])
-    return dict(columns=[r['name'] for r in results], rows=rows)
-
-
-def comparison_text(comp, width=160):
-    """The table, cut into blocks of columns that fit `width` characters (many snapshots)."""
-    strings = [v for _, vals in comp['rows'] for v in vals if isinstance(v, str)]
-    w = max(12, max(len(c) for c in comp['columns'] + strings) + 2)
-    lw = max(len(label) for label, _ in comp['rows']) + 1
-    per_block = max(1, (width - lw) // w)
-    n = len(comp['columns'])
-    lines = ["=== comparison ===" + (f" ({n} checkpoints, {per_block} per block)" if n > per_block else "")]
-    for c0 in range(0, n, per_block):
-        if c0:
-            lines.append("")
-        cols = slice(c0, c0 + per_block)
-        lines.append(f"{'':{lw}s}" + ''.join(f"{c:>{w}s}" for c in comp['columns'][cols]))
-        for label, vals in comp['rows']:
-            cells = [f"{v:>{w}s}" if isinstance(v, str) else num(v, w) for v in vals[cols]]
-            lines.append(f"{label:{lw}s}" + ''.join(cells))
-    return '\n'.join(lines)
 
 # ----------------------------------------------------------------------------------------------
 # Command line
@@ -1230,20 +979,6 @@ def probe_checkpoint(path, name, args, loaded=None):
     return r, obs.sample
 
 
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(u) for k, u in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(u) for u in v]
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        v = float(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def parse_groups(specs):
     """--group NAME=a.pt,b.pt,... (repeatable) -> {name: [paths]} in command-line order. An item
     with * ? or [ that is not a file is a glob pattern (quote it so that the shell leaves it)."""
@@ -1378,9 +1113,7 @@ def main_runs(runs, args):
     print(trajectory_text(runs))
     print()
     files = plot_trajectories(runs, args.out, THRESHOLDS)
-    path = os.path.join(args.out, 'trajectory.json')
-    with open(path, 'w') as f:
-        json.dump(_jsonable(dict(args=vars(args), thresholds=list(THRESHOLDS), runs=runs)), f, indent=1)
+    path = write_trajectories(args.out, vars(args), runs)
     print(f"wrote {path} and {len(files)} PNGs in {args.out}")
     return 0
 
@@ -1416,7 +1149,7 @@ def main_checkpoints(paths, names, first, groups, args):
         files += plot_groups(stats, args.out)
     path = os.path.join(args.out, 'probe.json')
     with open(path, 'w') as f:
-        json.dump(_jsonable(dict(args=vars(args), checkpoints=results, comparison=comp, groups=stats)), f, indent=1)
+        json.dump(jsonable(dict(args=vars(args), checkpoints=results, comparison=comp, groups=stats)), f, indent=1)
     print(f"wrote {path} and {len(files)} PNGs in {args.out}")
     return 0
 

@@ -237,6 +237,29 @@ def read_run(path, name):
     return run
 
 
+def jsonable(v):
+    """v with numpy numbers as Python ones and NaN/inf as None, for json.dump (strict JSON)."""
+    if isinstance(v, dict):
+        return {str(k): jsonable(u) for k, u in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(u) for u in v]
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        v = float(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def write_trajectories(out_dir, args, runs):
+    """out_dir/trajectory.json (the key tree above); returns its path."""
+    path = os.path.join(out_dir, 'trajectory.json')
+    with open(path, 'w') as f:
+        json.dump(jsonable(dict(args=args, thresholds=list(THRESHOLDS), runs=runs)), f, indent=1)
+    return path
+
+
 def first_crossings(iters, tokens, values, thresholds=THRESHOLDS):
     """{str(threshold): {iter, tokens} of the first eval with value >= threshold, or None (never)}."""
     out = {}

@@ -1,7 +1,8 @@
 """
 The activation statistics that training logs and the probe reports, computed the same way in both
 (docs/reference.md §4): train.py calls activation_stats at every evaluation, probe.py builds its
-report from the same SublayerAccumulator, and runs.py reads the logged keys (STATS_KEYS).
+report from the same SublayerAccumulator, and runs.py reads the logged keys (STATS_KEYS). The
+thresholds of the definitions (massive entries, sink heads, conditional sinks) are set here once.
 
 Everything here is a plain function of (N, T, d) activation tensors, computed in float32/float64
 whatever the model ran in; nothing here knows which residual operator produced the streams.
@@ -15,6 +16,11 @@ from model import Observer
 MASSIVE_ABS = 100.0       # Sun et al.: |x| > 100 ...
 MASSIVE_REL = 1000.0      # ... and |x| >= 1000 x median(|x|) of that sequence at that sublayer
 OUTLIER_REL = 50.0        # reference code's n_out50: |x| >= 50 x the token's median
+SINK_EPS = 0.3            # Gu et al.: a head is a sink head when alpha_1 > 0.3 ...
+SINK_T = 64               # ... measured on the first 64 tokens; on fewer, even uniform attention passes
+                          # (uniform_alpha1: 0.457 at T = 5), so shorter measurements carry a warning
+COND_OTHER, COND_TRIGGER = 0.5, 0.1   # a conditional sink head: >= 0.5 of the other queries' attention
+                                      # on position 0, <= 0.1 of the trigger queries' (the trigger testbed)
 
 # what train.py logs per stream at every evaluation: lists over sublayers, then two integers
 STATS_KEYS = ('top1_median', 'kurtosis', 'feat_maxmed', 'n_massive', 'start_mass', 'start_mass_dominant',

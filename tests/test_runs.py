@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import probe
+import report
 import runs
 from stats import STATS_KEYS
 from keytree import check_keys, documented_keys
@@ -490,7 +491,7 @@ def test_many_snapshots_stay_readable(tmp_path):
     colours the lines by iter with a colour bar instead of a 20-line legend."""
     names = [f'run_i{100 * i:06d}' for i in range(20)]
     comp = dict(columns=names, rows=[['iter', list(range(0, 2000, 100))], ['residual', ['ledger'] * 20]])
-    text = probe.comparison_text(comp)
+    text = report.comparison_text(comp)
     assert max(len(line) for line in text.splitlines()) <= 160
     assert all(n in text for n in names) and '(20 checkpoints,' in text
     results = [dict(name=n, iter_num=100 * i, residual=dict(decoded='C'), streams=dict(C=dict(per_sublayer=dict(
