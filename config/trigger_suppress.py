@@ -2,7 +2,8 @@
 # the synthetic trigger-conditional language of prepare.py --dataset=trigger (built on first use, offline),
 # where a head must act only after a TRIGGER and otherwise do nothing. The paper's four models at a
 # laptop shape; bash results/trigger/run.sh trains all four with several seeds and compares them.
-# Time: measured in results/trigger/README.md (one thread, two runs at a time on 2 cores).
+# Time on 2 cores (measured): 3m34s-5m27s as one of two single-threaded runs side by side in
+# results/trigger/run.sh (alone: about trigger_vanilla's 2 min, not measured separately).
 
 out_dir = 'out/trigger_suppress'
 dataset = 'trigger'          # vocab_size (34) and doc-aligned windows (BOS at position 0) come from its meta.json
