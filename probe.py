@@ -986,8 +986,8 @@ def parse_groups(specs):
     groups, owner = {}, {}
     for spec in specs:
         name, sep, rest = spec.partition('=')
-        if not sep or not re.fullmatch(r'[A-Za-z0-9_.-]+', name):
-            raise ValueError(f"--group {spec}: expected NAME=CKPT,CKPT,... (NAME of letters, digits, _ . -)")
+        if not sep or not re.fullmatch(r'[A-Za-z0-9_.+-]+', name):
+            raise ValueError(f"--group {spec}: expected NAME=CKPT,CKPT,... (NAME of letters, digits, _ . + -)")
         if name in groups:
             raise ValueError(f"--group {name} is given twice; list all its checkpoints in one --group {name}=a.pt,b.pt")
         paths = []

@@ -222,6 +222,18 @@ def test_inputs_that_cannot_go_together(tmp_path, capsys, cli, one_line_error):
     one_line_error(r.stderr, 'probe.py', 'run them separately')
 
 
+def test_group_names_may_name_a_variant(tmp_path):
+    """results/mitigations names groups residual+fix; names stay free of spaces, '=' and ','."""
+    a, b, c = tmp_path / 'a.pt', tmp_path / 'b.pt', tmp_path / 'c.pt'
+    for f in (a, b, c):
+        f.write_bytes(b'x')
+    assert probe.parse_groups([f'vanilla+relu={a},{b}', f'ledger-1.v2={c}']) == \
+        {'vanilla+relu': [str(a), str(b)], 'ledger-1.v2': [str(c)]}
+    for bad in [f'a b={a}', f'a,b={a}', f'={a}', 'a/b=x.pt']:
+        with pytest.raises(ValueError, match='expected NAME=CKPT'):
+            probe.parse_groups([bad])
+
+
 # ----------------------------------------------------------------------------------------------
 # a real training run: its log and its snapshots
 

@@ -8,7 +8,8 @@
 #
 # A fix is a key of model.ATTENTION_VARIANTS, so its flags are defined once. Runs go to $OUT
 # (default out/mitigations/<residual>_<fix>_s<seed>); finished runs are not trained again and
-# interrupted ones resume. One thread per run, JOBS runs side by side.
+# interrupted ones resume. One thread per run, JOBS runs side by side. Then bench.py times every
+# variant at this shape (results/mitigations/bench.txt).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 FIXES=${FIXES:-"attn_bias plus_one clipped sigmoid relu gate_elementwise registers"}
@@ -61,5 +62,13 @@ for c in d['checkpoints']:
 json.dump(d, open(sys.argv[2], 'w'), indent=1)
 PY
 python "$RESULTS/table.py" "$RESULTS/probe.json" > "$RESULTS/table.md"
+probed=$(date +%s)
+
+# what each fix costs per step at this shape, every model alone on the machine (the logs' tokens/s
+# depend on what else ran beside them)
+bench=(python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=32 --vocab_size=34
+       --ledger_rank=16 --residuals=vanilla,ledger --attention=all --device=cpu --steps=10 --warmup=2 --rounds=3)
+{ echo "# OMP_NUM_THREADS=1 ${bench[*]}"; "${bench[@]}"; } > "$RESULTS/bench.txt"
 done=$(date +%s)
-echo "trained in $(( (trained - start) / 60 )) min, probed in $(( (done - trained) / 60 )) min; see $RESULTS/table.md"
+echo "trained in $(( (trained - start) / 60 )) min, probed in $(( (probed - trained) / 60 )) min," \
+     "benchmarked in $(( (done - probed) / 60 )) min; see $RESULTS/table.md and $RESULTS/bench.txt"

@@ -1,7 +1,9 @@
 """The README's mitigations table, from the probe.json of results/mitigations/run.sh's `probe.py --group`:
 per group the mean and sample std of the headline metrics, then each fix against its baseline (the
 plain model of the same residual): difference of means, Welch's 95 % interval and the Holm-adjusted
-Welch p over all metrics of that comparison (docs/reference.md §5).
+Welch p over all metrics of that comparison (docs/reference.md §5). The census columns (runs whose
+stream holds any entry with |x| > 100 and > 1000 x median, Sun et al.) are read from each
+checkpoint's summary: a count, not tested.
 
     python results/mitigations/table.py results/mitigations/probe.json > results/mitigations/table.md
 """
@@ -12,6 +14,8 @@ METRICS = [  # (key in probe.json groups.metrics, column)
     ('[decoded] max_top1_median', 'top1/median (h or C)'),
     ('[decoded] start_mass', 'start_mass (h or C)'),
     ('[decoded] bos_concentration', 'bos_conc. (h or C)'),
+    ('[D] max_top1_median', 'top1/median D'),
+    ('[D] start_mass', 'start_mass D'),
     ('sink1_prefix (Sink_1 %, T=64)', 'Sink_1 %'),
     ('conditional sink heads', 'cond. sink heads'),
     ('task_acc', 'task acc'),
@@ -33,17 +37,29 @@ def do_nothing_key(metrics, group):
     return None
 
 
+def census(checkpoints, members, stream):
+    """'k/n': how many of the group's runs have census-massive entries in `stream` ('decoded': the one
+    the head reads); '-' where the runs have no such stream."""
+    runs = [c for c in checkpoints if c['name'] in members]
+    streams = [c['streams'].get(c['residual']['decoded'] if stream == 'decoded' else stream) for c in runs]
+    if None in streams:
+        return '-'
+    return f"{sum(s['summary']['n_massive_max'] > 0 for s in streams)}/{len(streams)}"
+
+
 def main(path):
-    g = json.load(open(path))['groups']
+    d = json.load(open(path))
+    g = d['groups']
     names, metrics = g['names'], g['metrics']
     cols = [(k, c) for k, c in METRICS if k in metrics]
-    out = ['| group (n) | ' + ' | '.join(c for _, c in cols) + ' | do-nothing channel |',
-           '|---|' + '---|' * (len(cols) + 1)]
+    out = ['| group (n) | ' + ' | '.join(c for _, c in cols) + ' | census-massive (h or C) | census-massive D | do-nothing channel |',
+           '|---|' + '---|' * (len(cols) + 3)]
     for n in names:
         cells = []
         for k, _ in cols:
             pg = metrics[k]['per_group'][n]
             cells.append('-' if pg['mean'] is None else f"{fmt(pg['mean'])} ± {fmt(pg['std'], 2)}")
+        cells += [census(d['checkpoints'], g['members'][n], s) for s in ('decoded', 'D')]
         dn = do_nothing_key(metrics, n)
         pg = metrics[dn]['per_group'][n] if dn else None
         cells.append(f"{dn.split(':')[1].split('(')[0].strip()} {fmt(pg['mean'])} ± {fmt(pg['std'], 2)}" if dn else '-')
