@@ -19,6 +19,7 @@ import numpy as np
 
 RUN_COLOURS = 'tab10'     # one colour per run/checkpoint while there are at most 10
 MANY = 8                  # more lines than this: colour by order with a colour bar instead of a legend
+BRACKET_GROUPS = 5        # more groups than this: groups.png leaves the brackets out (10+ pairs overlap)
 # the layerwise profile: key, sideways offset in sublayers, line style, marker
 LAYERWISE_LINES = (('top1', -0.15, '-', 'o'), ('top2', 0.0, '--', 's'), ('top3', 0.15, ':', '^'),
                    ('median', 0.0, '-.', 'x'))
@@ -38,6 +39,19 @@ def _save(fig, path):
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
     return path
+
+
+def _legends(fig, axes, n_runs):
+    """A legend per panel while there are at most MANY runs; beyond that one legend for the figure,
+    outside the panels on the right (per-panel legends of 40 runs would cover the data)."""
+    axes = [ax for ax in axes if ax.get_legend_handles_labels()[0]]
+    if n_runs <= MANY:
+        for ax in axes:
+            ax.legend(fontsize=7)
+    elif axes:
+        handles, labels = axes[0].get_legend_handles_labels()
+        rows = max(5, int(fig.get_figheight() * 72 / 10))     # 6 pt entries, ~10 pt apart
+        fig.legend(handles, labels, loc='outside right upper', fontsize=6, ncol=-(-len(labels) // rows))
 
 
 def _int_ticks(ax):
@@ -272,13 +286,13 @@ def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000), x='tokens'):
             ax.set_xlabel(X_LABELS[x])
             ax.set_ylabel(label, fontsize=9)
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-        fig.suptitle(f"stream {view}" + (' (the stream each run decodes: ' + ', '.join(
-            f"{runs[i]['name']} {s}" for i, s in which.items()) + ')' if view == 'decoded' else ''))
+        _legends(fig, axes.flat, len(runs))
+        decodes = (', '.join(f"{runs[i]['name']} {s}" for i, s in which.items()) if len(which) <= MANY else
+                   ', '.join(sorted(set(which.values()))))
+        fig.suptitle(f"stream {view}" + (f' (the stream each run decodes: {decodes})' if view == 'decoded' else ''))
         files.append(_save(fig, os.path.join(out_dir, f"trajectory_{view}.png")))
     # losses
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout='constrained')
     for i, run in enumerate(runs):
         xs = np.array(run[x], dtype=float)
         axes[0].plot(xs, [np.nan if v is None else v for v in run['val_loss']], marker='o', ms=2.5,
@@ -288,14 +302,14 @@ def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000), x='tokens'):
                          color=colours[i], label=f"{run['name']}: {term}")
     no_aux = [run['name'] for run in runs if not run['val_aux']]
     if no_aux:
-        axes[1].text(0.01, 0.99, 'no aux terms (no commit gates): ' + ', '.join(no_aux),
+        axes[1].text(0.01, 0.99, 'no aux terms (no commit gates): ' + (', '.join(no_aux) if len(no_aux) <= MANY
+                                                                        else f'{len(no_aux)} runs'),
                      transform=axes[1].transAxes, va='top', fontsize=7, color='gray')
     for ax, label in zip(axes, ('val loss (cross-entropy)', 'val aux terms (commit_rate: mean commit gate)')):
         ax.set_xlabel(X_LABELS[x])
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    _legends(fig, axes, len(runs))
     files.append(_save(fig, os.path.join(out_dir, 'trajectory_loss.png')))
     # (step x sublayer) heatmaps
     from matplotlib.colors import LogNorm
@@ -325,15 +339,19 @@ def plot_groups(groups, out_dir):
     """One panel per metric: every run as a dot and each group's mean +- sample std (black square
     with error bar; a lone run has none); a group with no measured value for the metric is not drawn
     in that panel. A bracket joins two groups whose difference has a Holm-adjusted Welch p (p_holm)
-    below groups['methods']['alpha'], labelled with that p (groups.png)."""
+    below groups['methods']['alpha'], labelled with that p (groups.png); with more than BRACKET_GROUPS
+    groups the pairs are too many to draw, and the text report and probe.json carry them."""
     plt = _pyplot()
     metrics = [(m, st) for m, st in groups['metrics'].items()
                if any(g['n'] for g in st['per_group'].values())]
     names = groups['names']
     alpha = groups['methods']['alpha']
-    ncol = min(4, max(1, len(metrics)))
+    many = len(names) > BRACKET_GROUPS
+    width = max(3.6, 0.4 * len(names) + 1.0)            # room for every group's column
+    ncol = min(max(1, int(16 // width)), 4, max(1, len(metrics)))
     nrow = max(1, -(-len(metrics) // ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.4 * nrow), squeeze=False, layout='constrained')
+    height = 3.4 + (0.09 * max(len(g) for g in names) if many else 0)   # and for the upright labels
+    fig, axes = plt.subplots(nrow, ncol, figsize=(width * ncol, height * nrow), squeeze=False, layout='constrained')
     colours = dict(zip(names, _colours(len(names))))
     rng = np.random.default_rng(0)          # jitter of the dots only
     for ax, (metric, st) in zip(axes.flat, metrics):
@@ -349,7 +367,7 @@ def plot_groups(groups, out_dir):
             top, bottom = max(top, max(vals), pg['mean'] + sd), min(bottom, min(vals), pg['mean'] - sd)
         span = (top - bottom) or max(abs(top), 1.0)
         level = top + 0.08 * span
-        for pr in st['pairs']:
+        for pr in ([] if many else st['pairs']):
             if pr['p_holm'] is None or pr['p_holm'] >= alpha or pr['a'] not in x or pr['b'] not in x:
                 continue
             xa, xb = x[pr['a']], x[pr['b']]
@@ -358,12 +376,16 @@ def plot_groups(groups, out_dir):
             level += 0.14 * span
         ax.set_ylim(bottom - 0.08 * span, level + 0.04 * span)
         ax.set_xticks(range(len(drawn)))
-        ax.set_xticklabels([f"{g}\n(n={st['per_group'][g]['n']})" for g in drawn], fontsize=8)
+        if many:
+            ax.set_xticklabels([f"{g} (n={st['per_group'][g]['n']})" for g in drawn], fontsize=7, rotation=90)
+        else:
+            ax.set_xticklabels([f"{g}\n(n={st['per_group'][g]['n']})" for g in drawn], fontsize=8)
         ax.set_xlim(-0.5, max(len(drawn), 2) - 0.5)
         ax.set_title(metric, fontsize=9)
         ax.grid(alpha=0.3, axis='y')
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis('off')
-    fig.suptitle(f"groups: runs (dots), mean +- sample std (black); * : difference with Holm-adjusted "
-                 f"Welch p < {alpha} (over the metrics of that pair)", fontsize=10)
+    pairs = (f"{len(names)} groups: the pairs' tests are in the text report and probe.json" if many else
+             f"* : difference with Holm-adjusted Welch p < {alpha} (over the metrics of that pair)")
+    fig.suptitle(f"groups: runs (dots), mean +- sample std (black); {pairs}", fontsize=10)
     return [_save(fig, os.path.join(out_dir, 'groups.png'))]

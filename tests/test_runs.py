@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -130,6 +131,24 @@ def test_trajectories_from_constructed_logs(tmp_path, capsys):
     for name in ('trajectory_h', 'trajectory_D', 'trajectory_C', 'trajectory_read', 'trajectory_decoded',
                  'trajectory_loss', 'trajectory_heatmap_ledger_run', 'trajectory_heatmap_old'):
         assert (out / f'{name}.png').stat().st_size > 1000, name
+
+
+def test_trajectories_of_many_runs_keep_their_panels(tmp_path):
+    """Many runs (42 in results/mitigations/run.sh) get one legend beside the panels, not one per
+    panel: 42 legends in the panels made matplotlib give up on the layout ('axes sizes collapsed')."""
+    import plots
+    plt = plots._pyplot()
+    for n, figsize in ((42, (15, 7.5)), (42, (11, 4)), (3, (11, 4))):
+        fig, axes = plt.subplots(1, 2, figsize=figsize, layout='constrained')
+        for ax in axes:
+            for i in range(n):
+                ax.plot([0, 1], [i, i + 1], label=f'ledger_gate_elementwise_s{i}')
+        plots._legends(fig, axes, n)
+        assert (len(fig.legends), [ax.get_legend() is not None for ax in axes]) == \
+            ((1, [False, False]) if n > plots.MANY else (0, [True, True]))
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', UserWarning)
+            plots._save(fig, str(tmp_path / f'{n}.png'))
 
 
 def test_partial_keys_after_a_resume_with_newer_code(tmp_path, capsys):

@@ -53,6 +53,9 @@ for r in vanilla ledger; do
     done
 done
 python probe.py "${groups[@]}" --num_seqs 256 --out "$OUT/groups" > "$RESULTS/groups.txt"
+# trajectories of every fix's runs (the baselines' are in results/trigger/trajectory.txt)
+python probe.py "$OUT"/*_s*/ --out "$OUT/trajectory_all" > "$RESULTS/trajectory.txt"
+cp "$OUT/groups/groups.png" "$RESULTS/"
 python - "$OUT/groups/probe.json" "$RESULTS/probe.json" <<'PY'   # without the per-channel arrays: a few MB less
 import json, sys
 d = json.load(open(sys.argv[1]))
