@@ -56,14 +56,7 @@ python probe.py "${groups[@]}" --num_seqs 256 --out "$OUT/groups" > "$RESULTS/gr
 # trajectories of every fix's runs (the baselines' are in results/trigger/trajectory.txt)
 python probe.py "$OUT"/*_s*/ --out "$OUT/trajectory_all" > "$RESULTS/trajectory.txt"
 cp "$OUT/groups/groups.png" "$RESULTS/"
-python - "$OUT/groups/probe.json" "$RESULTS/probe.json" <<'PY'   # without the per-channel arrays: a few MB less
-import json, sys
-d = json.load(open(sys.argv[1]))
-for c in d['checkpoints']:
-    for s in c['streams'].values():
-        s.pop('channel_mean_abs', None), s.pop('pos0_abs', None)
-json.dump(d, open(sys.argv[2], 'w'), indent=1)
-PY
+python results/slim_probe.py "$OUT/groups/probe.json" "$RESULTS/probe.json"   # without the per-channel arrays
 python "$RESULTS/table.py" "$RESULTS/probe.json" > "$RESULTS/table.md"
 probed=$(date +%s)
 

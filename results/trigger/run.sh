@@ -49,14 +49,7 @@ python probe.py "${groups[@]}" --num_seqs 256 --out "$OUT/groups" > "$RESULTS/gr
 python probe.py "$OUT"/*_s*/ --out "$OUT/trajectory_all" > "$RESULTS/trajectory.txt"
 first=$(for p in $PRESETS; do echo "$OUT/${p}_s$(echo $SEEDS | cut -d' ' -f1)/"; done)
 python probe.py $first --out "$OUT/trajectory" > /dev/null
-python - "$OUT/groups/probe.json" "$RESULTS/probe.json" <<'PY'   # without the per-channel arrays: a few MB less
-import json, sys
-d = json.load(open(sys.argv[1]))
-for c in d['checkpoints']:
-    for s in c['streams'].values():
-        s.pop('channel_mean_abs', None), s.pop('pos0_abs', None)
-json.dump(d, open(sys.argv[2], 'w'), indent=1)
-PY
+python results/slim_probe.py "$OUT/groups/probe.json" "$RESULTS/probe.json"   # without the per-channel arrays
 cp "$OUT/groups/groups.png" "$OUT/trajectory_all/trajectory.json" "$RESULTS/"
 cp "$OUT/trajectory/trajectory_decoded.png" "$OUT/trajectory/trajectory_loss.png" "$RESULTS/"
 python "$RESULTS/table.py" "$RESULTS/probe.json" > "$RESULTS/table.md"
