@@ -1,10 +1,21 @@
-"""A probe.json for the repo: the same report without each stream's per-channel arrays
-(channel_mean_abs, pos0_abs), which are most of its size and which no table here reads.
+"""A probe.json small enough for the repo: the same report without each stream's per-channel arrays
+(channel_mean_abs, pos0_abs), which no table here reads, with floats to 6 significant digits and
+no indentation (the tables print 3 digits).
 
     python results/slim_probe.py out/trigger/groups/probe.json results/trigger/probe.json
 """
 import json
 import sys
+
+
+def rounded(v):
+    if isinstance(v, float):
+        return float(f'{v:.6g}')
+    if isinstance(v, list):
+        return [rounded(x) for x in v]
+    if isinstance(v, dict):
+        return {k: rounded(x) for k, x in v.items()}
+    return v
 
 
 def main(src, dst):
@@ -14,7 +25,7 @@ def main(src, dst):
         for s in c['streams'].values():
             s.pop('channel_mean_abs', None), s.pop('pos0_abs', None)
     with open(dst, 'w') as f:
-        json.dump(d, f, indent=1)
+        json.dump(rounded(d), f, separators=(',', ':'))
 
 
 if __name__ == '__main__':

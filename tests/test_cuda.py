@@ -112,7 +112,7 @@ def test_probe_on_the_device_agrees_with_the_cpu(tmp_path, cli, random_shards, s
 
 def test_a_160m_step_reports_its_memory(cli):
     """bench.py at the paper's shape in bf16: each model's peak memory of one step (printed, and
-    in results/gpu/ from the run.sh bench); on the CPU stand-in, the tiny shape and no memory count."""
+    in OUT/gpu/bench.txt of results/gpu/run.sh); on the CPU stand-in, the tiny shape and no memory count."""
     preset = '160m' if DEVICE == 'cuda' else 'tiny'
     r = cli('bench.py', f'--preset={preset}', f'--device={DEVICE}', '--residuals=vanilla,ledger', '--compile=false',
             '--steps=2', '--warmup=1', timeout=600)

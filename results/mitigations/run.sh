@@ -25,19 +25,11 @@ if ! ls "$BASE"/vanilla_s*/ckpt.pt "$BASE"/ledger_s*/ckpt.pt > /dev/null 2>&1; t
     OUT="$BASE" bash results/trigger/run.sh
 fi
 
+source results/train_run.sh
 train_one() {  # residual fix seed
-    local dir="$OUT/$1_$2_s$3"
     local flags
     flags=$(python -c "from model import ATTENTION_VARIANTS as A; print(' '.join(f'--{k}={v}' for k, v in A['$2'].items()))")
-    if [ -f "$dir/log.jsonl" ] && tail -n 1 "$dir/log.jsonl" | grep -q '"reason": "max_iters"'; then
-        echo "done before: $dir"; return
-    elif [ -f "$dir/ckpt.pt" ]; then
-        python train.py --out_dir="$dir" --init_from=resume >> "$dir.log" 2>&1
-    else
-        mkdir -p "$OUT"
-        python train.py "config/trigger_$1.py" $flags --out_dir="$dir" --seed="$3" > "$dir.log" 2>&1
-    fi
-    echo "trained $dir"
+    train_run "$OUT/$1_$2_s$3" "config/trigger_$1.py" $flags --seed="$3"
 }
 export -f train_one
 for r in vanilla ledger; do for f in $FIXES; do for s in $SEEDS; do echo "$r $f $s"; done; done; done \
@@ -55,7 +47,6 @@ done
 python probe.py "${groups[@]}" --num_seqs 256 --out "$OUT/groups" > "$RESULTS/groups.txt"
 # trajectories of every fix's runs (the baselines' are in results/trigger/trajectory.txt)
 python probe.py "$OUT"/*_s*/ --out "$OUT/trajectory_all" > "$RESULTS/trajectory.txt"
-cp "$OUT/groups/groups.png" "$RESULTS/"
 python results/slim_probe.py "$OUT/groups/probe.json" "$RESULTS/probe.json"   # without the per-channel arrays
 python "$RESULTS/table.py" "$RESULTS/probe.json" > "$RESULTS/table.md"
 probed=$(date +%s)
@@ -66,5 +57,6 @@ bench=(python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --bat
        --ledger_rank=16 --residuals=vanilla,ledger --attention=all --device=cpu --steps=10 --warmup=2 --rounds=3)
 { echo "# OMP_NUM_THREADS=1 ${bench[*]}"; "${bench[@]}"; } > "$RESULTS/bench.txt"
 done=$(date +%s)
-echo "trained in $(( (trained - start) / 60 )) min, probed in $(( (probed - trained) / 60 )) min," \
-     "benchmarked in $(( (done - probed) / 60 )) min; see $RESULTS/table.md and $RESULTS/bench.txt"
+python results/run_times.py "$JOBS" "$OUT"/*_s*/ > "$RESULTS/times.txt"
+echo "this run.sh: trained in $(( (trained - start) / 60 )) min, probed in $(( (probed - trained) / 60 )) min," \
+     "benchmarked in $(( (done - probed) / 60 )) min" | tee -a "$RESULTS/times.txt"

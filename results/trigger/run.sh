@@ -21,17 +21,9 @@ export OMP_NUM_THREADS=1
 start=$(date +%s)
 python prepare.py --dataset=trigger                  # offline, under a second; the same bytes every time
 
+source results/train_run.sh
 train_one() {  # preset seed
-    local dir="$OUT/$1_s$2"
-    if [ -f "$dir/log.jsonl" ] && tail -n 1 "$dir/log.jsonl" | grep -q '"reason": "max_iters"'; then
-        echo "done before: $dir"; return
-    elif [ -f "$dir/ckpt.pt" ]; then
-        python train.py --out_dir="$dir" --init_from=resume >> "$dir.log" 2>&1
-    else
-        mkdir -p "$OUT"
-        python train.py "config/trigger_$1.py" --out_dir="$dir" --seed="$2" > "$dir.log" 2>&1
-    fi
-    echo "trained $dir"
+    train_run "$OUT/$1_s$2" "config/trigger_$1.py" --seed="$2"
 }
 export -f train_one
 export OUT
@@ -54,4 +46,6 @@ cp "$OUT/groups/groups.png" "$OUT/trajectory_all/trajectory.json" "$RESULTS/"
 cp "$OUT/trajectory/trajectory_decoded.png" "$OUT/trajectory/trajectory_loss.png" "$RESULTS/"
 python "$RESULTS/table.py" "$RESULTS/probe.json" > "$RESULTS/table.md"
 done=$(date +%s)
-echo "trained in $(( (trained - start) / 60 )) min, probed in $(( (done - trained) / 60 )) min; see $RESULTS/table.md"
+python results/run_times.py "$JOBS" "$OUT"/*_s*/ > "$RESULTS/times.txt"
+echo "this run.sh: trained in $(( (trained - start) / 60 )) min, probed in $(( (done - trained) / 60 )) min" \
+    | tee -a "$RESULTS/times.txt"
