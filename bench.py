@@ -128,8 +128,6 @@ def make_step(args, model, fwd, opt):
     x = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size + 1), generator=g).to(args.device)
 
     train_cfg = TrainConfig(residual=model.config.residual)   # train.py's default penalty weights
-    if 'commit_rate' not in RESIDUALS[model.config.residual].aux:
-        train_cfg.commit_sparsity = 0.0
 
     def step():
         with ctx:

@@ -289,6 +289,14 @@ def assert_same_state(a, b):
     assert a['iter_num'] == b['iter_num'] and a['best_val_loss'] == b['best_val_loss']
 
 
+def signal_at(proc, line, sig):
+    """Send sig to the running train.py once it prints a line starting with `line`."""
+    for out in proc.stdout:
+        if out.startswith(line):
+            proc.send_signal(sig)
+            return
+
+
 EXACT = dict(max_iters=40, eval_interval=5, dropout=0.1, stats_seqs=0)  # dropout on: its masks must be reproduced too
 
 
@@ -312,10 +320,7 @@ def test_resume_after_sigkill_is_bitwise_exact(data_root, tmp_path, cli, root, e
     killed = tmp_path / 'killed'
     proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, killed, **EXACT), cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    for line in proc.stdout:
-        if line.startswith('iter 12:'):  # checkpoints exist for iters 0, 5 and 10
-            proc.send_signal(signal.SIGKILL)
-            break
+    signal_at(proc, 'iter 12:', signal.SIGKILL)  # checkpoints exist for iters 0, 5 and 10
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     k = final_state(killed)['iter_num']
@@ -335,10 +340,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_bitwise_exact(data_root, tmp
     out = tmp_path / 'out'
     proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + tiny(data_root, out, **EXACT), cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:
-        if line.startswith('iter 12:'):  # checkpoints exist for iters 0, 5 and 10
-            proc.send_signal(signal.SIGINT)
-            break
+    signal_at(proc, 'iter 12:', signal.SIGINT)  # checkpoints exist for iters 0, 5 and 10
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and err == '', err      # no traceback, nothing on stderr
     k = read_log(out, 'train')[-1]['iter'] + 1          # the steps done
@@ -667,10 +669,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(data_root, tmp_path,
                              os.path.join(root, 'train.py')] + tiny(data_root, out, max_iters=100_000, eval_interval=1000,
                                                                     stats_seqs=0),
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith('iter 3:'):
-            proc.send_signal(signal.SIGINT)
-            break
+    signal_at(proc, 'iter 3:', signal.SIGINT)
     rest, err = proc.communicate(timeout=120)
     k = read_log(out, 'train')[-1]['iter'] + 1
     assert final_state(out)['iter_num'] == k and final_state(out)['world_size'] == 2
@@ -730,10 +729,7 @@ def test_sigterm_saves_and_exits_zero(data_root, tmp_path, root, env):
     args = tiny(data_root, out, max_iters=100_000, eval_interval=1000, residual='vanilla')
     proc = subprocess.Popen([sys.executable, os.path.join(root, 'train.py')] + args,
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:
-        if line.startswith('iter 3:'):
-            proc.send_signal(signal.SIGTERM)
-            break
+    signal_at(proc, 'iter 3:', signal.SIGTERM)
     rest, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert 'SIGTERM: saved' in rest
