@@ -1,0 +1,58 @@
+"""The mitigations study's design, declared before its runs (2026-12-07; docs/reference.md §5).
+
+The paper's question, asked of the published fixes that let an attention head do nothing
+(docs/reference.md §1.6; each a key of model.ATTENTION_VARIANTS): the ledger's C carries a
+start-token concentration (results/trigger, Q1). If that concentration is how the ledger implements
+"do nothing", a fix that gives every head another way to do nothing should take it away; if C
+rebuilds it anyway, it is not (only) a sink.
+
+  Q1-Q5  Does C's share of its mass on the start token change when the ledger's attention has a
+         learnt bias slot (attn_bias, Sun et al. 2024), register tokens (registers, Darcet et al.
+         2024), unnormalised sigmoid or ReLU weights (sigmoid, Gu et al. 2025; relu, Ran-Milo 2026),
+         or a sigmoid gate on each head's output (gate_elementwise, Qiu et al. 2025)?
+
+Primary endpoint of each (PRIMARY): C's start_mass at the last sublayer (what the head reads), on
+the log scale (ratio of geometric means), the ledger with the fix against the plain ledger: 10 seeds
+each, the plain ledger's 10 being results/trigger's. The family is the five: exact two-sided
+permutation p (every split of 10 + 10 runs), Holm across the five; "shown" only at an adjusted p
+below 0.05. Power at 10 vs 10 with m = 5: 29 %, 68 % and 93 % for normal shifts of 1.0, 1.5 and 2.0
+standard deviations (noncentral t approximation).
+
+Exploration (EXPLORE, 3 seeds each, never "shown", estimates only): the ledger with the two other
+fixes (plus_one: attn_bias with a zero slot; clipped softmax), and vanilla with all seven against
+the plain vanilla of results/trigger (does the fix remove vanilla's conditional sink, what does it
+do to the task). Fixes added later (as new ATTENTION_VARIANTS) join the exploration with 3 seeds.
+
+    python results/mitigations/design.py      # the training runs it declares, one per line (run.sh reads them)
+"""
+
+SEEDS = range(1, 11)
+EXPLORE_SEEDS = range(1, 4)
+PROBE = dict(num_seqs=256)
+ALPHA = 0.05
+BASE = {'vanilla': 'config/trigger_vanilla.py', 'ledger': 'config/trigger_ledger.py'}   # trained by results/trigger
+
+PRIMARY_FIXES = ['attn_bias', 'registers', 'sigmoid', 'relu', 'gate_elementwise']
+PRIMARY = [(f'Q{i + 1}', '[C] start_mass_last', 'log', 'ledger', f'ledger+{fix}')
+           for i, fix in enumerate(PRIMARY_FIXES)]
+
+EXPLORE = [('ledger', fix) for fix in ('plus_one', 'clipped')] + \
+          [('vanilla', fix) for fix in ('attn_bias', 'plus_one', 'clipped', 'sigmoid', 'relu', 'gate_elementwise',
+                                        'registers')]
+
+
+def runs():
+    """(group, seed, out folder name, config file, fix) of every training run this study adds, seed by
+    seed (a study cut short has the same number of runs in every group), the primaries first."""
+    out = [(f'ledger+{fix}', s, f'ledger_{fix}_s{s}', BASE['ledger'], fix) for s in SEEDS for fix in PRIMARY_FIXES]
+    out += [(f'{r}+{fix}', s, f'{r}_{fix}_s{s}', BASE[r], fix) for s in EXPLORE_SEEDS for r, fix in EXPLORE]
+    return out
+
+
+if __name__ == '__main__':
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
+    from model import ATTENTION_VARIANTS
+    for g, s, name, cfg, fix in runs():
+        print(name, cfg, ' '.join(f'--{k}={v}' for k, v in ATTENTION_VARIANTS[fix].items()), f'--seed={s}')
