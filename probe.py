@@ -249,11 +249,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Observer, residual_info, resolve_device
-from plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
-from runs import THRESHOLDS, group_statistics, groups_text, jsonable, read_run, trajectory_text, write_trajectories
+from lab.plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
+from lab.groups import group_statistics, groups_text
+from lab.trajectories import THRESHOLDS, jsonable, read_run, trajectory_text, write_trajectories
 from prepare import EOT, OneLineParser, task_mask
-from report import comparison, comparison_text, model_kind, report, short, sublayer_name
-from stats import COND_OTHER, COND_TRIGGER, SINK_EPS, SINK_T, SublayerAccumulator, depth_structure, lower_median
+from lab.report import comparison, comparison_text, model_kind, report, short, sublayer_name
+from lab.stats import COND_OTHER, COND_TRIGGER, SINK_EPS, SINK_T, SublayerAccumulator, depth_structure, lower_median
 
 # ----------------------------------------------------------------------------------------------
 # Observers: measure a forward pass, or change it (interventions)
@@ -870,7 +871,7 @@ def unique_names(bases):
 def checkpoint_names(paths):
     """Short unique names: the folder for .../NAME/ckpt.pt, NAME_i000100 for the snapshot
     .../NAME/snapshots/ckpt_000100.pt, else the file stem."""
-    from hf import short_name
+    from lab.hf import short_name
     bases = []
     for p in map(os.path.normpath, paths):   # a folder's trailing / would leave no base name
         if p.startswith('hf:'):
@@ -933,7 +934,7 @@ def load(path, args, check_only=False):
     """(model, ckpt, x, y, data) or a ValueError/OSError/RuntimeError with one line. check_only: an
     hf: input is checked without loading its weights (None); other inputs are loaded as usual."""
     if input_kind(path) == 'hf':
-        import hf
+        from lab import hf
         return hf.load(path, args, check_only)
     model, ckpt = (load_gpt2_weights if input_kind(path) == 'gpt2' else load_checkpoint)(path, args)
     T = args.seq_len or model.config.block_size
@@ -1064,7 +1065,7 @@ def check_inputs(args):
     groups = parse_groups(args.group) if args.group else None
     if groups and args.inputs:
         raise ValueError(f"give checkpoints either as arguments ({args.inputs[0]}, ...) or in --group, not both")
-    from hf import expand
+    from lab.hf import expand
     paths = [q for members in groups.values() for q in members] if groups else expand(args.inputs)
     if not paths:
         raise ValueError("nothing to probe: give checkpoint files, training runs (an out_dir holding log.jsonl), "
@@ -1139,7 +1140,7 @@ def main_checkpoints(paths, names, first, groups, args):
         print()
         if not groups:
             files += plot_overlay(results, args.out)
-            from hf import revision_trajectories     # hf: revisions of one model, drawn as a training run
+            from lab.hf import revision_trajectories     # hf: revisions of one model, drawn as a training run
             files += revision_trajectories(results, args.out, vars(args))
     stats = None
     if groups:

@@ -82,7 +82,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, RESIDUALS, GPTConfig, option, read_checkpoint, residual_info, resolve_device
 from prepare import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, shard_paths, task_mask
-from stats import activation_stats
+from lab.stats import activation_stats
 
 # -----------------------------------------------------------------------------
 # configuration

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import hf
+from lab import hf
 import probe
 from keytree import check_keys, documented_keys
 from model import GPT, GPTConfig, load_gpt2
@@ -309,7 +309,7 @@ def test_checkpoint_llama_and_pythia_in_one_table(tmp_path, capsys, save_ckpt, r
     assert 'parallel block: the attn row s = 2i is the partial sum' in o.out
     # the same passages of the built-in corpus: the Pythia windows read as text are the LLaMA ones without <s>
     tok = transformers.AutoTokenizer.from_pretrained(llama)
-    from hf import corpus_windows
+    from lab.hf import corpus_windows
     xl = corpus_windows(tok, 2, 24, 1337, False, 1, 2, str(data))[0]
     xp = corpus_windows(tok, 2, 24, 1337, False, None, 2, str(data))[0]
     assert torch.equal(xl[:, 1:], xp[:, :-1]) and (xl[:, 0] == 1).all()

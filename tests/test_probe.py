@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import probe
-import stats
+from lab import stats
 from keytree import check_keys, documented_keys
 from model import GPT, GPTConfig
 from prepare import write_shard

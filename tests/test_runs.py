@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import probe
-import report
-import runs
-from stats import STATS_KEYS
+from lab import report
+from lab import groups, trajectories
+from lab.stats import STATS_KEYS
 from keytree import check_keys, documented_keys
 from prepare import write_shard
 
@@ -96,7 +96,7 @@ def test_trajectories_from_constructed_logs(tmp_path, capsys):
     code, text, err = run_main(capsys, ledger, os.path.join(vanilla, 'log.jsonl'), '--out', out)
     assert code == 0, err
     data = json.loads((out / 'trajectory.json').read_text())
-    check_keys(data, documented_keys(runs.__doc__, 'trajectory.json'), 'trajectory.json')
+    check_keys(data, documented_keys(trajectories.__doc__, 'trajectory.json'), 'trajectory.json')
     led, old = data['runs']
     assert (led['name'], old['name']) == ('ledger_run', 'old')
     # resumed: every iter once, the last eval of iter 300 kept
@@ -118,7 +118,7 @@ def test_trajectories_from_constructed_logs(tmp_path, capsys):
     assert h['crossings'] == {'10': dict(iter=10, tokens=1000), '100': dict(iter=20, tokens=2000),
                               '1000': dict(iter=20, tokens=2000)}
     assert h['start_mass'] is None and h['dominant'] is None
-    assert h['missing'] == list(runs.NEWER_KEYS) and old['val_aux'] == {}
+    assert h['missing'] == list(trajectories.NEWER_KEYS) and old['val_aux'] == {}
     assert "first top1/median (max over sublayers) >= 10: step 200 (200,000 tokens), >= 100: step 300 " \
            "(300,000 tokens), >= 1000: never" in text
     assert "changed 2 time(s): 5 (steps 0-100), 7 (steps 200-300), 3 (steps 400-600); stable at 3 from step 400 " \
@@ -136,7 +136,7 @@ def test_trajectories_from_constructed_logs(tmp_path, capsys):
 def test_trajectories_of_many_runs_keep_their_panels(tmp_path):
     """Many runs (42 in results/mitigations/run.sh) get one legend beside the panels, not one per
     panel: 42 legends in the panels made matplotlib give up on the layout ('axes sizes collapsed')."""
-    import plots
+    from lab import plots
     plt = plots._pyplot()
     for n, figsize in ((42, (15, 7.5)), (42, (11, 4)), (3, (11, 4))):
         fig, axes = plt.subplots(1, 2, figsize=figsize, layout='constrained')
@@ -159,7 +159,7 @@ def test_partial_keys_after_a_resume_with_newer_code(tmp_path, capsys):
     assert code == 0, err
     h = json.loads((tmp_path / 'o' / 'trajectory.json').read_text())['runs'][0]['streams']['h']
     assert h['start_mass'] == [None, 0.2] and h['dominant_dim'] == [None, 4] and h['missing'] == []
-    assert set(h['partial']) == set(runs.NEWER_KEYS)
+    assert set(h['partial']) == set(trajectories.NEWER_KEYS)
     assert 'logged at some evals only' in text
 
 
@@ -202,7 +202,7 @@ def test_a_cut_last_line_is_left_out_and_said(tmp_path, capsys):
     folder = write_log(tmp_path / 'run', events)
     with open(os.path.join(folder, 'log.jsonl'), 'a') as f:
         f.write('{"event": "eval", "iter": 4, "stats": {"h": {"top1_med')
-    got, cut = runs.read_log(os.path.join(folder, 'log.jsonl'))
+    got, cut = trajectories.read_log(os.path.join(folder, 'log.jsonl'))
     assert [line for line, _ in got] == [1, 2, 3] and cut == 4
     code, out, err = run_main(capsys, folder, '--out', tmp_path / 'o')
     assert code == 0, err
@@ -330,32 +330,32 @@ def test_trust_checkpoint(trained, tmp_path, capsys, one_line_error):
 def test_welch_interval_and_p_match_scipy_with_b_minus_a():
     # by hand: d = 3, s_a = s_b = 1, se = sqrt(1/3 + 1/3), df = (2/3)^2 / (2 (1/3)^2 / 2) = 4,
     # t_{4, 0.975} = 2.776445, t = 3 / se = 3.674235, two-sided p = 0.0213116
-    ci, p, df = runs.welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    ci, p, df = groups.welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
     half = 2.776445 * math.sqrt(2 / 3)
     assert df == pytest.approx(4.0) and ci == pytest.approx([3 - half, 3 + half], abs=1e-5)
     assert p == pytest.approx(0.0213116, abs=1e-6)
-    ci_swapped, p_swapped, _ = runs.welch([4.0, 5.0, 6.0], [1.0, 2.0, 3.0])     # d = mean(b) - mean(a): sign flips
+    ci_swapped, p_swapped, _ = groups.welch([4.0, 5.0, 6.0], [1.0, 2.0, 3.0])     # d = mean(b) - mean(a): sign flips
     assert ci_swapped == pytest.approx([-ci[1], -ci[0]]) and p_swapped == pytest.approx(p)
     # unequal sizes and variances: exactly scipy's Welch test of b against a
     from scipy import stats
     rng = np.random.default_rng(3)
     a, b = rng.normal(0, 1, 4), rng.normal(2, 3, 6)
     ref = stats.ttest_ind(b, a, equal_var=False)
-    ci, p, df = runs.welch(a, b)
+    ci, p, df = groups.welch(a, b)
     assert ci == list(ref.confidence_interval(0.95)) and p == ref.pvalue and df == ref.df
-    pair = runs.compare(a, b, 'A', 'B')
+    pair = groups.compare(a, b, 'A', 'B')
     assert (pair['a'], pair['b'], pair['n_a'], pair['n_b']) == ('A', 'B', 4, 6)
     assert pair['diff'] == pytest.approx(b.mean() - a.mean()) and pair['ci'] == ci and pair['p'] == p
     assert pair['ci'][0] < pair['diff'] < pair['ci'][1]
 
 
 def test_permutation_p_is_the_share_of_splits_with_abs_d_at_least_the_observed():
-    assert runs.permutation_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == (0.1, 'exact: 20 splits (all)', 0.1)
-    assert runs.permutation_p([4.0, 5.0, 6.0], [1.0, 2.0, 3.0])[0] == 0.1
+    assert groups.permutation_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == (0.1, 'exact: 20 splits (all)', 0.1)
+    assert groups.permutation_p([4.0, 5.0, 6.0], [1.0, 2.0, 3.0])[0] == 0.1
     # by hand: pooled 1, 2, 3, 4, 10, two runs in a; of the 10 splits, {1,2} (the observed, |d| = 4.17),
     # {3,10} (4.17) and {4,10} (5) have |d| >= 4.17: p = 3/10. scipy's own 'two-sided' doubles the
     # one-sided p (d >= 4.17: 1/10) and gives 0.2, which is not this definition.
-    assert runs.permutation_p([1.0, 2.0], [3.0, 4.0, 10.0]) == (pytest.approx(0.3), 'exact: 10 splits (all)', 0.1)
+    assert groups.permutation_p([1.0, 2.0], [3.0, 4.0, 10.0]) == (pytest.approx(0.3), 'exact: 10 splits (all)', 0.1)
     from scipy import stats
     assert stats.permutation_test(([1.0, 2.0], [3.0, 4.0, 10.0]), lambda x, y: np.mean(y) - np.mean(x),
                                   n_resamples=np.inf).pvalue == pytest.approx(0.2)
@@ -365,34 +365,34 @@ def test_permutation_p_is_the_share_of_splits_with_abs_d_at_least_the_observed()
     a, b = rng.normal(0, 1, 4), rng.normal(1, 1, 5)
     pooled, obs = np.concatenate([a, b]), abs(b.mean() - a.mean())
     ds = [abs(np.delete(pooled, idx).mean() - pooled[list(idx)].mean()) for idx in itertools.combinations(range(9), 4)]
-    assert runs.permutation_p(a, b)[0] == pytest.approx(np.mean(np.array(ds) >= obs - 1e-12))
+    assert groups.permutation_p(a, b)[0] == pytest.approx(np.mean(np.array(ds) >= obs - 1e-12))
     same = [1.0, 2.0, 3.0]
-    assert runs.permutation_p(same, same)[0] == 1.0
-    assert runs.permutation_p([0.3, 0.1, 0.2], [0.1 + 0.2, 0.2, 0.1])[0] == 1.0     # equal up to rounding
+    assert groups.permutation_p(same, same)[0] == 1.0
+    assert groups.permutation_p([0.3, 0.1, 0.2], [0.1 + 0.2, 0.2, 0.1])[0] == 1.0     # equal up to rounding
     # 7 + 7 runs: 3432 splits, enumerated; 8 + 8: 12870 > 10,000, so 10,000 random permutations, seeded
-    assert runs.permutation_p(np.arange(7.0), np.arange(7.0) + 100) == (2 / 3432, 'exact: 3,432 splits (all)', 2 / 3432)
-    p, test, p_min = runs.permutation_p(np.arange(8.0), np.arange(8.0) + 100)
+    assert groups.permutation_p(np.arange(7.0), np.arange(7.0) + 100) == (2 / 3432, 'exact: 3,432 splits (all)', 2 / 3432)
+    p, test, p_min = groups.permutation_p(np.arange(8.0), np.arange(8.0) + 100)
     assert test == 'random: 10,000 random permutations' and p_min == 1 / 10_001 and 1 / 10_001 <= p < 0.001
-    assert runs.permutation_p(np.arange(8.0), np.arange(8.0) + 100)[0] == p                 # fixed seed
-    assert runs.permutation_p(np.arange(8.0), np.arange(8.0))[0] == 1.0
-    assert runs.permutation_p([1.0, 2.0, 3.0], [10.0, 11.0, 12.0], max_exact=19)[1] == 'random: 10,000 random permutations'
+    assert groups.permutation_p(np.arange(8.0), np.arange(8.0) + 100)[0] == p                 # fixed seed
+    assert groups.permutation_p(np.arange(8.0), np.arange(8.0))[0] == 1.0
+    assert groups.permutation_p([1.0, 2.0, 3.0], [10.0, 11.0, 12.0], max_exact=19)[1] == 'random: 10,000 random permutations'
 
 
 def test_holm_by_hand():
     # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> running max 0.06
-    assert runs.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert runs.holm([0.01, None, 0.04]) == [pytest.approx(0.02), None, pytest.approx(0.04)]   # m = 2
-    assert runs.holm([0.5, 0.6]) == [1.0, 1.0]                                                 # capped at 1
-    assert runs.holm([None]) == [None] and runs.holm([]) == []
+    assert groups.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert groups.holm([0.01, None, 0.04]) == [pytest.approx(0.02), None, pytest.approx(0.04)]   # m = 2
+    assert groups.holm([0.5, 0.6]) == [1.0, 1.0]                                                 # capped at 1
+    assert groups.holm([None]) == [None] and groups.holm([]) == []
 
 
 def test_hedges_g_by_hand():
     # s_pooled = 1, d = 3, factor 1 - 3 / (4 * 6 - 9) = 0.8
-    assert runs.hedges_g([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(2.4)
-    assert runs.hedges_g([4.0, 5.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(-2.4)
+    assert groups.hedges_g([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(2.4)
+    assert groups.hedges_g([4.0, 5.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(-2.4)
     # s_a^2 = 5/3, s_b^2 = 13, s_pooled^2 = (3 * 5/3 + 2 * 13) / 5 = 6.2, d = 5 - 2.5, factor 1 - 3/19
-    assert runs.hedges_g([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 9.0]) == pytest.approx(2.5 / math.sqrt(6.2) * 16 / 19)
-    assert runs.hedges_g([1.0], [2.0, 3.0]) is None and runs.hedges_g([1.0, 1.0], [2.0, 2.0]) is None
+    assert groups.hedges_g([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 9.0]) == pytest.approx(2.5 / math.sqrt(6.2) * 16 / 19)
+    assert groups.hedges_g([1.0], [2.0, 3.0]) is None and groups.hedges_g([1.0, 1.0], [2.0, 2.0]) is None
 
 
 def test_bca_column_only_from_8_runs_per_group():
@@ -400,11 +400,11 @@ def test_bca_column_only_from_8_runs_per_group():
     rng = np.random.default_rng(5)
     a, b = rng.normal(0, 1, 8), rng.normal(1, 1, 8)
     ref = stats.bootstrap((a, b), lambda x, y, axis=-1: np.mean(y, axis) - np.mean(x, axis), method='BCa',
-                          n_resamples=runs.BCA_RESAMPLES, **runs._seeded(stats.bootstrap, runs.STATS_SEED)).confidence_interval
-    assert runs.bca_ci(a, b) == pytest.approx([ref.low, ref.high])
-    assert runs.compare(a, b)['ci_bca'] == runs.bca_ci(a, b)
-    assert runs.compare(a[:7], b)['ci_bca'] is None and runs.compare(a[:3], b[:3])['ci_bca'] is None
-    assert runs.bca_ci(np.ones(8), np.ones(8)) is None                        # no spread: no interval, no nan
+                          n_resamples=groups.BCA_RESAMPLES, **groups._seeded(stats.bootstrap, groups.STATS_SEED)).confidence_interval
+    assert groups.bca_ci(a, b) == pytest.approx([ref.low, ref.high])
+    assert groups.compare(a, b)['ci_bca'] == groups.bca_ci(a, b)
+    assert groups.compare(a[:7], b)['ci_bca'] is None and groups.compare(a[:3], b[:3])['ci_bca'] is None
+    assert groups.bca_ci(np.ones(8), np.ones(8)) is None                        # no spread: no interval, no nan
 
 
 def test_welch_covers_a_known_difference_at_3_runs_where_a_percentile_bootstrap_does_not():
@@ -414,7 +414,7 @@ def test_welch_covers_a_known_difference_at_3_runs_where_a_percentile_bootstrap_
     rng = np.random.default_rng(0)
     n_sim, delta = 400, 1.0
     a, b = rng.normal(0, 1, (n_sim, 3)), rng.normal(delta, 1, (n_sim, 3))
-    cis = [runs.compare(x, y)['ci'] for x, y in zip(a, b)]
+    cis = [groups.compare(x, y)['ci'] for x, y in zip(a, b)]
     welch = np.mean([lo <= delta <= hi for lo, hi in cis])
     ia, ib = rng.integers(0, 3, (n_sim, 2000, 3)), rng.integers(0, 3, (n_sim, 2000, 3))
     d = np.take_along_axis(b[:, None, :], ib, 2).mean(2) - np.take_along_axis(a[:, None, :], ia, 2).mean(2)
@@ -425,25 +425,25 @@ def test_welch_covers_a_known_difference_at_3_runs_where_a_percentile_bootstrap_
 
 
 def test_few_runs_and_no_spread():
-    two = runs.compare([1.0, 2.0], [3.0, 4.0, 5.0], 'A', 'B')
+    two = groups.compare([1.0, 2.0], [3.0, 4.0, 5.0], 'A', 'B')
     assert two['ci'] is not None and 'weak' in two['note'] and '2 runs in A' in two['note']
-    one = runs.compare([1.0], [2.0, 3.0, 4.0], 'A', 'B')
+    one = groups.compare([1.0], [2.0, 3.0, 4.0], 'A', 'B')
     assert one['diff'] == 2.0 and 'one run in A: no interval exists' in one['note']
     assert all(one[k] is None for k in ('ci', 'p', 'p_perm', 'hedges_g', 'ci_bca'))
-    three = runs.compare([1.0, 2.0, 3.0], [3.0, 4.0, 6.0])
+    three = groups.compare([1.0, 2.0, 3.0], [3.0, 4.0, 6.0])
     assert three['note'] is None
-    flat = runs.compare([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    flat = groups.compare([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
     assert flat['diff'] == 0.0 and flat['ci'] is None and flat['p'] is None and flat['p_perm'] == 1.0
     assert 'undefined' in flat['note']
-    shifted = runs.compare([1.0, 1.0, 1.0], [2.0, 2.0, 2.0])
+    shifted = groups.compare([1.0, 1.0, 1.0], [2.0, 2.0, 2.0])
     assert shifted['diff'] == 1.0 and shifted['ci'] is None and shifted['p_perm'] == 0.1 and shifted['hedges_g'] is None
-    one_flat = runs.compare([1.0, 1.0, 1.0], [2.0, 3.0, 4.0])       # one group without spread: Welch is defined
+    one_flat = groups.compare([1.0, 1.0, 1.0], [2.0, 3.0, 4.0])       # one group without spread: Welch is defined
     half = 4.302653 / math.sqrt(3)          # se = sqrt(1/3 + 0), df 2, t_{2, 0.975} = 4.302653
     assert one_flat['ci'] == pytest.approx([2 - half, 2 + half], abs=1e-5) and one_flat['note'] is None
     results = [fake_result(f'x{i}', 5.0, 3.0) for i in range(6)]
-    g = runs.group_statistics(results, dict(a=['x0', 'x1', 'x2'], b=['x3', 'x4', 'x5']))
+    g = groups.group_statistics(results, dict(a=['x0', 'x1', 'x2'], b=['x3', 'x4', 'x5']))
     assert all(st['pairs'][0]['p_holm'] is None for st in g['metrics'].values())
-    text = runs.groups_text(g)
+    text = groups.groups_text(g)
     assert not re.search(r'\bnan\b', text) and 'undefined' in text and "no metric has Welch's p" in text
     json.dumps(g, allow_nan=False)
 
@@ -459,7 +459,7 @@ def test_group_statistics_on_constructed_values():
                fake_result('l1', 100.0, 3.0, 'C'), fake_result('l2', 110.0, 3.1, 'C'),
                fake_result('l3', 120.0, 3.2, 'C'), fake_result('solo', 50.0, 3.0)]
     results[4]['val_loss'] = 3.4                     # ledger val_loss: 3.0, 3.4, 3.2
-    g = runs.group_statistics(results, dict(vanilla=['v1', 'v2', 'v3'], ledger=['l1', 'l2', 'l3'], one=['solo']))
+    g = groups.group_statistics(results, dict(vanilla=['v1', 'v2', 'v3'], ledger=['l1', 'l2', 'l3'], one=['solo']))
     assert g['names'] == ['vanilla', 'ledger', 'one']
     assert g['methods']['level'] == 0.95 and g['methods']['permutation']['max_exact'] == 10_000
     m = g['metrics']['[decoded] max_top1_median']
@@ -467,8 +467,8 @@ def test_group_statistics_on_constructed_values():
     pair = m['pairs'][0]
     assert (pair['a'], pair['b'], pair['diff'], pair['p_perm']) == ('vanilla', 'ledger', 99.0, 0.1)
     assert pair['test'] == 'exact: 20 splits (all)' and pair['ci'][0] <= 99.0 <= pair['ci'][1]
-    assert pair['ci'] == runs.welch([10.0, 11.0, 12.0], [100.0, 110.0, 120.0])[0] and pair['note'] is None
-    assert pair['hedges_g'] == runs.hedges_g([10.0, 11.0, 12.0], [100.0, 110.0, 120.0]) and pair['ci_bca'] is None
+    assert pair['ci'] == groups.welch([10.0, 11.0, 12.0], [100.0, 110.0, 120.0])[0] and pair['note'] is None
+    assert pair['hedges_g'] == groups.hedges_g([10.0, 11.0, 12.0], [100.0, 110.0, 120.0]) and pair['ci_bca'] is None
     loss = g['metrics']['val_loss']['pairs'][0]
     assert loss['diff'] == pytest.approx(0.1) and loss['p_perm'] == pytest.approx(0.7)   # 14 of 20 splits
     # Holm over the two metrics of ledger - vanilla with a Welch p (the others have no spread)
@@ -484,7 +484,7 @@ def test_group_statistics_on_constructed_values():
     vs_one = [p for p in m['pairs'] if p['b'] == 'one']
     assert all(p['ci'] is None and p['p'] is None and 'no interval exists' in p['note'] for p in vs_one)
     assert '[D] max_top1_median' not in g['metrics']                # no group measured it
-    text = runs.groups_text(g)
+    text = groups.groups_text(g)
     assert '11 +- 1' in text and '50 (one run)' in text and '=== ledger - vanilla' in text
     assert 'exact: 20 splits (all), smallest possible p 0.1' in text and 'one run in one: no interval exists' in text
     row = next(l for l in text.splitlines() if l.startswith('[decoded] max_top1_median') and '[' in l[22:])
@@ -527,6 +527,6 @@ def test_many_snapshots_stay_readable(tmp_path):
     assert all(n in text for n in names) and '(20 checkpoints,' in text
     results = [dict(name=n, iter_num=100 * i, residual=dict(decoded='C'), streams=dict(C=dict(per_sublayer=dict(
         top1_median=[1.0 + i, 2.0, 3.0, 4.0], top1=[0.1, 0.2, 0.3, 0.4 + i])))) for i, n in enumerate(names)]
-    import plots
+    from lab import plots
     [path] = plots.plot_overlay(results, str(tmp_path))
     assert os.path.getsize(path) > 1000

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import train
-from stats import STATS_KEYS
+from lab.stats import STATS_KEYS
 from model import GPT, GPTConfig, load_model, read_checkpoint
 from prepare import write_shard
 
@@ -170,7 +170,20 @@ TRIGGER_PRESETS = {  # the testbed's four models (docs/reference.md §3.5): resi
 
 def test_every_preset_is_covered(root):
     names = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(root, 'config', '*.py'))}
-    assert names == set(PRESETS) | set(TRIGGER_PRESETS) | {'demo'}
+    assert names == set(PRESETS) | set(TRIGGER_PRESETS) | {'demo', 'trigger_vanilla_wide'}
+
+
+def test_the_parameter_matched_vanilla_is_within_3_percent_of_the_ledger(root):
+    """results/trigger/design.py's capacity control: trigger_vanilla_wide is trigger_vanilla at width
+    140, and its parameter count is within 3 % of trigger_ledger's."""
+    wide, _ = train.load_config([os.path.join(root, 'config', 'trigger_vanilla_wide.py')])
+    plain, _ = train.load_config([os.path.join(root, 'config', 'trigger_vanilla.py')])
+    ledger, _ = train.load_config([os.path.join(root, 'config', 'trigger_ledger.py')])
+    differ = {k for k, v in vars(wide).items() if getattr(plain, k) != v}
+    assert differ == {'n_embd', 'out_dir'} and wide.n_embd == 140
+    n = {c.residual + str(c.n_embd): GPT(GPTConfig(**{**train.model_args(c), 'vocab_size': 34})).num_params()
+         for c in (wide, ledger)}
+    assert n == {'vanilla140': 963_340, 'ledger128': 974_984}
 
 
 @pytest.mark.parametrize('name', sorted(TRIGGER_PRESETS))

@@ -8,7 +8,7 @@ import numpy as np
 
 from model import RESIDUALS, attention_label
 from prepare import EOT
-from stats import MASSIVE_ABS, MASSIVE_REL, SINK_T
+from lab.stats import MASSIVE_ABS, MASSIVE_REL, SINK_T
 
 DO_NOTHING = {  # the do-nothing channels of attention variants (Observer.on_attention's extra)
     'slot': "weight on the bias / +1 slot", 'registers': "weight on the register slots",

@@ -744,7 +744,7 @@ def load(spec, args, check_only=False):
 def revision_runs(results):
     """runs.py's run dicts (trajectory.json) for the hf: results that are revisions with a step of
     one repo or folder (at least two steps), ordered by step: the revision's step is the run's iter."""
-    from runs import channel_history, first_crossings
+    from lab.trajectories import channel_history, first_crossings
     by_repo = {}
     for r in results:
         w = r.get('weights') or {}
@@ -784,7 +784,7 @@ def revision_runs(results):
 
 
 def revision_text(runs):
-    from runs import THRESHOLDS
+    from lab.trajectories import THRESHOLDS
     lines = []
     for run in runs:
         tps = run['total_batch_size']
@@ -807,8 +807,8 @@ def revision_trajectories(results, out_dir, args):
     runs = revision_runs(results)
     if not runs:
         return []
-    from plots import plot_trajectories
-    from runs import THRESHOLDS, write_trajectories
+    from lab.plots import plot_trajectories
+    from lab.trajectories import THRESHOLDS, write_trajectories
     print(revision_text(runs))
     print()
     files = plot_trajectories(runs, out_dir, THRESHOLDS, x='iters')
