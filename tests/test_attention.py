@@ -1,7 +1,9 @@
 """The attention variants that let a head do nothing (docs/reference.md §1.6): identities between them,
 explicit path = fast path, causality, gradients to every new parameter, torch.compile, the probe's
 do-nothing channels by hand, and checkpoints that resume exactly and probe by name. Off (every
-flag at its default) is bitwise the model of before: tests/test_model.py's golden logits."""
+flag at its default) is the model of before: tests/test_model.py's golden logits (to a stated
+tolerance; bitwise checks only compare two computations in one process, e.g. n_registers=0 against
+the default model)."""
 import json
 import os
 

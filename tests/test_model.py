@@ -825,9 +825,10 @@ def test_flops_per_token_ledger_overhead():
 
 
 # the logits of fixed-seed tiny models, recorded (tests/data/golden_logits.pt) before the operators
-# became self-describing classes: refactors of model.py must leave every variant the same, bitwise
-# except where the ledger's maps run as batched products (Ledger.gates), which changes the order of
-# the sums: there to 1e-5
+# became self-describing classes, on another machine: refactors of model.py must leave every variant
+# the same up to float rounding. Bitwise equality of float results holds only for one CPU and one
+# kernel choice, so the comparison is to a stated tolerance (bitwise checks stay between two
+# computations in one process, as in the invariant tests above).
 GOLDEN = {
     'vanilla': dict(residual='vanilla'),
     'vanilla_qk_norm': dict(residual='vanilla', qk_norm=True),
@@ -835,12 +836,21 @@ GOLDEN = {
     'ledger': dict(residual='ledger'),
     'ledger_strict_full_rank': dict(residual='ledger', commit_read='off', ledger_rank=0, decode_mix=0.5),
 }
+# Largest |logit - golden| measured over the five variants (logits up to |1.19|; AMD EPYC, torch 2.13
+# CPU, 1 and 2 threads alike): 0 for vanilla and 2.4e-7 for the ledger with the machine's own kernels
+# (AVX512); 3.6e-7 with ATEN_CPU_CAPABILITY=avx2; 6.6e-7 with ATEN_CPU_CAPABILITY=default (no SIMD:
+# the largest); 4.2e-7 with MKL_CBWR=COMPATIBLE, alone or with MKL_ENABLE_INSTRUCTIONS=AVX2 and
+# avx2; 3.6e-7 through the explicit attention path; 3.5e-7 for the same model run in float64 (the
+# golden file's own fp32 rounding). A real change moves them by 3.6e-5 (one qkv weight +1e-3) to
+# 5.9e-4 (norm_eps 1e-5): 2e-6 is 3x the worst rounding and 18x below the smallest change tried.
+GOLDEN_ATOL = 2e-6
 
 
 @pytest.mark.parametrize('name', sorted(GOLDEN))
-def test_logits_are_bitwise_those_recorded_before_the_refactor(name):
+def test_logits_are_those_recorded_before_the_refactor(name):
     """GPT(config) after torch.manual_seed(0) (so the init is pinned too), every parameter then moved
-    by 0.05 x noise seeded by its name (so zero-initialised gates and maps matter)."""
+    by 0.05 x noise seeded by its name (so zero-initialised gates and maps matter); the logits equal
+    the recorded ones to GOLDEN_ATOL (absolute, fp32), which covers the kernel choices measured above."""
     import zlib
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, dropout=0.0,
@@ -850,10 +860,7 @@ def test_logits_are_bitwise_those_recorded_before_the_refactor(name):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(pname.encode()))))
         logits = model(torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0)))[0]
     golden = torch.load(os.path.join(os.path.dirname(__file__), 'data', 'golden_logits.pt'), weights_only=True)
-    if name.startswith('vanilla'):
-        assert torch.equal(logits, golden[name])
-    else:
-        torch.testing.assert_close(logits, golden[name], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, golden[name], atol=GOLDEN_ATOL, rtol=0)
 
 
 def unfused_write(self, state, u, y):
