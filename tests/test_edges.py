@@ -19,7 +19,7 @@ here from the formula in docs/reference.md:
 - prepare.py (§3.5, §2.3): the trigger generator (answers, ties to the smallest id, p, BOS) against
   a re-implementation, and Sampler windows with a document boundary at the first and last token of
   a shard;
-- runs.py (§5): first crossings of 10/100/1000, Holm, the exact permutation p and its floor,
+- lab/trajectories.py and lab/groups.py (§5): first crossings of 10/100/1000, Holm, the exact permutation p and its floor,
   Hedges' g and Welch.
 
 Everything is small: the file runs in a few seconds.
@@ -34,8 +34,7 @@ import torch
 
 import prepare
 import probe
-import runs
-import stats
+from lab import groups, stats, trajectories
 from model import GPT, GPTConfig, Observer, attention_mask, attention_weights
 from prepare import Sampler, write_shard
 
@@ -646,19 +645,19 @@ def test_plain_windows_reach_every_start_and_never_cross_a_shard_end(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# runs.py: first crossings and the group statistics (docs/reference.md §5)
+# lab/trajectories.py and lab/groups.py: first crossings and the group statistics (docs/reference.md §5)
 
 def test_first_crossings_at_each_threshold():
-    assert runs.THRESHOLDS == (10, 100, 1000)
+    assert trajectories.THRESHOLDS == (10, 100, 1000)
     values = [math.nextafter(10, 0), 10.0, math.nextafter(100, 0), None, 100.0, 999.999, math.nextafter(1000, 2000)]
     iters = [10 * i for i in range(len(values))]
     tokens = [1000 * i for i in iters]
-    c = runs.first_crossings(iters, tokens, values)
+    c = trajectories.first_crossings(iters, tokens, values)
     assert c == {'10': dict(iter=10, tokens=10_000), '100': dict(iter=40, tokens=40_000),
                  '1000': dict(iter=60, tokens=60_000)}
-    c = runs.first_crossings([1, 2, 3], [5, 6, 7], [math.nextafter(10, 0), 100.0, math.nextafter(1000, 0)])
+    c = trajectories.first_crossings([1, 2, 3], [5, 6, 7], [math.nextafter(10, 0), 100.0, math.nextafter(1000, 0)])
     assert c == {'10': dict(iter=2, tokens=6), '100': dict(iter=2, tokens=6), '1000': None}
-    assert runs.first_crossings([1], [2], [None]) == {'10': None, '100': None, '1000': None}
+    assert trajectories.first_crossings([1], [2], [None]) == {'10': None, '100': None, '1000': None}
 
 
 def holm_by_formula(ps):
@@ -674,18 +673,18 @@ def holm_by_formula(ps):
 
 def test_holm_at_the_edges():
     # ties get the same adjusted p; None is kept and not counted in m
-    assert runs.holm([0.01, None, 0.01, 0.04]) == pytest.approx([0.03, None, 0.03, 0.04])
-    assert runs.holm([0.01, None, 0.01, 0.04])[1] is None
+    assert groups.holm([0.01, None, 0.01, 0.04]) == pytest.approx([0.03, None, 0.03, 0.04])
+    assert groups.holm([0.01, None, 0.01, 0.04])[1] is None
     # adjusted p reach 1 and stay there (the running maximum)
-    assert runs.holm([0.6, 0.5, 0.9]) == pytest.approx([1.0, 1.0, 1.0])
-    assert runs.holm([0.3, 0.5, 1.0]) == pytest.approx([0.9, 1.0, 1.0])
+    assert groups.holm([0.6, 0.5, 0.9]) == pytest.approx([1.0, 1.0, 1.0])
+    assert groups.holm([0.3, 0.5, 1.0]) == pytest.approx([0.9, 1.0, 1.0])
     # monotone: a larger raw p never gets a smaller adjusted p
-    assert runs.holm([0.011, 0.01, 0.5]) == pytest.approx([0.03, 0.03, 0.5])
-    assert runs.holm([]) == [] and runs.holm([None]) == [None] and runs.holm([0.2]) == [0.2]
+    assert groups.holm([0.011, 0.01, 0.5]) == pytest.approx([0.03, 0.03, 0.5])
+    assert groups.holm([]) == [] and groups.holm([None]) == [None] and groups.holm([0.2]) == [0.2]
     rng = np.random.default_rng(0)
     for trial in range(50):
         ps = [None if r < 0.15 else float(np.round(rng.random() ** 3, 2)) for r in rng.random(9)]   # ties, zeros
-        got, want = runs.holm(ps), holm_by_formula(ps)
+        got, want = groups.holm(ps), holm_by_formula(ps)
         assert [g is None for g in got] == [w is None for w in want]
         assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], abs=1e-12)
 
@@ -703,25 +702,25 @@ def permutation_by_enumeration(a, b):
 
 
 def test_permutation_p_floor_and_by_enumeration():
-    p, test, p_min = runs.permutation_p([1.0, 2.0, 3.0], [10.0, 11.0, 12.0])
+    p, test, p_min = groups.permutation_p([1.0, 2.0, 3.0], [10.0, 11.0, 12.0])
     assert p == pytest.approx(0.1) and p_min == pytest.approx(0.1) and test == 'exact: 20 splits (all)'
-    p, test, p_min = runs.permutation_p([1, 2, 3, 4, 5], [10, 11, 12, 13, 14])
+    p, test, p_min = groups.permutation_p([1, 2, 3, 4, 5], [10, 11, 12, 13, 14])
     assert p == pytest.approx(2 / 252) and p_min == pytest.approx(2 / 252) and test == 'exact: 252 splits (all)'
-    p, _, p_min = runs.permutation_p([1, 2, 3], [10, 11, 12, 13])       # unequal sizes: no mirror split
+    p, _, p_min = groups.permutation_p([1, 2, 3], [10, 11, 12, 13])       # unequal sizes: no mirror split
     assert p == pytest.approx(1 / 35) and p_min == pytest.approx(1 / 35)
     rng = np.random.default_rng(1)
     for na, nb in [(3, 3), (4, 5), (5, 5), (2, 6)]:
         a, b = rng.normal(0, 1, na), rng.normal(0.7, 1.5, nb)
-        assert runs.permutation_p(a, b)[0] == pytest.approx(permutation_by_enumeration(a, b), abs=1e-12)
+        assert groups.permutation_p(a, b)[0] == pytest.approx(permutation_by_enumeration(a, b), abs=1e-12)
     # ties in the data: splits with |d*| equal to the observed count
     a, b = [0.0, 1.0, 1.0], [1.0, 1.0, 2.0]
-    assert runs.permutation_p(a, b)[0] == pytest.approx(permutation_by_enumeration(np.array(a), np.array(b)))
+    assert groups.permutation_p(a, b)[0] == pytest.approx(permutation_by_enumeration(np.array(a), np.array(b)))
 
 
 def test_permutation_p_switches_to_random_above_max_exact():
     a, b = [1.0, 2.0, 3.0], [10.0, 11.0, 12.0]
-    assert runs.permutation_p(a, b, max_exact=20)[1] == 'exact: 20 splits (all)'
-    p, test, p_min = runs.permutation_p(a, b, max_exact=19, permutations=999)
+    assert groups.permutation_p(a, b, max_exact=20)[1] == 'exact: 20 splits (all)'
+    p, test, p_min = groups.permutation_p(a, b, max_exact=19, permutations=999)
     assert test == 'random: 999 random permutations' and p_min == pytest.approx(1 / 1000)
     hits = p * 1000 - 1
     assert abs(hits - round(hits)) < 1e-6 and abs(p - 0.1) < 0.04
@@ -733,10 +732,10 @@ def test_hedges_g_against_the_formula():
         a, b = rng.normal(1, 2, na), rng.normal(2, 0.5, nb)
         s2 = ((na - 1) * np.var(a, ddof=1) + (nb - 1) * np.var(b, ddof=1)) / (na + nb - 2)
         want = (b.mean() - a.mean()) / math.sqrt(s2) * (1 - 3 / (4 * (na + nb) - 9))
-        assert runs.hedges_g(a, b) == pytest.approx(want, rel=1e-12)
+        assert groups.hedges_g(a, b) == pytest.approx(want, rel=1e-12)
     # one group without spread: s_pooled from the other alone
-    assert runs.hedges_g([1, 2, 3], [5, 5, 5]) == pytest.approx(3 / math.sqrt(0.5) * (1 - 3 / 15))
-    assert runs.hedges_g([1.0], [2.0, 3.0]) is None and runs.hedges_g([1, 1], [2, 2]) is None
+    assert groups.hedges_g([1, 2, 3], [5, 5, 5]) == pytest.approx(3 / math.sqrt(0.5) * (1 - 3 / 15))
+    assert groups.hedges_g([1.0], [2.0, 3.0]) is None and groups.hedges_g([1, 1], [2, 2]) is None
 
 
 def test_welch_against_the_formula():
@@ -749,11 +748,11 @@ def test_welch_against_the_formula():
         df = se ** 4 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
         d = b.mean() - a.mean()
         half = st.t.ppf(0.975, df) * se
-        ci, p, nu = runs.welch(a, b)
+        ci, p, nu = groups.welch(a, b)
         assert nu == pytest.approx(df, rel=1e-10)
         assert ci == pytest.approx([d - half, d + half], rel=1e-9)
         assert p == pytest.approx(2 * st.t.sf(abs(d) / se, df), rel=1e-9)
-    ci, p, nu = runs.welch([1.0, 2.0, 3.0], [4.0, 4.0, 4.0])        # one group without spread: defined
+    ci, p, nu = groups.welch([1.0, 2.0, 3.0], [4.0, 4.0, 4.0])        # one group without spread: defined
     assert nu == pytest.approx(2.0) and ci[0] < 2.0 < ci[1]
-    assert runs.welch([1.0, 1.0], [2.0, 2.0]) == (None, None, None)
-    assert runs.welch([1.0], [2.0, 3.0]) == (None, None, None)
+    assert groups.welch([1.0, 1.0], [2.0, 2.0]) == (None, None, None)
+    assert groups.welch([1.0], [2.0, 3.0]) == (None, None, None)
