@@ -1,98 +1,110 @@
 """
 GPT with a pluggable residual operator: the standard residual stream, or the Ledger Residual
-(Vemula 2026, "Massive Activations Are Architecturally Robust", arXiv 2606.20743).
-
-Everything except the residual operator is shared, so a vanilla and a ledger model differ only
-in the two small classes `Vanilla` and `Ledger` below (docs/reference.md §1 has the equations).
+(Vemula 2026, "Massive Activations Are Architecturally Robust", arXiv 2606.20743); the equations
+are in docs/reference.md §1.
 
 The network is a flat sequence of 2L sublayers attn_0, mlp_0, attn_1, mlp_1, ...; a sublayer asks
 its residual operator what to read, runs attention or the MLP on it, and hands the output back to
-the operator, which updates the stream(s). The LM head reads whatever the operator decodes.
+the operator, which updates the stream(s). The LM head reads whatever the operator decodes. So a
+vanilla and a ledger model differ only in the classes `Vanilla` and `Ledger` below.
 
-A new residual operator is one class (subclass `Residual`, fill in its attributes and methods) and
-one entry in RESIDUALS: train.py, probe.py and bench.py read its name, streams and decoded stream
-from the class and need no change.
+Two variant points, each one entry in one registry, with its own settings (which GPTConfig takes as
+options): a residual operator (RESIDUALS, also with its loss penalties) and an attention weighting
+(WEIGHTINGS). train.py, probe.py and bench.py need no change for a new one.
 """
 
 import inspect
 import math
-import os
-import pickle
-import warnings
-from dataclasses import dataclass, field, fields
+from collections import namedtuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def option(default, help):
-    """A config field: its default, and the description that train.py --help prints."""
-    return field(default=default, metadata={'help': help})
+Option = namedtuple('Option', 'default help types choices')
 
 
-@dataclass
-class GPTConfig:
-    """The model's shape and variant (defaults: GPT-2 small's shape, vanilla). train.py takes every
-    field as a config key, with the type and help given here."""
-    n_layer: int = option(12, "transformer blocks (each is an attention and an MLP sublayer)")
-    n_head: int = option(12, "attention heads")
-    n_embd: int = option(768, "width d of the residual stream(s)")
-    block_size: int = option(1024, "tokens per sequence (the model's context length)")
-    vocab_size: int = option(50257, "GPT-2 BPE has 50257 tokens; 50304 (a multiple of 64) is faster on GPUs")
-    dropout: float = option(0.0, "dropout after attention/MLP outputs and on the embeddings")
-    residual: str = option('vanilla', "the residual operator, a key of model.RESIDUALS: 'vanilla' "
-                                     "(h <- h + F(N(h))) or 'ledger' (D/C streams, docs/reference.md §1.3)")
-    qk_norm: bool = option(False, "RMSNorm on q and k per head (the paper's 'suppress' baseline)")
-    norm: str = option('rmsnorm', "'rmsnorm' or 'layernorm'")
-    norm_position: str = option('pre', "'pre' or 'post' (post-norm ablation, vanilla only)")
-    ledger_rank: int = option(64, "rank r of the ledger's gate and projection maps (<=0 or >=d: full rank)")
-    commit_bias_first: float = option(-4.0, "commit-gate bias of the first sublayer ...")
-    commit_bias_last: float = option(4.0, "... linearly to this at the last one (gates open late)")
-    commit_read: str = option('learned', "'learned': blocks read D + lam*C; 'off': strict ledger, lam = 0")
-    decode_mix: float = option(0.0, "gamma: the ledger's head decodes C + gamma*D")
-    tie_embeddings: bool = option(False, "share the token embedding with the LM head")
-    scaled_init: bool = option(False, "nanoGPT's N(0, 0.02/sqrt(2L)) init for output projections")
-    bias: bool = option(False, "biases on the attention Linears and LayerNorms, as GPT-2 (the MLP always has them)")
-    gelu: str = option('exact', "'exact' GELU or 'tanh' (GPT-2's approximation, 'gelu_new')")
-    norm_eps: float = option(1e-6, "epsilon of every RMSNorm/LayerNorm (GPT-2 uses 1e-5)")
+def option(default, help, types=None, choices=None):
+    """A config option: its default, what train.py --help says of it, the types it takes (those of
+    the default unless given; an int is fine for a float) and, for a string, its choices."""
+    return Option(default, help, types or (type(default),), choices)
+
+
+# ----------------------------------------------------------------------------------------------
+# config: the shared options, then each variant's own (Residual.settings, Softmax.settings)
+
+OPTIONS = dict(
+    n_layer=option(12, "transformer blocks (each is an attention and an MLP sublayer)"),
+    n_head=option(12, "attention heads"),
+    n_embd=option(768, "width d of the residual stream(s)"),
+    block_size=option(1024, "tokens per sequence (the model's context length)"),
+    vocab_size=option(50257, "GPT-2 BPE has 50257 tokens; 50304 (a multiple of 64) is faster on GPUs"),
+    dropout=option(0.0, "dropout after attention/MLP outputs and on the embeddings"),
+    residual=option('vanilla', "the residual operator, a key of model.RESIDUALS: 'vanilla' (h <- h + F(N(h))) or "
+                               "'ledger' (D/C streams, docs/reference.md §1.3)"),
+    norm=option('rmsnorm', "'rmsnorm' or 'layernorm'", choices=('rmsnorm', 'layernorm')),
+    norm_position=option('pre', "'pre' or 'post' (post-norm ablation, vanilla only)", choices=('pre', 'post')),
+    norm_eps=option(1e-6, "epsilon of every RMSNorm/LayerNorm (GPT-2 uses 1e-5)"),
+    qk_norm=option(False, "RMSNorm on q and k per head (the paper's 'suppress' baseline)"),
+    tie_embeddings=option(False, "share the token embedding with the LM head"),
+    scaled_init=option(False, "nanoGPT's N(0, 0.02/sqrt(2L)) init for output projections"),
+    bias=option(False, "biases on the attention Linears and LayerNorms, as GPT-2 (the MLP always has them)"),
+    gelu=option('exact', "'exact' GELU or 'tanh' (GPT-2's approximation, 'gelu_new')", choices=('exact', 'tanh')),
     # ways to let an attention head do nothing (docs/reference.md §1.6); all off by default
-    attn_bias: bool = option(False, "explicit attention bias (Sun et al. 2024): a learned key/value slot per head "
-                                    "and layer that every query can attend to")
-    attn_softmax: str = option('softmax', "the attention weights: 'softmax'; 'plus_one' (1 added to the "
-                                          "denominator: a zero slot, Miller 2023); 'clipped' (Bondarenko et al. "
-                                          "2023: clip((zeta - gamma) softmax + gamma, 0, 1)); 'sigmoid' "
-                                          "(sigmoid(s - log n), no normalisation); 'relu' (relu(s) / n: Ran-Milo "
-                                          "2026), n the keys a query sees")
-    clip_gamma: float = option(-0.025, "clipped softmax: gamma <= 0 (Bondarenko et al.'s BERT setting)")
-    clip_zeta: float = option(1.0, "clipped softmax: zeta >= 1")
-    attn_gate: str = option('none', "'none', 'headwise' or 'elementwise': a sigmoid gate computed from the "
-                                    "sublayer's input multiplies each head's output before the output projection "
-                                    "(Qiu et al. 2025, position G1)")
-    n_registers: int = option(0, "learned register / sink tokens prepended to every sequence (Darcet et al. 2024; "
-                                 "Xiao et al. 2024): seen by every position, stripped before the head")
+    attn_softmax=option('softmax', "the attention weighting, a key of model.WEIGHTINGS: 'softmax', 'plus_one', "
+                                   "'clipped', 'sigmoid', 'relu' (docs/reference.md §1.6)"),
+    attn_bias=option(False, "explicit attention bias (Sun et al. 2024): a learned key/value slot per head and layer "
+                            "that every query can attend to"),
+    attn_gate=option('none', "'none', 'headwise' or 'elementwise': a sigmoid gate computed from the sublayer's input "
+                             "multiplies each head's output before the output projection (Qiu et al. 2025, G1)",
+                     choices=('none', 'headwise', 'elementwise')),
+    n_registers=option(0, "learned register / sink tokens prepended to every sequence (Darcet et al. 2024; "
+                          "Xiao et al. 2024): seen by every position, stripped before the head"),
+)
 
-    def __post_init__(self):
-        choices = dict(residual=tuple(RESIDUALS), norm=('rmsnorm', 'layernorm'), norm_position=('pre', 'post'),
-                       commit_read=('learned', 'off'), gelu=('exact', 'tanh'), attn_softmax=ATTN_SOFTMAX,
-                       attn_gate=('none', 'headwise', 'elementwise'))
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
+def options():
+    """Every GPTConfig option: the shared ones, then the settings of each registered residual
+    operator and attention weighting (a variant's settings are options of every model)."""
+    out = dict(OPTIONS)
+    for variant in list(RESIDUALS.values()) + list(WEIGHTINGS.values()):
+        out.update(variant.settings)
+    return out
+
+
+class GPTConfig:
+    """The model's shape and variant: GPTConfig(n_layer=4, residual='ledger', ledger_rank=16, ...),
+    every option of options() a keyword (defaults: GPT-2 small's shape, vanilla). vars(config) is the
+    dict a checkpoint keeps as model_args. ValueError, in one line, for anything the model cannot run."""
+
+    def __init__(self, **kwargs):
+        known = options()
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            raise ValueError(f"unknown model option {unknown[0]!r}")
+        for key, opt in known.items():
+            setattr(self, key, kwargs.get(key, opt.default))
+        for key, opt in known.items():
+            if opt.choices and getattr(self, key) not in opt.choices:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {opt.choices}")
+        for key, registry in (('residual', RESIDUALS), ('attn_softmax', WEIGHTINGS)):
+            if getattr(self, key) not in registry:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {tuple(registry)}")
         for key in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.n_registers < 0:
             raise ValueError(f"n_registers must be >= 0, got {self.n_registers}")
-        if self.clip_gamma > 0 or self.clip_zeta < 1:
-            raise ValueError(f"clipped softmax needs clip_gamma <= 0 and clip_zeta >= 1, got {self.clip_gamma} "
-                             f"and {self.clip_zeta}")
-        if self.attn_bias and self.attn_softmax == 'plus_one':
-            raise ValueError("attn_bias and attn_softmax='plus_one' both add a slot (plus_one is attn_bias with "
-                             "k' = v' = 0); choose one")
         RESIDUALS[self.residual].check(self)
+        WEIGHTINGS[self.attn_softmax].check(self)
+
+    def __repr__(self):
+        return f"GPTConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+    def __eq__(self, other):
+        return isinstance(other, GPTConfig) and vars(self) == vars(other)
 
 
 def make_norm(config, dim=None):
@@ -125,14 +137,17 @@ class Residual(nn.Module):
     streams    name -> one line on what it holds (the probe and the training log report them by name)
     views      name -> one line, for tensors derived from the state that the probe measures too
     decoded    the name of the stream the LM head reads
-    aux        name -> one line, for each scalar that write() returns; GPT.forward averages them over
-               the sublayers, train.py logs them, and 'commit_rate' (the mean commit gate: the
-               operator has commit gates) is what train.py's commit_sparsity penalises
+    aux        name -> one line, for each scalar that write() returns (averaged over the sublayers)
+    settings   name -> option(...): the operator's own GPTConfig options (e.g. ledger_rank)
+    penalties  train.py key -> (aux term, option(default weight, help)): the loss adds weight x term
+               (the key's None means that default on a model that has the term, 0 on one that has not)
     """
     streams = {}
     views = {}
     decoded = None
     aux = {}
+    settings = {}
+    penalties = {}
 
     def __init__(self, config, s):
         super().__init__()
@@ -151,28 +166,13 @@ class Residual(nn.Module):
         """A short name for reports, from the model's config dict (e.g. 'ledger strict')."""
         return args['residual']
 
-    @staticmethod
-    def start(x):
-        """The state before the first sublayer, from the embeddings x (B, T, d)."""
-        raise NotImplementedError
-
-    def read(self, state):
-        """u, the (normalised) input of this sublayer's attention or MLP."""
-        raise NotImplementedError
-
-    def write(self, state, u, y):
-        """(new state, aux): the state after adding the sublayer output y; aux maps names to scalar
-        tensors that GPT.forward averages over the sublayers ({} when there are none)."""
-        raise NotImplementedError
-
     def view(self, state):
         """{name: tensor} for every entry of `views`, from the state before this sublayer."""
         return {}
 
-    @staticmethod
-    def decode(state, config):
-        """What the final norm and the LM head read."""
-        raise NotImplementedError
+    # and, in each operator:  start(x) -> the state before the first sublayer, from the embeddings;
+    # read(state) -> u, the (normalised) input of the attention or MLP; write(state, u, y) -> (new
+    # state, {aux name: scalar tensor}); decode(state, config) -> what the final norm and the head read
 
 
 class Vanilla(Residual):
@@ -191,7 +191,7 @@ class Vanilla(Residual):
 
     @classmethod
     def label(cls, args):
-        return 'vanilla' + (' post-norm' if args.get('norm_position') == 'post' else '')
+        return args['residual'] + (' post-norm' if args.get('norm_position') == 'post' else '')
 
     @staticmethod
     def start(x):
@@ -223,6 +223,16 @@ class Ledger(Residual):
     views = {'read': 'D + lam*C as read by each sublayer (before its norm), i.e. the state before it'}
     decoded = 'C'
     aux = {'commit_rate': 'mean commit gate c over sublayers, sequences and positions'}
+    settings = dict(
+        ledger_rank=option(64, "rank r of the ledger's gate and projection maps (<=0 or >=d: full rank)"),
+        commit_bias_first=option(-4.0, "commit-gate bias of the first sublayer ..."),
+        commit_bias_last=option(4.0, "... linearly to this at the last one (gates open late)"),
+        commit_read=option('learned', "'learned': blocks read D + lam*C; 'off': strict ledger, lam = 0",
+                           choices=('learned', 'off')),
+        decode_mix=option(0.0, "gamma: the ledger's head decodes C + gamma*D"),
+    )
+    penalties = {'commit_sparsity': ('commit_rate', option(0.02, "alpha: loss = CE + alpha * mean commit gate (the "
+                                                                 "paper: 0.02; 'heavy sparsity' 0.3)"))}
 
     def __init__(self, config, s):
         super().__init__(config, s)
@@ -253,7 +263,7 @@ class Ledger(Residual):
 
     @classmethod
     def label(cls, args):
-        return 'ledger' + (' strict' if args.get('commit_read') == 'off' else '')
+        return args['residual'] + (' strict' if args.get('commit_read') == 'off' else '')
 
     @staticmethod
     def start(x):
@@ -272,7 +282,8 @@ class Ledger(Residual):
     def gates(self, u, y):
         """be, bw, k, G(y) and c, from one batched product for the down-projections of Ew, Ww, Kw (of
         u) and G (of y), with w.u as one more column, and one for their four up-projections: on a
-        GPU, thin matmuls cost a launch each. The weights keep their names (erase.down.weight, ...)."""
+        GPU, thin matmuls cost a launch each (on a CPU the stacked copies cost more than they save;
+        the GPU's count is the one pinned, tests/test_kernels.py). The weights keep their names."""
         B, T, d = u.shape
         maps = (self.erase, self.write_gate, self.key, self.g)
         z = torch.stack((u, u, u, y)).view(4, B * T, d)
@@ -302,26 +313,120 @@ class Ledger(Residual):
 RESIDUALS = {'vanilla': Vanilla, 'ledger': Ledger}
 
 
-def residual_info(name):
-    """What log.jsonl and probe.json record about a residual operator, so that the analysis tools
-    need no operator names: its streams, views and aux terms with their descriptions, the decoded
-    stream, and whether it has commit gates."""
-    op = RESIDUALS[name]
-    return dict(name=name, decoded=op.decoded, streams=dict(op.streams), views=dict(op.views), aux=dict(op.aux),
-                has_gates='commit_rate' in op.aux)
-
 # ----------------------------------------------------------------------------------------------
+# Attention weightings: scores (..., T, K) and where each query may look -> weights (0 elsewhere)
+
+
+class Softmax(nn.Module):
+    """softmax over the keys a query sees: the standard weighting, and the base of the others.
+
+    fused       F.scaled_dot_product_attention computes it, so unobserved passes take that kernel
+    normalised  every row sums to 1 (with the slot, if any); otherwise the row's total weight is a
+                way to do nothing, which the probe reports ('total')
+    slot        it adds a zero key and value that every query sees (softmax plus one)
+    settings    its own GPTConfig options (name -> option(...)), read in __init__ from the config
+    """
+    fused, normalised, slot = True, True, False
+    settings = {}
+
+    def __init__(self, config):
+        super().__init__()
+
+    @classmethod
+    def check(cls, config):
+        """Raise ValueError for a GPTConfig this weighting cannot run."""
+
+    @classmethod
+    def label(cls, args):
+        """How reports name it, from the model's config dict ('' for plain softmax)."""
+        return '' if cls is Softmax else args['attn_softmax']
+
+    def forward(self, scores, mask):
+        return scores.masked_fill_(~mask, float('-inf')).softmax(dim=-1)
+
+
+class PlusOne(Softmax):
+    """Softmax plus one (Miller 2023): exp(s_j) / (1 + sum exp(s_j')), a zero key and value every query sees."""
+    slot = True
+
+    @classmethod
+    def check(cls, config):
+        if config.attn_bias:
+            raise ValueError("attn_bias and attn_softmax='plus_one' both add a slot (plus_one is attn_bias with "
+                             "k' = v' = 0); choose one")
+
+
+class Clipped(Softmax):
+    """Clipped softmax (Bondarenko et al. 2023): clip((zeta - gamma) softmax + gamma, 0, 1), whose exact
+    zeros (and ones) let a head attend to nothing."""
+    fused = False
+    settings = dict(clip_gamma=option(-0.025, "clipped softmax: gamma <= 0 (Bondarenko et al.'s BERT setting)"),
+                    clip_zeta=option(1.0, "clipped softmax: zeta >= 1"))
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.gamma, self.zeta = config.clip_gamma, config.clip_zeta
+
+    @classmethod
+    def check(cls, config):
+        if config.clip_gamma > 0 or config.clip_zeta < 1:
+            raise ValueError(f"clipped softmax needs clip_gamma <= 0 and clip_zeta >= 1, got {config.clip_gamma} "
+                             f"and {config.clip_zeta}")
+
+    @classmethod
+    def label(cls, args):
+        return f"clipped({args.get('clip_gamma', -0.025):g},{args.get('clip_zeta', 1.0):g})"
+
+    def forward(self, scores, mask):
+        p = super().forward(scores, mask)
+        return ((self.zeta - self.gamma) * p + self.gamma).clamp(0, 1).masked_fill(~mask, 0)
+
+
+class Sigmoid(Softmax):
+    """Sigmoid attention (Ramapuram et al. 2024; Gu et al. 2025 find no sink without normalisation):
+    sigmoid(s - log n), n the keys a query sees, so a row sums to ~1 at zero scores."""
+    fused, normalised = False, False
+
+    def forward(self, scores, mask):
+        n = mask.sum(-1, keepdim=True)
+        return torch.sigmoid(scores - torch.log(n.to(scores.dtype))).masked_fill(~mask, 0)
+
+
+class ReLU(Softmax):
+    """ReLU attention (Ran-Milo 2026): relu(s) / n, so the output does not grow with the keys n a query sees."""
+    fused, normalised = False, False
+
+    def forward(self, scores, mask):
+        return (torch.relu(scores) / mask.sum(-1, keepdim=True)).masked_fill(~mask, 0)
+
+
+WEIGHTINGS = {'softmax': Softmax, 'plus_one': PlusOne, 'clipped': Clipped, 'sigmoid': Sigmoid, 'relu': ReLU}
+
+# the published ways to let a head do nothing (docs/reference.md §1.6), by name: their GPTConfig flags
+ATTENTION_VARIANTS = {
+    'softmax': {},
+    'attn_bias': dict(attn_bias=True),                # Sun et al. 2024
+    'plus_one': dict(attn_softmax='plus_one'),        # Miller 2023
+    'clipped': dict(attn_softmax='clipped'),          # Bondarenko et al. 2023
+    'sigmoid': dict(attn_softmax='sigmoid'),          # Gu et al. 2025; Ramapuram et al. 2024
+    'relu': dict(attn_softmax='relu'),                # Ran-Milo 2026
+    'gate_headwise': dict(attn_gate='headwise'),      # Qiu et al. 2025
+    'gate_elementwise': dict(attn_gate='elementwise'),
+    'registers': dict(n_registers=4),                 # Darcet et al. 2024; Xiao et al. 2024
+}
+
+
+def attention_mask(T, slots, device):
+    """(T, slots + T) bool: True where query t may look: every slot, and the keys up to t."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(T, slots, dtype=torch.bool, device=device), causal], 1) if slots else causal
 
 
 class Observer:
-    """Hooks into the forward pass for the probe and the training statistics (zero cost when unused).
-
-    Pass an instance as model(idx, observer=...). Each hook may return a replacement tensor/state
-    (interventions) or None to leave it alone. `attention = True` asks every attention layer to
-    compute its probabilities explicitly and hand them to `on_attention`. With registers
-    (n_registers), every hook sees the data positions only (position 0 is the first token of the
-    input); on_registers sees the register slots.
-    """
+    """Hooks into the forward pass for the probe and the training statistics (zero cost when unused):
+    model(idx, observer=...). A hook may return a replacement tensor/state (interventions) or None.
+    `attention = True` asks every attention layer to compute its weights explicitly and hand them to
+    on_attention. With registers, every hook sees the data positions only; on_registers the slots."""
     attention = False
 
     def on_input(self, s, u):
@@ -329,10 +434,10 @@ class Observer:
 
     def on_attention(self, layer, q, k, v, att, extra=None):
         """q, k, v: (B, H, T, hd) after QK-norm; att: (B, H, T, T) the weights of the data keys (for
-        'sigmoid' and 'relu', which are not normalised, their share of the row's total weight). extra:
+        weightings that are not normalised, their share of the row's total weight). extra:
         {name: (B, H, T)} per query, what a variant offers a head to do nothing with: 'slot' (the
-        weight on the bias or +1 slot), 'registers' (on the register slots), 'total' (sigmoid, relu:
-        the row's total weight, 0 = nothing done), 'gate' (the mean gate of the head's output)."""
+        weight on the bias or +1 slot), 'registers' (on the register slots), 'total' (unnormalised
+        weightings: the row's total weight, 0 = nothing done), 'gate' (the mean gate of the head's output)."""
 
     def on_sublayer(self, s, streams):
         """streams: dict name -> (B, T, d) after sublayer s: the operator's streams, then its views
@@ -342,17 +447,13 @@ class Observer:
         """With registers: the same streams at the register slots only, (B, n_registers, d)."""
 
 
-ATTN_SOFTMAX = ('softmax', 'plus_one', 'clipped', 'sigmoid', 'relu')
-EXPLICIT_ONLY = ('clipped', 'sigmoid', 'relu')   # no fused kernel computes these weights
-
-
 class Attention(nn.Module):
     """Causal self-attention, and the published ways to let a head do nothing (docs/reference.md §1.6):
-    a slot every query can attend to, learned (attn_bias: k', v' per head) or zero (plus_one); weights
-    that need not sum to one (clipped, sigmoid, relu); a sigmoid gate on each head's output
-    (attn_gate). Registers are extra positions in front of the sequence (GPT), not a change here.
-    SDPA computes softmax attention, with the slot as one more key under an explicit mask; the other
-    weights, and whatever the probe measures, are computed explicitly (attention_weights)."""
+    a slot every query can attend to, learned (attn_bias: k', v' per head) or zero (plus_one); a
+    weighting other than softmax (WEIGHTINGS); a sigmoid gate on each head's output (attn_gate).
+    Registers are extra positions in front of the sequence (GPT), not a change here. SDPA computes
+    the fused weightings, with the slot as one more key under an explicit mask; the others, and
+    whatever the probe measures, are computed explicitly (explicit)."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -365,7 +466,7 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(hd, eps=config.norm_eps) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(hd, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
-        self.softmax, self.clip = config.attn_softmax, (config.clip_gamma, config.clip_zeta)
+        self.weighting = WEIGHTINGS[config.attn_softmax](config)
         self.n_registers = config.n_registers
         # attn_bias: k' and v' of each head (N(0, 0.02), set by GPT after the generic init)
         self.slot = nn.Parameter(torch.zeros(2, config.n_head, 1, hd)) if config.attn_bias else None
@@ -384,38 +485,38 @@ class Attention(nn.Module):
         slot = None                                    # (k', v'), each (B, H, 1, hd): one more key and value
         if self.slot is not None:
             slot = tuple(t.to(q.dtype).expand(B, -1, -1, -1) for t in self.slot)
-        elif self.softmax == 'plus_one':
+        elif self.weighting.slot:
             slot = (q.new_zeros(B, self.n_head, 1, q.size(-1)),) * 2
         gate = None if self.gate is None else torch.sigmoid(self.gate(x)).view(B, T, self.n_head, -1).transpose(1, 2)
-        if (observer is not None and observer.attention) or self.softmax in EXPLICIT_ONLY:
+        dropout = self.dropout if self.training else 0.0
+        if (observer is not None and observer.attention) or not self.weighting.fused:
             y = self.explicit(q, k, v, slot, gate, observer)
         elif slot is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             y = F.scaled_dot_product_attention(q, torch.cat([slot[0], k], 2), torch.cat([slot[1], v], 2),
-                                               attn_mask=attention_mask(T, 1, x.device),
-                                               dropout_p=self.dropout if self.training else 0.0)
+                                               attn_mask=attention_mask(T, 1, x.device), dropout_p=dropout)
         if gate is not None:
             y = y * gate.to(y.dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return F.dropout(self.proj(y), self.dropout, self.training)
 
     def explicit(self, q, k, v, slot, gate, observer):
-        """Attention from explicitly computed weights, in fp32 whatever the autocast dtype (the probe's
-        statistics come from them; bf16 rounds a score near 50 by up to 0.125: its probability by up
-        to 13 %). Hands the weights of the data positions, and what each variant offers a head to do
-        nothing with, to the observer."""
+        """Attention from explicitly computed weights, in fp32 under autocast (the probe's statistics
+        come from them; bf16 rounds a score near 50 by up to 0.125: its probability by up to 13 %),
+        returned in v's dtype. Hands the weights of the data positions, and what each variant offers
+        a head to do nothing with, to the observer."""
         T, S, R = q.size(2), 0 if slot is None else 1, self.n_registers
         given = q, k, v                                # the observer gets them as the model computed them
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v = q.float(), k.float(), v.float()
+            dtype = torch.promote_types(v.dtype, torch.float32)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
             if slot is not None:
-                k, v = torch.cat([slot[0].float(), k], 2), torch.cat([slot[1].float(), v], 2)
+                k, v = torch.cat([slot[0].to(dtype), k], 2), torch.cat([slot[1].to(dtype), v], 2)
             scores = (q @ k.transpose(-2, -1)).div_(math.sqrt(k.size(-1)))   # in place: T x T maps are big
-            att = attention_weights(scores, attention_mask(T, S, q.device), self.softmax, *self.clip)
+            att = self.weighting(scores, attention_mask(T, S, q.device))
             if observer is not None and observer.attention:
-                total = att.sum(-1) if self.softmax in ('sigmoid', 'relu') else None
+                total = None if self.weighting.normalised else att.sum(-1)
                 share = att if total is None else att / total.clamp_min(1e-30).unsqueeze(-1)
                 extra = {}
                 if S:
@@ -430,57 +531,7 @@ class Attention(nn.Module):
                 observer.on_attention(self.layer, q_, k_, v_, share[:, :, R:, S + R:], extra or None)
             if self.training and self.dropout:
                 att = F.dropout(att, self.dropout)
-            return att @ v
-
-
-# the published ways to let a head do nothing (docs/reference.md §1.6), by name: their GPTConfig flags
-ATTENTION_VARIANTS = {
-    'softmax': {},
-    'attn_bias': dict(attn_bias=True),                # Sun et al. 2024
-    'plus_one': dict(attn_softmax='plus_one'),        # Miller 2023
-    'clipped': dict(attn_softmax='clipped'),          # Bondarenko et al. 2023
-    'sigmoid': dict(attn_softmax='sigmoid'),          # Gu et al. 2025; Ramapuram et al. 2024
-    'relu': dict(attn_softmax='relu'),                # Ran-Milo 2026
-    'gate_headwise': dict(attn_gate='headwise'),      # Qiu et al. 2025
-    'gate_elementwise': dict(attn_gate='elementwise'),
-    'registers': dict(n_registers=4),                 # Darcet et al. 2024; Xiao et al. 2024
-}
-
-
-def attention_label(args):
-    """The attention variant of a model config (dict) in a few words for reports; '' for plain
-    softmax attention."""
-    parts = ['attn_bias'] if args.get('attn_bias') else []
-    kind = args.get('attn_softmax', 'softmax')
-    if kind == 'clipped':
-        parts.append(f"clipped({args.get('clip_gamma', -0.025):g},{args.get('clip_zeta', 1.0):g})")
-    elif kind != 'softmax':
-        parts.append(kind)
-    if args.get('attn_gate', 'none') != 'none':
-        parts.append(f"gate:{args['attn_gate']}")
-    if args.get('n_registers'):
-        parts.append(f"{args['n_registers']} registers")
-    return '+'.join(parts)
-
-
-def attention_mask(T, slots, device):
-    """(T, slots + T) bool: True where query t may look: every slot, and the keys up to t."""
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return torch.cat([torch.ones(T, slots, dtype=torch.bool, device=device), causal], 1) if slots else causal
-
-
-def attention_weights(scores, mask, kind='softmax', gamma=0.0, zeta=1.0):
-    """The attention weights of (..., T, K) scores where mask allows (0 elsewhere), for each
-    attn_softmax; n is the number of keys a query sees."""
-    if kind in ('softmax', 'plus_one'):                # plus_one: the zero slot is among the scores
-        return scores.masked_fill_(~mask, float('-inf')).softmax(dim=-1)
-    if kind == 'clipped':                              # exact zeros (and ones) are reachable
-        p = scores.masked_fill_(~mask, float('-inf')).softmax(dim=-1)
-        return ((zeta - gamma) * p + gamma).clamp(0, 1).masked_fill(~mask, 0)
-    n = mask.sum(-1, keepdim=True)
-    if kind == 'sigmoid':                              # bias -log n: the row sums to ~1 at zero scores
-        return torch.sigmoid(scores - torch.log(n.to(scores.dtype))).masked_fill(~mask, 0)
-    return (torch.relu(scores) / n).masked_fill(~mask, 0)   # relu: 1/n so the output does not grow with n
+            return (att @ v).to(given[2].dtype)
 
 
 class MLP(nn.Module):
@@ -575,7 +626,7 @@ class GPT(nn.Module):
         return_logits=False gives None for the logits, so that the B x T x V tensor is freed as soon as
         the loss is computed (training needs only the loss). Token ids are not checked here: that
         would make the host wait for the device at every call; the data path checks every batch
-        (prepare.Sampler with vocab_size, probe.py's inputs) and generate() its prompt."""
+        (lab.data.Sampler with vocab_size, the probe's inputs) and generate() its prompt."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -596,8 +647,6 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return (logits if return_logits else None), loss, aux
-
-    # ------------------------------------------------------------------------------------------
 
     def num_params(self, non_embedding=False):
         """Parameter count. non_embedding=True leaves out the lookup tables (position embedding,
@@ -625,9 +674,6 @@ class GPT(nn.Module):
         T = T or cfg.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
 
-    def estimate_mfu(self, tokens_per_second, peak_flops):
-        return self.estimate_flops_per_token() * tokens_per_second / peak_flops
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Sample continuations of idx (B, T); temperature 0 means greedy."""
@@ -647,188 +693,3 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, nxt), dim=1)
         return idx
-
-
-def resolve_device(device='auto', dtype='auto', compile='auto'):
-    """(device, dtype, compile) with 'auto' resolved the one way train.py, probe.py and bench.py
-    share: the device cuda, then mps, then cpu; bfloat16 autocast on CUDA when the GPU supports it,
-    else float32; torch.compile on CUDA only. ValueError (one line) for a device that is not there."""
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    kind = device.split(':')[0]
-    if kind == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}, but torch.cuda.is_available() is False (no CUDA GPU or a CPU-only "
-                         f"torch); use device='cpu'")
-    if kind == 'mps' and not torch.backends.mps.is_available():
-        raise ValueError(f"device={device!r}, but MPS is not available; use device='cpu'")
-    if dtype == 'auto':
-        dtype = 'bfloat16' if kind == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
-    if compile == 'auto':
-        compile = kind == 'cuda'
-    return device, dtype, compile
-
-
-CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'iter_num')
-TRUST_HINT = ("only if you trust this file (e.g. an old checkpoint of this repo you wrote yourself): "
-              "probe.py --trust_checkpoint, train.py --trust_checkpoint=True")
-
-
-def read_checkpoint(path, map_location='cpu', trust=False):
-    """Load a checkpoint dict written by train.py; one clear error for a missing, truncated or
-    foreign file instead of a pickle traceback.
-
-    A checkpoint is a pickle, and unpickling can run arbitrary code, so it is read with
-    torch.load(weights_only=True): tensors and plain containers/numbers/strings only, which is all
-    train.py writes. A file that needs more is refused unless trust=True (the user said so by name).
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file (train one with `python train.py`)")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on the way to refusing: one line is enough
-            warnings.simplefilter('ignore')
-            ckpt = torch.load(path, map_location=map_location, weights_only=not trust)
-    except Exception as e:
-        if not trust and isinstance(e, pickle.UnpicklingError) and 'weights only load failed' in str(e).lower():
-            raise ValueError(f"{path}: contains pickled Python objects, which could run code; refusing. "
-                             f"Load it {TRUST_HINT}") from None
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); "
-                         f"it may be truncated or not written by train.py") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
-        raise ValueError(f"{path}: not a train.py checkpoint (expected keys {', '.join(CHECKPOINT_KEYS)})")
-    return ckpt
-
-
-def load_model(path, device='cpu', trust=False):
-    """(model in eval mode, checkpoint dict) from a train.py checkpoint (see read_checkpoint)."""
-    ckpt = read_checkpoint(path, trust=trust)
-    known = {f.name for f in fields(GPTConfig)}
-    model = GPT(GPTConfig(**{k: v for k, v in ckpt['model_args'].items() if k in known}))
-    model.load_state_dict(ckpt['model'])
-    return model.to(device).eval(), ckpt
-
-
-# ----------------------------------------------------------------------------------------------
-# OpenAI GPT-2 weights (docs/reference.md §6), so the probe can be calibrated on the literature's model.
-# GPT-2 is this GPT with residual='vanilla', norm='layernorm', bias=True, gelu='tanh', eps 1e-5 and
-# a tied head; its block i is our sublayers 2i (attention, norm ln_1) and 2i+1 (MLP, norm ln_2).
-
-GPT2_BLOCK = {  # GPT-2 module inside h.<i> -> (sublayer 2i + offset, our module)
-    'ln_1': (0, 'res.norm'), 'attn.c_attn': (0, 'fn.qkv'), 'attn.c_proj': (0, 'fn.proj'),
-    'ln_2': (1, 'res.norm'), 'mlp.c_fc': (1, 'fn.fc'), 'mlp.c_proj': (1, 'fn.proj'),
-}
-GPT2_TOP = {'wte': 'wte', 'wpe': 'wpe', 'ln_f': 'norm_f', 'lm_head': 'lm_head'}
-GPT2_BUFFERS = ('attn.bias', 'attn.masked_bias')  # causal-mask buffers of older files, not weights
-
-
-def gpt2_config(hf):
-    """GPTConfig for a Hugging Face GPT-2 config.json dict (missing keys take GPT2Config's defaults).
-
-    Anything that would compute something other than GPT-2 is refused with a ValueError, because
-    its tensors could still have the right shapes and load silently into the wrong model."""
-    def refuse(why):
-        raise ValueError(f"config.json: {why}; only OpenAI GPT-2 models (gpt2, gpt2-medium, gpt2-large, "
-                         "gpt2-xl or a GPT-2-format folder) load into this GPT")
-    if hf.get('model_type') != 'gpt2':
-        refuse(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
-    act = hf.get('activation_function', 'gelu_new')
-    if act not in ('gelu_new', 'gelu_pytorch_tanh'):
-        refuse(f"activation_function {act!r} is not GPT-2's tanh GELU (gelu_new)")
-    n_embd = hf.get('n_embd', 768)
-    if hf.get('n_inner') not in (None, 4 * n_embd):
-        refuse(f"n_inner {hf['n_inner']} is not 4 * n_embd = {4 * n_embd}")
-    for key, gpt2 in (('scale_attn_weights', True), ('scale_attn_by_inverse_layer_idx', False),
-                      ('reorder_and_upcast_attn', False), ('tie_word_embeddings', True), ('add_cross_attention', False)):
-        if hf.get(key, gpt2) != gpt2:
-            refuse(f"{key} is {hf[key]}, GPT-2 has {gpt2}")
-    return GPTConfig(n_layer=hf.get('n_layer', 12), n_head=hf.get('n_head', 12), n_embd=n_embd,
-                     block_size=hf.get('n_positions', 1024), vocab_size=hf.get('vocab_size', 50257), dropout=0.0,
-                     residual='vanilla', norm='layernorm', bias=True, gelu='tanh',
-                     norm_eps=hf.get('layer_norm_epsilon', 1e-5), tie_embeddings=True)
-
-
-def gpt2_state_dict(tensors, expected):
-    """Rename GPT-2 tensors (with or without the 'transformer.' prefix) to our state_dict names and
-    check them against `expected`, GPT(config).state_dict(); ValueError for a missing, unexpected
-    or wrongly shaped tensor (shapes as stored in the file).
-
-    The c_* weights are Conv1D, stored (in, out): transposed for nn.Linear. c_attn packs q|k|v on
-    its output, the order our qkv splits in, so it maps whole. The mask buffers are dropped. The
-    head is tied to wte: an lm_head.weight in the file must equal wte.weight (else it is not GPT-2
-    and is refused rather than silently replaced by wte).
-    """
-    sd, source = {}, {}
-    for name, t in tensors.items():
-        short = name.removeprefix('transformer.')
-        module, _, param = short.rpartition('.')      # 'h.3.attn.c_attn', 'weight'
-        h, _, rest = module.partition('.')
-        i, _, inner = rest.partition('.')             # '3', 'attn.c_attn'
-        in_block = h == 'h' and i.isdigit()
-        if in_block and f"{inner}.{param}" in GPT2_BUFFERS:
-            continue
-        if in_block and inner in GPT2_BLOCK:
-            offset, ours = GPT2_BLOCK[inner]
-            ours = f"sublayers.{2 * int(i) + offset}.{ours}.{param}"
-        elif module in GPT2_TOP:
-            ours = f"{GPT2_TOP[module]}.{param}"
-        else:
-            ours = name  # not a GPT-2 tensor: reported as unexpected below
-        conv1d = '.c_' in short and param == 'weight' and t.dim() == 2
-        sd[ours], source[ours] = (t.t() if conv1d else t), (name, conv1d)
-    head = sd.pop('lm_head.weight', None)
-    if head is not None and 'wte.weight' in sd and not torch.equal(head, sd['wte.weight']):
-        raise ValueError("lm_head.weight differs from wte.weight, but GPT-2's head is tied to the token embedding")
-    expected = {k: v for k, v in expected.items() if k != 'lm_head.weight'}  # tied: it is wte.weight
-    missing = [k for k in expected if k not in sd]
-    unexpected = [source[k][0] for k in sd if k not in expected]
-    if missing or unexpected:
-        raise ValueError(f"the tensors do not fit config.json: missing {missing[:4] or 'none'} (this GPT's names), "
-                         f"unexpected {unexpected[:4] or 'none'} (the file's names)")
-    for k, t in sd.items():
-        (name, conv1d), want = source[k], tuple(expected[k].shape)
-        if tuple(t.shape) != want:
-            file_shape = tuple(t.t().shape) if conv1d else tuple(t.shape)
-            raise ValueError(f"{name}: expected shape {want[::-1] if conv1d else want} from config.json, got {file_shape}")
-    sd['lm_head.weight'] = sd['wte.weight']
-    return sd
-
-
-def load_gpt2(folder, device='cpu'):
-    """(model in eval mode, info) from a folder holding a Hugging Face GPT-2 config.json and
-    model.safetensors (prepare.fetch_gpt2 downloads OpenAI's). safetensors only holds tensors, so
-    unlike a pickle it cannot run code. info: source (the folder), name (its base name), model_args
-    (GPTConfig fields), dtype (of the stored tensors), hf_config (the config.json dict).
-    Bad input raises a one-line ValueError."""
-    import json
-    from dataclasses import asdict
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    paths = {f: os.path.join(folder, f) for f in ('config.json', 'model.safetensors')}
-    missing = [f for f, p in paths.items() if not os.path.isfile(p)]
-    if missing:
-        raise ValueError(f"{folder}: no {' and no '.join(missing)}; give a GPT-2 model name (gpt2, gpt2-medium, "
-                         "gpt2-large, gpt2-xl) or a folder holding config.json and model.safetensors")
-    try:
-        with open(paths['config.json'], 'rb') as f:
-            hf = json.loads(f.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{paths['config.json']}: not JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{paths['config.json']}: not a JSON object")
-    try:
-        config = gpt2_config(hf)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{paths['config.json']}: {str(e).removeprefix('config.json: ')}") from None
-    try:
-        tensors = load_file(paths['model.safetensors'])
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{paths['model.safetensors']}: not a readable safetensors file ({e})") from None
-    model = GPT(config)
-    try:
-        sd = gpt2_state_dict(tensors, model.state_dict())
-    except ValueError as e:
-        raise ValueError(f"{paths['model.safetensors']}: {e}") from None
-    model.load_state_dict(sd)
-    info = dict(source=os.path.abspath(folder), name=os.path.basename(os.path.abspath(folder)),
-                model_args=asdict(config), dtype=str(next(iter(tensors.values())).dtype).removeprefix('torch.'),
-                hf_config=hf)
-    return model.to(device).eval(), info

@@ -79,7 +79,7 @@ probe.json (tests/test_probe.py checks that every key below is there):
         decoded           the stream the LM head reads
         streams           stream name -> what it holds, in state order
         views             name -> what it is, for tensors derived from the state (may be empty)
-        has_gates         whether it has commit gates (a commit rate, the sparsity penalty)
+        penalties         train.py key -> the aux term it penalises (e.g. commit_sparsity -> commit_rate)
       params              parameter count
       device              where the probe ran, and dtype: float32 or bfloat16 (autocast)
       data                what was probed
@@ -248,7 +248,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Observer, residual_info, resolve_device
+from lab.device import resolve_device
+from lab.report import residual_info
+from model import Observer
 from lab.plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
 from lab.groups import group_statistics, groups_text
 from lab.trajectories import THRESHOLDS, jsonable, read_run, trajectory_text, write_trajectories
@@ -903,7 +905,7 @@ def run_names(paths):
 
 def load_checkpoint(path, args):
     """(model, checkpoint dict without the weights) of a train.py checkpoint."""
-    from model import load_model
+    from lab.runfolder import load_model
     try:
         model, ckpt = load_model(path, args.device, trust=args.trust_checkpoint)
     except (TypeError, AttributeError, KeyError) as e:
@@ -917,7 +919,7 @@ def load_gpt2_weights(path, args):
     """(model, checkpoint-like dict) of OpenAI GPT-2 weights: a model name, fetched once into
     <data root>/gpt2/<name>/ by prepare.fetch_gpt2 (then offline), or a local folder. GPT-2 has no
     validation split of ours, so its windows come from the built-in corpus unless --text is given."""
-    from model import load_gpt2
+    from lab.gpt2 import load_gpt2
     from prepare import ensure_dataset, fetch_gpt2
     folder = path if os.path.isdir(path) else fetch_gpt2(path, args.data_root, args.base_url)
     model, info = load_gpt2(folder, args.device)

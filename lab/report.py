@@ -6,7 +6,7 @@ probe.py builds: nothing here runs a model. docs/reference.md §4 defines every 
 
 import numpy as np
 
-from model import RESIDUALS, attention_label
+from model import RESIDUALS, WEIGHTINGS
 from prepare import EOT
 from lab.stats import MASSIVE_ABS, MASSIVE_REL, SINK_T
 
@@ -17,6 +17,27 @@ DO_NOTHING = {  # the do-nothing channels of attention variants (Observer.on_att
 }
 
 
+def residual_info(name):
+    """What log.jsonl and probe.json record about a residual operator, so that the analysis tools
+    need no operator names: its streams, views and aux terms with their descriptions, the decoded
+    stream, and its penalties (train key -> the aux term it weights)."""
+    op = RESIDUALS[name]
+    return dict(name=name, decoded=op.decoded, streams=dict(op.streams), views=dict(op.views), aux=dict(op.aux),
+                penalties={key: term for key, (term, _) in op.penalties.items()})
+
+
+def attention_label(args):
+    """The attention variant of a model config (dict) in a few words for reports; '' for plain
+    softmax attention."""
+    parts = ['attn_bias'] if args.get('attn_bias') else []
+    parts.append(WEIGHTINGS[args.get('attn_softmax', 'softmax')].label({'attn_softmax': 'softmax', **args}))
+    if args.get('attn_gate', 'none') != 'none':
+        parts.append(f"gate:{args['attn_gate']}")
+    if args.get('n_registers'):
+        parts.append(f"{args['n_registers']} registers")
+    return '+'.join(p for p in parts if p)
+
+
 def short(items, limit=6):
     return ','.join(str(i) for i in items[:limit]) + (',...' if len(items) > limit else '')
 
@@ -24,7 +45,7 @@ def short(items, limit=6):
 def model_kind(cfg):
     """'vanilla', 'vanilla+qk_norm', 'vanilla post-norm', 'ledger', 'ledger strict', 'vanilla,
     attention plus_one', ...: the operator's own label (Residual.label), then the backbone's variants
-    and the attention variant (model.attention_label)."""
+    and the attention variant (attention_label)."""
     op = RESIDUALS.get(cfg['residual'])
     label = op.label(cfg) if op else cfg['residual']
     name, _, rest = label.partition(' ')
@@ -165,8 +186,9 @@ def report(r):
                 cells = [f"{d['other'][l][h]:.2f}/{d['trigger'][l][h]:.2f}" if d.get('trigger') else f"{d['mean'][l][h]:.3f}"
                          for h in range(len(d['mean'][l]))]
                 lines.append(f"{name:>9s} {l:4d} {l + 1:5d}  " + ' '.join(f"{c:>11s}" for c in cells))
-        if r['model_args'].get('attn_softmax') in ('sigmoid', 'relu'):
-            lines.append("(sigmoid/relu weights are not normalised: alpha_1, Sink_1 and the conditional sink above are "
+        weighting = r['model_args'].get('attn_softmax', 'softmax')
+        if not WEIGHTINGS[weighting].normalised:
+            lines.append(f"({weighting} weights are not normalised: alpha_1, Sink_1 and the conditional sink above are "
                          "the share of each row's total weight on position 0)")
     iv = r.get('interventions')
     if iv:

@@ -61,6 +61,7 @@ import os
 
 import numpy as np
 
+from lab.runfolder import LOG, read_log
 from lab.stats import STATS_KEYS
 
 # ----------------------------------------------------------------------------------------------
@@ -72,37 +73,6 @@ NEWER_KEYS = STATS_KEYS[STATS_KEYS.index('start_mass'):]    # logged since the s
 # logs from before the start event described the residual operator: its decoded stream, and the one
 # aux term, logged then as train_commit / val_commit
 LEGACY_DECODED = {'vanilla': 'h', 'ledger': 'C'}
-
-
-def read_log(path):
-    """([(line number, event dict)], cut) of a log.jsonl. cut: the number of the last line when it was
-    cut off (no newline after it, and not JSON: a run killed while writing it, or one still writing),
-    which is left out; else None. Any other line that is not a JSON event is an error."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such log file (train.py writes out_dir/log.jsonl)")
-    with open(path, 'rb') as f:
-        lines = f.read().split(b'\n')   # the last item is what follows the last newline ('' normally)
-    events, cut = [], None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            ev = json.loads(line)
-        except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
-            if i == len(lines):
-                cut = i
-                break
-            what = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-            if line.rfind(b'{"event": ') > 0:
-                raise ValueError(f"{path}: line {i} is not JSON ({what}): a record cut off by a killed run, with "
-                                 f"the next one appended to it (by a train.py from before resumed runs set cut "
-                                 f"lines aside); delete that line's text before its last '{{\"event\"'") from None
-            raise ValueError(f"{path}: line {i} is not JSON ({what}); only a cut-off last line is left out: fix "
-                             f"or delete line {i}") from None
-        if not isinstance(ev, dict) or 'event' not in ev:
-            raise ValueError(f"{path}: line {i} is not a log event (a JSON object with an 'event' key)")
-        events.append((i, ev))
-    return events, cut
 
 
 def _check_stats(log, line, it, stats, shape):
@@ -136,7 +106,7 @@ def read_run(path, name):
     is kept. tokens = iter x total_batch_size of the last start event before the eval (as train.py
     counts them). Keys a log from before they were logged lacks are None, and listed in `missing`.
     """
-    log = os.path.join(path, 'log.jsonl') if os.path.isdir(path) else path
+    log = os.path.join(path, LOG) if os.path.isdir(path) else path
     start, n_starts, evals, shape = None, 0, {}, None
     events, cut = read_log(log)
     for line, ev in events:

@@ -7,7 +7,6 @@ The top-level modules (model, train, probe, prepare, ...) are made importable he
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -73,7 +72,7 @@ def write_checkpoint(model, path, data_root, dataset='builtin', **extra):
     """A weights-only checkpoint as train.py's snapshots are, for a model built in a test: it names
     its dataset and data_root so that the probe finds validation windows."""
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    torch.save(dict(model=model.state_dict(), model_args=asdict(model.config),
+    torch.save(dict(model=model.state_dict(), model_args=dict(vars(model.config)),
                     config=dict(dataset=dataset, data_root=str(data_root), block_size=model.config.block_size),
                     iter_num=7, **extra), path)
     return str(path)

@@ -12,7 +12,8 @@ import torch
 
 import probe
 import train
-from model import ATTENTION_VARIANTS, GPT, GPTConfig, Observer, attention_label
+from lab.report import attention_label
+from model import ATTENTION_VARIANTS, GPT, GPTConfig, Observer
 
 V, BLOCK = 64, 16
 VARIANTS = {name: flags for name, flags in ATTENTION_VARIANTS.items() if flags}   # every one but plain softmax

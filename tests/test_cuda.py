@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from train import TrainConfig, total_loss
+from lab.training import default_weights, total_loss
 
 DEVICE = os.environ.get('LEDGER_TEST_DEVICE', 'cuda')
 pytestmark = pytest.mark.skipif(DEVICE == 'cuda' and not torch.cuda.is_available(),
@@ -41,7 +41,7 @@ def train_steps(model, compiled, x, steps):
     for _ in range(steps):
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             _, ce, aux = fwd(x[:, :-1], x[:, 1:], return_logits=False)
-            loss = total_loss(ce, aux, TrainConfig(residual=model.config.residual))
+            loss = total_loss(ce, aux, default_weights(model.config.residual))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -14,7 +14,7 @@ here from the formula in docs/reference.md:
   and start_mass_dominant;
 - probe.py (§4.6): Sink_1's `alpha_1 > 0.3`, the conditional sink's `other >= 0.5` and
   `trigger <= 0.1`, and the per-kind means behind them;
-- model.py (§1.6): attention_weights for every attn_softmax against float64 formulas, with a
+- model.py (§1.6): the weighting (model.WEIGHTINGS) of every attn_softmax against float64 formulas, with a
   causal mask, slot columns and arbitrary masks, then the whole attention sublayer of GPT by hand;
 - prepare.py (§3.5, §2.3): the trigger generator (answers, ties to the smallest id, p, BOS) against
   a re-implementation, and Sampler windows with a document boundary at the first and last token of
@@ -35,7 +35,7 @@ import torch
 import prepare
 import probe
 from lab import groups, stats, trajectories
-from model import GPT, GPTConfig, Observer, attention_mask, attention_weights
+from model import GPT, WEIGHTINGS, GPTConfig, Observer, attention_mask
 from prepare import Sampler, write_shard
 
 
@@ -299,6 +299,12 @@ def reference_weights(scores, mask, kind, gamma=0.0, zeta=1.0):
             w = np.maximum(vis, 0.0) / n
         out[idx][seen] = w
     return torch.from_numpy(out)
+
+
+def attention_weights(scores, mask, kind='softmax', gamma=0.0, zeta=1.0):
+    """The model's weighting of that kind (model.WEIGHTINGS[kind]), built from a config as Attention builds it."""
+    config = GPTConfig(n_layer=1, n_head=1, n_embd=8, attn_softmax=kind, clip_gamma=gamma, clip_zeta=zeta)
+    return WEIGHTINGS[kind](config)(scores, mask)
 
 
 def random_scores(shape, seed, scale=2.0):

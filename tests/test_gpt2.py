@@ -19,7 +19,9 @@ import model
 import prepare
 import probe
 from http_server import FileServer
-from model import GPT, GPTConfig, load_gpt2
+from lab import gpt2
+from lab.gpt2 import load_gpt2
+from model import GPT, GPTConfig
 from prepare import DownloadError, Incomplete, fetch_gpt2, write_shard
 
 def need_transformers():
@@ -222,10 +224,10 @@ GPT2_JSON = dict(model_type='gpt2', n_layer=2, n_head=2, n_embd=32, n_positions=
 ], ids=['llama', 'activation', 'n_inner', 'unscaled', 'layer-idx-scaling', 'upcast', 'untied'])
 def test_configs_that_are_not_gpt2_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
-        model.gpt2_config(dict(GPT2_JSON, **change))
+        gpt2.gpt2_config(dict(GPT2_JSON, **change))
     for ok in (dict(activation_function='gelu_pytorch_tanh'), dict(n_inner=128), dict(n_inner=None)):
-        model.gpt2_config(dict(GPT2_JSON, **ok))
-    hub_defaults = model.gpt2_config({'model_type': 'gpt2'})  # the hub's gpt2 config.json leaves most keys out
+        gpt2.gpt2_config(dict(GPT2_JSON, **ok))
+    hub_defaults = gpt2.gpt2_config({'model_type': 'gpt2'})  # the hub's gpt2 config.json leaves most keys out
     assert (hub_defaults.n_layer, hub_defaults.n_embd, hub_defaults.block_size, hub_defaults.vocab_size,
             hub_defaults.norm_eps) == (12, 768, 1024, 50257, 1e-5)
 

@@ -18,7 +18,8 @@ import torch
 from lab import hf
 import probe
 from keytree import check_keys, documented_keys
-from model import GPT, GPTConfig, load_gpt2
+from lab.gpt2 import load_gpt2
+from model import GPT, GPTConfig
 
 if os.environ.get('CI'):
     import transformers  # CI must run these tests: a missing transformers fails, it does not skip

@@ -5,7 +5,6 @@ heal. CPU only, offline.
 Training runs go through subprocesses (process behaviour is what matters) on a tiny model and a
 tiny synthetic dataset written with prepare.write_shard, so nothing depends on the builtin build.
 """
-import dataclasses
 import glob
 import json
 import math
@@ -16,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -24,7 +22,11 @@ import torch
 
 import train
 from lab.stats import STATS_KEYS
-from model import GPT, GPTConfig, load_model, read_checkpoint
+from lab import runfolder
+from lab.config import read_config_file
+from lab.device import busy_cpu_hint, peak_flops
+from lab.runfolder import load_model, read_checkpoint
+from model import GPT, GPTConfig, options
 from prepare import write_shard
 
 VOCAB = 512
@@ -125,22 +127,23 @@ def test_later_sources_win(tmp_path):
 def test_help_lists_every_key(capsys):
     assert train.main(['--help']) == 0
     out = capsys.readouterr().out
-    for f in fields(train.TrainConfig):
-        assert f"--{f.name}=" in out, f.name
-        assert f.metadata['help']
+    for key, opt in train.config_keys().items():
+        assert f"--{key}=" in out, key
+        assert opt.help
 
 
-def test_train_config_holds_every_model_field():
-    keys = {f.name for f in fields(train.TrainConfig)}
-    assert {f.name for f in fields(GPTConfig)} <= keys
+def test_the_config_holds_every_model_option():
+    assert set(options()) <= set(train.config_keys())
 
 
-def test_demo_config_spells_out_the_defaults(root):
+def test_demo_config_states_defaults_only(root):
+    """config/demo.py names the keys a newcomer changes first, each at train.py's default, so it
+    is the run `python train.py` makes."""
     cfg, _ = train.load_config([os.path.join(root, 'config', 'demo.py')])
     assert cfg == train.load_config([])[0]  # the defaults, with commit_sparsity None resolved as for any run
-    given = train.read_config_file(os.path.join(root, 'config', 'demo.py'))
-    assert set(given) == {f.name for f in fields(train.TrainConfig)} - {'debug_nan_at_iter'}
-    assert given == {f.name: f.default for f in fields(train.TrainConfig) if f.name in given}  # as written, None too
+    given = read_config_file(os.path.join(root, 'config', 'demo.py'))
+    keys = train.config_keys()
+    assert given == {k: keys[k].default for k in given}  # as written, None too
 
 
 def test_sparsity_on_vanilla_and_bad_batch_are_config_errors(capsys, one_line_error):
@@ -194,7 +197,7 @@ def test_trigger_presets_differ_only_in_the_model(name, root):
     assert cfg.dataset == 'trigger' and cfg.out_dir == f'out/{name}'
     assert cfg.vocab_size is None and cfg.doc_aligned is None          # both from the dataset's meta.json
     base, _ = train.load_config([os.path.join(root, 'config', 'trigger_vanilla.py')])
-    differ = {k for k, v in dataclasses.asdict(cfg).items() if getattr(base, k) != v}
+    differ = {k for k, v in vars(cfg).items() if getattr(base, k) != v}
     assert differ <= {'residual', 'qk_norm', 'commit_sparsity', 'out_dir'}
 
 
@@ -224,7 +227,7 @@ def test_preset_matches_the_reference(name, root):
 
 
 def test_lr_schedule():
-    cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    cfg, _ = train.load_config(['--learning_rate=1.0', '--min_lr=0.1', '--warmup_iters=10', '--max_iters=110'])
     assert train.get_lr(0, cfg) == pytest.approx(1 / 11)
     assert train.get_lr(9, cfg) == pytest.approx(10 / 11)
     assert train.get_lr(10, cfg) == pytest.approx(1.0)
@@ -400,7 +403,7 @@ def test_resume_keeps_best_val_loss_and_rejects_shape_changes(finished_run, tmp_
     shutil.copytree(finished_run[0], out)
     ckpt = final_state(out)
     ckpt['best_val_loss'] = -1.0  # a best that the resumed run cannot beat: it must not be raised
-    train.save_checkpoint(ckpt, str(out))
+    runfolder.save_checkpoint(ckpt, str(out))
     assert train.main([f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--n_layer=3']) == 2
     one_line_error(capsys.readouterr().err, 'train.py', '--n_layer', 'n_layer=3', 'n_layer=2')
     assert train.main([f'--out_dir={tmp_path / "nothing"}', '--init_from=resume']) == 2
@@ -493,10 +496,10 @@ def test_checkpoints_and_snapshots_follow_the_umask(tmp_path):
     """A group-shared out_dir (umask 002/027) must be readable by the group: mkstemp's 0600 was not."""
     old = os.umask(0o027)
     try:
-        train.save_checkpoint({'iter_num': 1}, str(tmp_path))
+        runfolder.save_checkpoint({'iter_num': 1}, str(tmp_path))
         os.umask(0o002)
         (tmp_path / 'snapshots').mkdir()
-        train.save_checkpoint({'iter_num': 1}, str(tmp_path / 'snapshots'), 'ckpt_000001.pt')
+        runfolder.save_checkpoint({'iter_num': 1}, str(tmp_path / 'snapshots'), 'ckpt_000001.pt')
     finally:
         os.umask(old)
     assert os.stat(tmp_path / 'ckpt.pt').st_mode & 0o777 == 0o640
@@ -506,12 +509,12 @@ def test_checkpoints_and_snapshots_follow_the_umask(tmp_path):
 def test_vanilla_trains_with_the_default_sparsity(data_root, tmp_path, cli, capsys, one_line_error):
     """commit_sparsity None: 0.02 for models with commit gates, 0 for the others; a value > 0 given
     for a model without commit gates is still an error."""
-    assert train.TrainConfig().commit_sparsity is None
+    assert train.config_keys()['commit_sparsity'].default is None
     assert train.load_config([])[0].commit_sparsity == 0.02
     assert train.load_config(['--residual=vanilla'])[0].commit_sparsity == 0.0
     assert train.load_config(['--residual=vanilla', '--commit_sparsity=0'])[0].commit_sparsity == 0.0
     assert train.main(['--residual=vanilla', '--commit_sparsity=0.02']) == 2
-    one_line_error(capsys.readouterr().err, 'train.py', 'commit_sparsity=0.02', 'vanilla', 'no commit gates')
+    one_line_error(capsys.readouterr().err, 'train.py', 'commit_sparsity=0.02', 'vanilla', 'has no commit_rate')
     out = tmp_path / 'out'
     r = cli('train.py', *tiny(data_root, out, residual='vanilla', max_iters=1, eval_interval=100, stats_seqs=0))
     assert r.returncode == 0, r.stderr
@@ -531,9 +534,9 @@ def test_busy_cores_get_a_hint(monkeypatch):
         hints = {}
         for load in (0.3, 1.2):
             monkeypatch.setattr(os, 'getloadavg', lambda: (load, 0.0, 0.0))
-            hints[load] = train.busy_cpu_hint()
+            hints[load] = busy_cpu_hint()
         monkeypatch.setenv('OMP_NUM_THREADS', '2')
-        hints['set'] = train.busy_cpu_hint()
+        hints['set'] = busy_cpu_hint()
     finally:
         torch.set_num_threads(threads)
     assert hints[0.3] is None and hints['set'] is None
@@ -543,7 +546,7 @@ def test_busy_cores_get_a_hint(monkeypatch):
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     old = {'model': {'w': torch.zeros(3)}, 'model_args': {}, 'config': {}, 'iter_num': 1}
-    train.save_checkpoint(old, str(tmp_path))
+    runfolder.save_checkpoint(old, str(tmp_path))
 
     real_save = torch.save
     def crash_midway(obj, f, *a, **kw):
@@ -553,7 +556,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, 'save', crash_midway)
     new = dict(old, iter_num=2, model={'w': torch.ones(1000)})
     with pytest.raises(OSError, match='disk on fire'):
-        train.save_checkpoint(new, str(tmp_path))
+        runfolder.save_checkpoint(new, str(tmp_path))
     monkeypatch.undo()
     assert read_checkpoint(str(tmp_path / 'ckpt.pt'))['iter_num'] == 1
     assert os.listdir(tmp_path) == ['ckpt.pt']  # the temp file was removed
@@ -561,11 +564,12 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_sigkill_during_save_leaves_a_complete_checkpoint(tmp_path, root, env):
     script = textwrap.dedent(f"""
-        import sys, torch, train
+        import sys, torch
+        from lab import runfolder
         base = {{'model_args': {{}}, 'config': {{}}}}
-        train.save_checkpoint(dict(base, model={{'w': torch.zeros(3)}}, iter_num=1), {str(tmp_path)!r})
+        runfolder.save_checkpoint(dict(base, model={{'w': torch.zeros(3)}}, iter_num=1), {str(tmp_path)!r})
         print('saving', flush=True)
-        train.save_checkpoint(dict(base, model={{'w': torch.ones(60_000_000)}}, iter_num=2), {str(tmp_path)!r})
+        runfolder.save_checkpoint(dict(base, model={{'w': torch.ones(60_000_000)}}, iter_num=2), {str(tmp_path)!r})
         print('saved', flush=True)
     """)
     proc = subprocess.Popen([sys.executable, '-c', script], cwd=root, stdout=subprocess.PIPE, text=True, env=env)
@@ -578,7 +582,7 @@ def test_sigkill_during_save_leaves_a_complete_checkpoint(tmp_path, root, env):
     assert ckpt['model']['w'].numel() == (3 if ckpt['iter_num'] == 1 else 60_000_000)
     litter = [f for f in os.listdir(tmp_path) if f != 'ckpt.pt']
     assert all(f.startswith('.ckpt.pt.') and f.endswith('.tmp') for f in litter), litter
-    train.remove_stale_temp_files(str(tmp_path))
+    runfolder.remove_stale_temp_files(str(tmp_path))
     assert os.listdir(tmp_path) == ['ckpt.pt']
 
 
@@ -668,9 +672,9 @@ def test_peak_flops_knows_the_card_and_only_rates_bf16(name, flops, monkeypatch)
     """The one peak table of train.py and bench.py: NVL and PCIe cards are not rated as SXM ones; MFU
     only for bf16 (the table's precision), never on the CPU."""
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
-    assert train.peak_flops('cuda:0', 'bfloat16') == flops
-    assert train.peak_flops('cuda:0', 'float32') is None and train.peak_flops('cuda:0', 'float16') is None
-    assert train.peak_flops('cpu', 'bfloat16') is None
+    assert peak_flops('cuda:0', 'bfloat16') == flops
+    assert peak_flops('cuda:0', 'float32') is None and peak_flops('cuda:0', 'float16') is None
+    assert peak_flops('cpu', 'bfloat16') is None
 
 
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(data_root, tmp_path, root, env):
