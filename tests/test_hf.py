@@ -292,7 +292,7 @@ def test_checkpoint_llama_and_pythia_in_one_table(tmp_path, capsys, save_ckpt, r
     assert o.out.count('=== comparison ===') == 1 and 'revisions of' not in o.out
     assert sum('GFLOP per token' in line and 'a 7B model would take' in line for line in o.err.splitlines()) == 2
     js = json.loads((out / 'probe.json').read_text())
-    check_keys(js, documented_keys(probe.__doc__, 'probe.json'), 'probe.json')
+    check_keys(js, documented_keys('probe.json'), 'probe.json')
     assert js['comparison']['columns'] == ['ledger', 'tiny-llama', 'tiny-pythia']
     ours_r, llama_r, pythia_r = js['checkpoints']
     assert ours_r['weights'] is None and not ours_r['data']['bos_prepended']

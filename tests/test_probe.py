@@ -328,7 +328,7 @@ def test_cli_two_checkpoints_json_pngs_comparison(tmp_path, capsys, save_ckpt):
                        '--interventions', '--batch_size', '2']) == 0
     text = capsys.readouterr().out
     data = json.loads((out / 'probe.json').read_text())
-    tree = documented_keys(probe.__doc__, 'probe.json')
+    tree = documented_keys('probe.json')
     assert [k for k, _ in tree] == ['args', 'checkpoints[]', 'comparison', 'groups']
     check_keys(data, [node for node in tree if node[0] != 'groups'], 'probe.json')   # groups: tests/test_runs.py
     assert data['groups'] is None
