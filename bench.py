@@ -186,7 +186,7 @@ def measure(args, spec):
     info = dict(params=model.num_params(), flops_per_token=model.estimate_flops_per_token(), times=times,
                 state_mem_gib=state_mem, step_mem_gib=step_mem)
     if args.probe:
-        from probe import measure_overhead
+        from lab.measure import measure_overhead
         x = torch.randint(0, args.vocab_size, (min(args.batch_size, 8), args.block_size), device=args.device)
         plain, instrumented = measure_overhead(model.eval(), x)
         info['probe'] = dict(plain_s=plain, instrumented_s=instrumented, ratio=instrumented / plain)

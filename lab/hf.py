@@ -7,7 +7,7 @@ Any Hugging Face causal LM, read by probe.py like one of our checkpoints (docs/r
     python probe.py out/ledger/ckpt.pt hf:meta-llama/Llama-2-7b-hf   # next to ours, in one table
 
 A foreign model is one more thing the probe can read, not a second probe. HFModel wraps an
-AutoModelForCausalLM so that probe.measure runs it exactly as it runs model.GPT: model(idx,
+AutoModelForCausalLM so that lab.measure runs it exactly as it runs model.GPT: model(idx,
 observer=obs) returns (logits, None, {}) and calls the model.Observer hooks, from forward hooks on
 the transformers modules (no copy of their forward code, so what is measured is what transformers
 computes):

@@ -1,8 +1,9 @@
 """
 The activation statistics that training logs and the probe reports, computed the same way in both
-(docs/reference.md §4): train.py calls activation_stats at every evaluation, probe.py builds its
-report from the same SublayerAccumulator, and runs.py reads the logged keys (STATS_KEYS). The
-thresholds of the definitions (massive entries, sink heads, conditional sinks) are set here once.
+(docs/reference.md §4): train.py calls activation_stats at every evaluation, the probe
+(lab/measure.py) builds its report from the same SublayerAccumulator, and lab/trajectories.py reads
+the logged keys (STATS_KEYS). The thresholds of the definitions (massive entries, sink heads,
+conditional sinks) are set here once.
 
 Everything here is a plain function of (N, T, d) activation tensors, computed in float32/float64
 whatever the model ran in; nothing here knows which residual operator produced the streams.

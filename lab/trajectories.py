@@ -13,46 +13,7 @@ plotted with what they have, and the summary names what is missing. A log holds 
 start event that says init_from 'scratch' (another run written into the same out_dir) is refused;
 a cut-off last line (a run killed while writing it, or still writing) is left out, and said.
 
-trajectory.json (tests/test_runs.py checks that every key below is there):
-
-    args                  the command line options
-    thresholds            [10, 100, 1000]
-    runs[]                one entry per run, in command-line order
-      name                short name (the run's folder)
-      path                as given
-      log                 the log.jsonl read
-      cut_line            the number of its last line when that was cut off (run killed or still writing) and left out; else None
-      residual            the run's residual operator (a key of model.RESIDUALS)
-      decoded             the stream its LM head reads (h, C, ...)
-      starts              start events (more than one: resumed)
-      total_batch_size    tokens per step (the last start event's)
-      seq_len             block_size: T of the statistics batch
-      iters               steps of the evals, ascending, each once (the last eval of a step wins)
-      tokens              tokens seen at each eval: iter x total_batch_size
-      val_loss            per eval
-      val_aux             aux term name -> per eval (e.g. commit_rate, the mean commit gate; {} for vanilla)
-      streams             stream name -> its trajectories (lists over evals)
-        <stream>
-          n_sublayers
-          top1_median                [evals][sublayers] top1/median (the heatmap)
-          top1_median_max            max over sublayers
-          top1_median_max_sublayer   where
-          n_massive_total            massive entries summed over sublayers
-          kurtosis_max               max over sublayers
-          start_mass                 at the eval's peak_layer (None: not logged)
-          start_mass_dominant        at the eval's peak_layer (None: not logged)
-          dominant_dim               per eval (None: not logged)
-          peak_layer                 per eval (None: not logged)
-          crossings                  '10', '100', '1000' -> {iter, tokens}: first eval with top1_median_max >= it
-          dominant                   None when not logged; else
-            channel                  the last eval's dominant channel ...
-            stable_from_iter         ... the dominant channel at every eval since this step
-            stable_from_tokens
-            changes                  how often it changed (0: the same at every eval)
-            segments                 [[channel, first step, last step], ...] runs of equal channels
-            channels                 every channel seen
-          missing                    statistics this log does not have (written before they were logged)
-          partial                    statistics logged at some evals only
+trajectory.json's key tree: docs/reference.md §4.10.
 """
 
 import json
@@ -200,7 +161,7 @@ def jsonable(v):
 
 
 def write_trajectories(out_dir, args, runs):
-    """out_dir/trajectory.json (the key tree above); returns its path."""
+    """out_dir/trajectory.json (keys: docs/reference.md §4.10); returns its path."""
     path = os.path.join(out_dir, 'trajectory.json')
     with open(path, 'w') as f:
         json.dump(jsonable(dict(args=args, thresholds=list(THRESHOLDS), runs=runs)), f, indent=1)

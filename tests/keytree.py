@@ -1,11 +1,22 @@
-"""The key trees that probe.py and runs.py document in their docstrings (probe.json,
-trajectory.json), parsed, and a check that an output has every documented key."""
+"""The key trees of the probe's output files (probe.json, trajectory.json) that docs/reference.md
+§4.10 documents, parsed, and a check that an output has every documented key."""
+
+import os
+
+REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs', 'reference.md')
 
 
-def documented_keys(doc, what):
-    """[(key, children)] of the indented block after '<what> (tests/...' in a docstring."""
-    block = doc.split(f'{what} (tests/')[1]
-    lines = [l for l in block.split('\n\n')[1].split('\n') if l.strip()]
+def documented_keys(what, path=REFERENCE):
+    """[(key, children)] of the first indented block after the line '#### <what>' in docs/reference.md."""
+    with open(path, encoding='utf-8') as f:
+        after = f.read().split('\n')
+    after = after[after.index(f'#### {what}') + 1:]
+    lines = []
+    for line in after:
+        if line.startswith('    ') and line.strip():
+            lines.append(line)
+        elif lines:   # the first line that is not indented ends the block
+            break
     root = []
     stack = [(-1, root)]
     for line in lines:

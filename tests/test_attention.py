@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import probe
+from lab import measure
 import train
 from lab.report import attention_label
 from model import ATTENTION_VARIANTS, GPT, GPTConfig, Observer
@@ -149,13 +150,13 @@ def test_the_probe_measures_the_do_nothing_channels_by_hand():
     for flags, channel, want in ((dict(attn_softmax='plus_one'), 'slot', (1 / (t + 2)).mean()),
                                  (dict(n_registers=3), 'registers', (3 / (t + 4)).mean()),
                                  (dict(attn_softmax='relu'), 'total', torch.tensor(0.0))):
-        result, _ = probe.measure(q_zero(make(**flags)), x, x)
+        result, _ = measure.measure(q_zero(make(**flags)), x, x)
         d = result['attention']['do_nothing']
         assert list(d) == [channel]
         for row in d[channel]['mean']:
             assert row == pytest.approx([float(want)] * 2, abs=1e-6), (flags, row)
         assert d[channel]['trigger'] is None                        # no task on these tokens
-    assert make()(x)[0] is not None and probe.measure(make(), x, x)[0]['attention']['do_nothing'] is None
+    assert make()(x)[0] is not None and measure.measure(make(), x, x)[0]['attention']['do_nothing'] is None
 
 
 def test_registers_are_not_in_the_statistics_but_have_their_own_rows():
@@ -168,7 +169,7 @@ def test_registers_are_not_in_the_statistics_but_have_their_own_rows():
         model(x, observer=watch)
     assert watch.att[0].shape == (2, 2, 12, 12)                       # data queries x data keys
     torch.testing.assert_close(watch.att[0].sum(-1) + watch.extra[0]['registers'], torch.ones(2, 2, 12))
-    result, _ = probe.measure(model, x, x)
+    result, _ = measure.measure(model, x, x)
     regs = result['streams']['h']['registers']
     assert len(regs['max_abs']) == 4 and len(regs['max_abs'][0]) == 2
     assert result['streams']['h']['per_sublayer']['start_mass'][0] > 0

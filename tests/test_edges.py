@@ -12,7 +12,7 @@ here from the formula in docs/reference.md:
 - stats.py (§4.2-§4.5): the census `|x| > 100 and |x| >= 1000 x median` (lower median, per
   sequence), n_out50 (`>= 50 x` the token's median), top1/2/3, median, kurtosis (scipy), start_mass
   and start_mass_dominant;
-- probe.py (§4.6): Sink_1's `alpha_1 > 0.3`, the conditional sink's `other >= 0.5` and
+- lab/measure.py (§4.6): Sink_1's `alpha_1 > 0.3`, the conditional sink's `other >= 0.5` and
   `trigger <= 0.1`, and the per-kind means behind them;
 - model.py (§1.6): the weighting (model.WEIGHTINGS) of every attn_softmax against float64 formulas, with a
   causal mask, slot columns and arbitrary masks, then the whole attention sublayer of GPT by hand;
@@ -33,8 +33,7 @@ import pytest
 import torch
 
 import prepare
-import probe
-from lab import groups, stats, trajectories
+from lab import groups, measure, stats, trajectories
 from model import GPT, WEIGHTINGS, GPTConfig, Observer, attention_mask
 from prepare import Sampler, write_shard
 
@@ -188,14 +187,14 @@ def test_statistics_accumulate_over_batches():
 
 
 # ----------------------------------------------------------------------------------------------
-# probe.py: Sink_1 and the conditional sink (docs/reference.md §4.6)
+# lab/measure.py: Sink_1 and the conditional sink (docs/reference.md §4.6)
 
 def test_sink_rate_edge():
-    """alpha_1 > 0.3, strict; alpha_1 as probe.py has it (float64 sums, Python floats)."""
+    """alpha_1 > 0.3, strict; alpha_1 as lab/measure.py has it (float64 sums, Python floats)."""
     eps = 0.3
     alpha1 = [[eps, math.nextafter(eps, 1.0), math.nextafter(eps, 0.0)], [0.31, 0.29, 1.0]]
-    assert probe.sink_rate(alpha1) == pytest.approx(100.0 * 3 / 6)
-    assert probe.sink_rate([[eps]]) == 0.0 and probe.sink_rate([[math.nextafter(eps, 1.0)]]) == 100.0
+    assert measure.sink_rate(alpha1) == pytest.approx(100.0 * 3 / 6)
+    assert measure.sink_rate([[eps]]) == 0.0 and measure.sink_rate([[math.nextafter(eps, 1.0)]]) == 100.0
 
 
 def summary_obs(alpha1, prefix=None, sink=None, n_queries=None):
@@ -216,16 +215,16 @@ def test_sink_heads_per_layer_at_the_edge():
     eps = 0.3
     alpha1 = [[eps, math.nextafter(eps, 1.0)], [math.nextafter(eps, 0.0), 0.9]]
     prefix = [[0.2, 0.5], [eps, math.nextafter(eps, 1.0)]]
-    s = probe.attention_summary(summary_obs(alpha1, prefix), 2)
+    s = measure.attention_summary(summary_obs(alpha1, prefix), 2)
     assert s['sink_heads'] == [1, 1] and s['sink1'] == 50.0
     assert s['sink_heads_prefix'] == [1, 1] and s['sink1_prefix'] == 50.0
     assert s['conditional'] is None
 
 
 def test_uniform_alpha1_passes_the_threshold_up_to_T_9():
-    assert all(probe.uniform_alpha1(T) > stats.SINK_EPS for T in range(1, 10))
-    assert all(probe.uniform_alpha1(T) < stats.SINK_EPS for T in range(10, 70))
-    assert probe.uniform_alpha1(64) == pytest.approx(sum(1 / t for t in range(1, 65)) / 64, rel=1e-12)
+    assert all(measure.uniform_alpha1(T) > stats.SINK_EPS for T in range(1, 10))
+    assert all(measure.uniform_alpha1(T) < stats.SINK_EPS for T in range(10, 70))
+    assert measure.uniform_alpha1(64) == pytest.approx(sum(1 / t for t in range(1, 65)) / 64, rel=1e-12)
 
 
 def test_conditional_sink_edges():
@@ -235,7 +234,7 @@ def test_conditional_sink_edges():
     other = [[O, math.nextafter(O, 0.0), math.nextafter(O, 1.0), 0.9]]
     trigger = [[Tr, 0.0, 0.05, math.nextafter(Tr, 1.0)]]
     obs = summary_obs([[0.0] * 4], sink=dict(other=other, trigger=trigger), n_queries={'trigger': 1, 'other': 1})
-    c = probe.conditional_sink(obs, 1)
+    c = measure.conditional_sink(obs, 1)
     assert c['heads'] == [[0, 0], [0, 2]]
     assert c['thresholds'] == dict(other=0.5, trigger=0.1)
     gaps = [o - t for o, t in zip(other[0], trigger[0])]
@@ -243,7 +242,7 @@ def test_conditional_sink_edges():
     # inside on one side only
     for o, t in [(math.nextafter(O, 0.0), Tr), (O, math.nextafter(Tr, 1.0))]:
         obs = summary_obs([[0.0]], sink=dict(other=[[o]], trigger=[[t]]), n_queries={'trigger': 1, 'other': 1})
-        assert probe.conditional_sink(obs, 1)['heads'] == []
+        assert measure.conditional_sink(obs, 1)['heads'] == []
 
 
 def test_conditional_sink_means_by_query_kind_by_hand():
@@ -258,11 +257,11 @@ def test_conditional_sink_means_by_query_kind_by_hand():
     att = torch.rand(B, H, T, T, generator=g).tril()
     att = att / att.sum(-1, keepdim=True)
     q, k, v = (torch.randn(B, H, T, hd, generator=g) for _ in range(3))
-    obs = probe.Measure(streams=False, attention=True, task={'trigger': 1})
+    obs = measure.Measure(streams=False, attention=True, task={'trigger': 1})
     obs.begin_batch(0, B, toks)
     obs.on_attention(0, q, k, v, att)
     obs.end_batch()
-    c = probe.conditional_sink(obs, 1)
+    c = measure.conditional_sink(obs, 1)
     trig = toks == 1
     other = ~trig
     other[:, 0] = False
@@ -271,7 +270,7 @@ def test_conditional_sink_means_by_query_kind_by_hand():
         want = [(a0[:, h][m]).mean().item() for h in range(H)]
         assert c[kind][0] == pytest.approx(want, rel=1e-6), kind
     assert (c['n_trigger'], c['n_other']) == (int(trig.sum()), int(other.sum()))
-    s = probe.attention_summary(obs, 1)
+    s = measure.attention_summary(obs, 1)
     assert s['alpha1'][0] == pytest.approx(a0.mean(-1).mean(0).tolist(), rel=1e-6)
     assert s['alpha1_prefix'][0] == pytest.approx(a0.mean(-1).mean(0).tolist(), rel=1e-6)   # T < 64
 

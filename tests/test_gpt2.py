@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import model
 import prepare
 import probe
+from lab import measure
 from http_server import FileServer
 from lab import gpt2
 from lab.gpt2 import load_gpt2
@@ -111,7 +112,7 @@ def test_planted_positional_outlier_is_found_by_the_probe(tmp_path):
     for plant in (None, (c, 1e4)):
         folder = tmp_path / ('planted' if plant else 'plain')
         save_tiny_gpt2(folder, plant=plant)
-        result, _ = probe.measure(load_gpt2(str(folder))[0], x)
+        result, _ = measure.measure(load_gpt2(str(folder))[0], x)
         census[plant is not None] = result['streams']['h']['summary']
     assert census[False]['largest_massive'] is None  # control: the random model has no massive entry
     s = census[True]

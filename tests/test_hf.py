@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lab import hf
+from lab import hf, measure
 import probe
 from keytree import check_keys, documented_keys
 from lab.gpt2 import load_gpt2
@@ -101,7 +101,7 @@ def reference(lm):
     return ref, rec
 
 
-class Recorder(probe.Capture):
+class Recorder(measure.Capture):
     """Capture, plus the attention probabilities the adapter hands to on_attention."""
     attention = True
 
@@ -148,7 +148,7 @@ def test_streams_inputs_logits_and_attention_equal_transformers(family):
         torch.testing.assert_close(obs.att[i], out.attentions[i], **close)   # the probabilities transformers returns
     if family == 'mistral':                                # the sliding window reached the probe's maps
         assert obs.att[0][:, :, 8:, 0].abs().max() == 0 and obs.att[0][:, :, :8, 0].min() > 0
-    result, _ = probe.measure(model, x, y)
+    result, _ = measure.measure(model, x, y)
     for i in range(L):
         want = out.attentions[i][..., 0]                   # (N, H, T): alpha_1 = mean_t A[t, 0]
         np.testing.assert_allclose(result['attention']['alpha1'][i], want.mean(-1).mean(0).numpy(), atol=1e-6)
@@ -160,7 +160,7 @@ def test_planted_outlier_is_found_at_its_position_and_channel(family):
     x, y = tokens()
     census = {}
     for plant in (None, 1e4):
-        census[plant] = probe.measure(hf.wrap(tiny_lm(family, plant=plant)), x, y)[0]['streams']['h']['summary']
+        census[plant] = measure.measure(hf.wrap(tiny_lm(family, plant=plant)), x, y)[0]['streams']['h']['summary']
     assert census[None]['largest_massive'] is None               # control: the random model has none
     s = census[1e4]
     assert (s['largest_massive']['position'], s['largest_massive']['channel']) == (0, CH)
@@ -193,12 +193,12 @@ def test_interventions_apply_where_the_block_holds_the_stream(family):
     entries = {'h': (torch.arange(N), torch.zeros(N, dtype=torch.long), torch.full((N,), CH), torch.zeros(N))}
     # the block output (mlp row s = 1): every family holds it
     with torch.no_grad():
-        got = model(x, observer=probe.Intervention(1, entries))[0]
+        got = model(x, observer=measure.Intervention(1, entries))[0]
     want = ref_logits(block0, 'hook', lambda m, a, o: zero_at_0(o[0] if isinstance(o, tuple) else o))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # soften the MLP's input at position 0: every family hands it over
     with torch.no_grad():
-        got = model(x, observer=probe.Intervention(1, soften_k=1))[0]
+        got = model(x, observer=measure.Intervention(1, soften_k=1))[0]
 
     def soften(m, args):
         u = args[0].clone().view(N, T, D)
@@ -207,14 +207,14 @@ def test_interventions_apply_where_the_block_holds_the_stream(family):
         return (u.view(args[0].shape),) + args[1:]
     torch.testing.assert_close(got, ref_logits(hf._get(block0, mlp_name), 'pre_hook', soften), atol=1e-5, rtol=1e-5)
     # the stream after attention (attn row s = 0): held by sequential blocks, only a partial sum in parallel ones
-    result, obs = probe.measure(model, x, y)
-    iv = probe.run_interventions(model, x, y, result, obs)
+    result, obs = measure.measure(model, x, y)
+    iv = measure.run_interventions(model, x, y, result, obs)
     assert iv['zero']['sublayer'] == 0 and iv['soften']['val_loss'] is not None
     if family == 'gpt_neox':
         for name in ('zero', 'mean'):
             assert iv[name]['val_loss'] is None and iv[name]['target'].startswith('does not apply: a parallel block')
         with pytest.raises(ValueError, match='parallel block'):     # and never a silent wrong number
-            model(x, observer=probe.Intervention(0, entries))
+            model(x, observer=measure.Intervention(0, entries))
         return
 
     def attn_zeroing(m, a, o):                 # h + a' = 0 at (0, CH): a' = -h there
@@ -223,7 +223,7 @@ def test_interventions_apply_where_the_block_holds_the_stream(family):
         return (a,) + tuple(o[1:])
     want = ref_logits(getattr(block0, attn_name), 'hook', attn_zeroing)
     with torch.no_grad():
-        got = model(x, observer=probe.Intervention(0, entries))[0]
+        got = model(x, observer=measure.Intervention(0, entries))[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     ce = torch.nn.functional.cross_entropy(want.flatten(0, 1), y.flatten()).item()
     assert abs(iv['zero']['val_loss'] - ce) < 1e-5 and iv['zero']['n_entries'] == N
@@ -236,7 +236,7 @@ def test_gpt2_via_transformers_agrees_with_our_gpt2_loader(tmp_path):
     src = hf.parse(f'hf:{tmp_path}')
     theirs = hf.load_model(src, hf.load_config(src))
     x, y = tokens(t=32)
-    a, b = probe.measure(ours, x, y)[0], probe.measure(theirs, x, y)[0]
+    a, b = measure.measure(ours, x, y)[0], measure.measure(theirs, x, y)[0]
     assert abs(a['val_loss'] - b['val_loss']) < 1e-5
     np.testing.assert_allclose(np.array(a['attention']['alpha1']), np.array(b['attention']['alpha1']), atol=1e-6)
     pa, pb = a['streams']['h']['per_sublayer'], b['streams']['h']['per_sublayer']
@@ -293,7 +293,7 @@ def test_checkpoint_llama_and_pythia_in_one_table(tmp_path, capsys, save_ckpt, r
     assert o.out.count('=== comparison ===') == 1 and 'revisions of' not in o.out
     assert sum('GFLOP per token' in line and 'a 7B model would take' in line for line in o.err.splitlines()) == 2
     js = json.loads((out / 'probe.json').read_text())
-    check_keys(js, documented_keys(probe.__doc__, 'probe.json'), 'probe.json')
+    check_keys(js, documented_keys('probe.json'), 'probe.json')
     assert js['comparison']['columns'] == ['ledger', 'tiny-llama', 'tiny-pythia']
     ours_r, llama_r, pythia_r = js['checkpoints']
     assert ours_r['weights'] is None and not ours_r['data']['bos_prepended']

@@ -686,9 +686,9 @@ def large_score_model(residual):
 def test_probe_attention_is_fp32_under_bf16_autocast(residual):
     """The explicit attention path (observer.attention) computes scores and softmax in fp32 whatever
     the autocast dtype: the probabilities it hands over are the fp64 softmax of the q and k it hands
-    over (1e-6; control: with the scores rounded to bf16 they are not, 1e-2), and probe.measure's
+    over (1e-6; control: with the scores rounded to bf16 they are not, 1e-2), and lab.measure.measure's
     alpha_1 under bf16 autocast is within 1e-3 of the fp32 pass (2.5e-3 off with bf16 scores)."""
-    from probe import measure
+    from lab.measure import measure
     model = large_score_model(residual)
     x = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(1))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import probe
-from lab import stats
+from lab import measure, stats
 from keytree import check_keys, documented_keys
 from model import GPT, GPTConfig
 from prepare import write_shard
@@ -128,7 +128,7 @@ def test_sublayer_stats_keys_and_census():
 def test_planted_massive_activation():
     model = planted_model()
     x, y = windows()
-    r, _ = probe.measure(model, x, y, batch_size=3)       # batches of 3 + 1 sequences
+    r, _ = measure.measure(model, x, y, batch_size=3)       # batches of 3 + 1 sequences
     h = r['streams']['h']
     p, sm = h['per_sublayer'], h['summary']
     assert p['n_massive'] == [0, N, N, N]                 # one entry per sequence from sublayer 1 on
@@ -147,7 +147,7 @@ def test_planted_massive_activation():
     assert sm['persistence'] == pytest.approx(0.75)
     assert sm['peak_layer'] == EMERGE                     # equal at s = 1, 2, 3: the first one
     assert sm['bos_concentration'] == pytest.approx(T, rel=1e-4)
-    cap = probe.Capture()
+    cap = measure.Capture()
     model(x, observer=cap)
     h1 = cap.streams['h'][EMERGE].abs().mean(dim=(0, 1))
     assert sm['peak_feat_ratio'] == pytest.approx((h1.max() / h1.median()).item(), rel=1e-4)
@@ -175,9 +175,9 @@ def test_start_token_mass_by_hand():
     # the planted model: channel 3 (dominant_dim) is 0 before mlp_0, then 500 at position 0 only
     model = planted_model()
     x, y = windows()
-    r, _ = probe.measure(model, x, y, batch_size=3)
+    r, _ = measure.measure(model, x, y, batch_size=3)
     p, sm = r['streams']['h']['per_sublayer'], r['streams']['h']['summary']
-    cap = probe.Capture()
+    cap = measure.Capture()
     model(x, observer=cap)
     for s in range(4):
         a = cap.streams['h'][s].abs().double()
@@ -196,7 +196,7 @@ def test_start_token_mass_by_hand():
 def test_attention_alpha1_and_sink_rate_by_hand():
     model = planted_model()
     x, y = windows()
-    r, _ = probe.measure(model, x, y)
+    r, _ = measure.measure(model, x, y)
     a = r['attention']
     uniform = lambda t: sum(1 / (i + 1) for i in range(t)) / t      # mean_t 1/(t+1)
     assert a['T'] == T and a['prefix_T'] == 64 and a['epsilon'] == 0.3
@@ -206,15 +206,15 @@ def test_attention_alpha1_and_sink_rate_by_hand():
     assert a['sink1'] == 50.0 and a['sink1_prefix'] == 50.0
     assert a['sink_heads'] == [1, 1] and a['sink_heads_prefix'] == [1, 1]
     # sink rate from alpha_1 alone
-    assert probe.sink_rate([[0.31, 0.3], [0.9, 0.0]]) == 50.0
+    assert measure.sink_rate([[0.31, 0.3], [0.9, 0.0]]) == 50.0
 
 
 def test_prefix_alpha1_equals_a_64_token_pass():
     """alpha_1 on the first 64 tokens comes from the full pass; causality makes it a 64-token pass."""
     model = random_model('ledger')
     x, y = windows()
-    full, _ = probe.measure(model, x, y)
-    short, _ = probe.measure(model, x[:, :64], y[:, :64])
+    full, _ = measure.measure(model, x, y)
+    short, _ = measure.measure(model, x[:, :64], y[:, :64])
     assert np.allclose(full['attention']['alpha1_prefix'], short['attention']['alpha1'], rtol=1e-5, atol=1e-7)
     assert full['attention']['sink1_prefix'] == short['attention']['sink1']
 
@@ -223,17 +223,17 @@ def test_interventions_change_only_their_targets():
     model = planted_model()
     x, y = windows()
     before = snapshot(model)
-    r, obs = probe.measure(model, x, y, batch_size=3)
-    tg = probe.intervention_targets(r, obs)
+    r, obs = measure.measure(model, x, y, batch_size=3)
+    tg = measure.intervention_targets(r, obs)
     assert not tg['fallback'] and tg['sublayer'] == EMERGE and tg['streams'] == ['h']
     assert tg['n_entries'] == N and tg['soften_k'] == 1
-    plain = probe.Capture()
+    plain = measure.Capture()
     model(x, observer=plain)
     target = torch.zeros(N, T, 16, dtype=torch.bool)
     target[:, POS, CH] = True
     # zero and mean: the stream after the emergence sublayer differs only at the massive entries
     for name, expect in (('zero', 0.0), ('mean', plain.streams['h'][EMERGE][:, POS, CH].mean().item())):
-        cap = probe.Capture(tg[name][0])
+        cap = measure.Capture(tg[name][0])
         model(x, observer=cap)
         for s in range(EMERGE):
             assert torch.equal(cap.streams['h'][s], plain.streams['h'][s])
@@ -241,14 +241,14 @@ def test_interventions_change_only_their_targets():
         assert not (changed & ~target).any()
         assert cap.streams['h'][EMERGE][:, POS, CH] == pytest.approx([expect] * N, rel=1e-6)
     # soften: the input of the emergence sublayer loses its largest channel at position 0 (channel 5)
-    cap = probe.Capture(tg['soften'][0])
+    cap = measure.Capture(tg['soften'][0])
     model(x, observer=cap)
     changed = cap.inputs[EMERGE] != plain.inputs[EMERGE]
     assert changed.nonzero(as_tuple=True)[1].unique().tolist() == [0]
     assert changed.nonzero(as_tuple=True)[2].unique().tolist() == [5]
     assert torch.all(cap.inputs[EMERGE][:, 0, 5] == 0)
     assert torch.all(cap.streams['h'][EMERGE][:, POS, CH].abs() < 1e-3)   # nothing planted any more
-    iv = probe.run_interventions(model, x, y, r, obs, batch_size=3)
+    iv = measure.run_interventions(model, x, y, r, obs, batch_size=3)
     assert set(iv) == {'none', 'zero', 'mean', 'soften', 'quant8', 'quant4'}
     assert iv['none']['val_loss'] == r['val_loss']
     assert iv['mean']['val_loss'] == pytest.approx(r['val_loss'], abs=1e-4)
@@ -261,12 +261,12 @@ def test_interventions_fallback_on_a_ledger_without_massive_activations():
     model = random_model('ledger')
     x, y = windows(seed=3)
     before = snapshot(model)
-    r, obs = probe.measure(model, x, y)
-    tg = probe.intervention_targets(r, obs)
+    r, obs = measure.measure(model, x, y)
+    tg = measure.intervention_targets(r, obs)
     assert tg['fallback'] and len(tg['streams']) == 1 and tg['streams'][0] in ('D', 'C')
     name, s = tg['streams'][0], tg['sublayer']
     assert s == int(np.argmax(r['streams'][name]['per_sublayer']['top1']))
-    plain = probe.Capture()
+    plain = measure.Capture()
     model(x, observer=plain)
     ref = plain.streams[name][s]
     flat = ref.abs().reshape(N, -1).argmax(1)
@@ -274,7 +274,7 @@ def test_interventions_fallback_on_a_ledger_without_massive_activations():
     target[torch.arange(N), flat] = True
     target = target.view_as(ref)
     for kind in ('zero', 'mean'):
-        cap = probe.Capture(tg[kind][0])
+        cap = measure.Capture(tg[kind][0])
         model(x, observer=cap)
         changed = cap.streams[name][s] != ref
         assert not (changed & ~target).any()
@@ -288,21 +288,21 @@ def test_interventions_fallback_on_a_ledger_without_massive_activations():
             for c in chans.unique():
                 sel = (chans == c)
                 assert torch.allclose(cap.streams[name][s][target][sel], vals[sel].mean())
-    probe.run_interventions(model, x, y, r, obs)
+    measure.run_interventions(model, x, y, r, obs)
     assert_unchanged(model, before)
 
 
 def test_fake_quantized_restores_weights_exactly():
     model = random_model('vanilla')
     before = snapshot(model)
-    with probe.fake_quantized(model, 4):
+    with measure.fake_quantized(model, 4):
         w = model.sublayers[1].fn.fc.weight
         assert not torch.equal(w, before['sublayers.1.fn.fc.weight'])
         scale = before['sublayers.1.fn.fc.weight'].abs().amax(1, keepdim=True) / 7
         assert torch.allclose(w / scale, (w / scale).round(), atol=1e-4)   # on the 4-bit grid
     assert_unchanged(model, before)
     with pytest.raises(ZeroDivisionError):
-        with probe.fake_quantized(model, 8):
+        with measure.fake_quantized(model, 8):
             1 / 0
     assert_unchanged(model, before)
 
@@ -310,7 +310,7 @@ def test_fake_quantized_restores_weights_exactly():
 def test_measure_overhead_returns_times():
     model = random_model('vanilla')
     x, _ = windows(2, 32)
-    plain, instrumented = probe.measure_overhead(model, x, repeats=1)
+    plain, instrumented = measure.measure_overhead(model, x, repeats=1)
     assert plain > 0 and instrumented > 0
 
 
@@ -328,7 +328,7 @@ def test_cli_two_checkpoints_json_pngs_comparison(tmp_path, capsys, save_ckpt):
                        '--interventions', '--batch_size', '2']) == 0
     text = capsys.readouterr().out
     data = json.loads((out / 'probe.json').read_text())
-    tree = documented_keys(probe.__doc__, 'probe.json')
+    tree = documented_keys('probe.json')
     assert [k for k, _ in tree] == ['args', 'checkpoints[]', 'comparison', 'groups']
     check_keys(data, [node for node in tree if node[0] != 'groups'], 'probe.json')   # groups: tests/test_runs.py
     assert data['groups'] is None
@@ -371,7 +371,7 @@ def test_short_windows_carry_a_sink_warning(tmp_path, capsys, save_ckpt):
     assert a['sink1_prefix'] == a['sink1'] == 100.0                               # ... and counts as a sink
     assert ("warning: T=5 < 64: alpha_1 and Sink_1 are not comparable with Gu et al.'s (T=64); uniform causal "
             "attention alone gives alpha_1 = 0.457 at T=5 (above epsilon 0.3; above it up to T=9)") in text
-    assert probe.uniform_alpha1(9) > 0.3 > probe.uniform_alpha1(10)
+    assert measure.uniform_alpha1(9) > 0.3 > measure.uniform_alpha1(10)
     assert probe.main([path, '--out', str(tmp_path / 'o64'), '--num_seqs', '2', '--seq_len', '64']) == 0
     assert 'warning: T=' not in capsys.readouterr().out
     a = json.loads((tmp_path / 'o64' / 'probe.json').read_text())['checkpoints'][0]['attention']

@@ -96,7 +96,7 @@ def test_trajectories_from_constructed_logs(tmp_path, capsys):
     code, text, err = run_main(capsys, ledger, os.path.join(vanilla, 'log.jsonl'), '--out', out)
     assert code == 0, err
     data = json.loads((out / 'trajectory.json').read_text())
-    check_keys(data, documented_keys(trajectories.__doc__, 'trajectory.json'), 'trajectory.json')
+    check_keys(data, documented_keys('trajectory.json'), 'trajectory.json')
     led, old = data['runs']
     assert (led['name'], old['name']) == ('ledger_run', 'old')
     # resumed: every iter once, the last eval of iter 300 kept
@@ -500,7 +500,7 @@ def test_groups_from_the_command_line(trained, tmp_path, capsys):
                                '--group', f"late={snaps / 'ckpt_000004.pt'}", '--out', out, '--num_seqs', 2)
     assert code == 0, err
     data = json.loads((out / 'probe.json').read_text())
-    check_keys(data['groups'], dict(documented_keys(probe.__doc__, 'probe.json'))['groups'], 'probe.json.groups')
+    check_keys(data['groups'], dict(documented_keys('probe.json'))['groups'], 'probe.json.groups')
     g = data['groups']
     assert g['members'] == dict(early=['tiny_i000000', 'tiny_i000002'], late=['tiny_i000004'])
     losses = [c['val_loss'] for c in data['checkpoints']]

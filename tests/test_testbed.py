@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import prepare
-import probe
+from lab import measure
 from model import GPT, GPTConfig
 
 V, T = 34, 32     # the trigger language's default vocabulary; documents of 32 symbols after BOS
@@ -51,7 +51,7 @@ def test_the_conditional_sink_is_measured_per_query_kind(trigger_root):
                            bos=meta['bos']).get(0)
     answers = prepare.task_mask(x, meta)
     assert answers.any() and (x[:, 0] == meta['bos']).all()
-    result, _ = probe.measure(conditional_sink_model(), x, y, task=meta)
+    result, _ = measure.measure(conditional_sink_model(), x, y, task=meta)
     cs = result['attention']['conditional']
     # by hand: head 0 puts 1 on position 0 from every non-trigger query, 1/(t+1) from a trigger query at t
     t = answers.nonzero()[:, 1].double()
@@ -63,7 +63,7 @@ def test_the_conditional_sink_is_measured_per_query_kind(trigger_root):
     assert abs(cs['other'][0][1] - cs['trigger'][0][1]) < 0.1
     assert result['task_answers'] == cs['n_trigger'] and 0 <= result['task_acc'] <= 1
     # a natural-text dataset has no task: no conditional sink, no task accuracy
-    plain, _ = probe.measure(conditional_sink_model(), x, y)
+    plain, _ = measure.measure(conditional_sink_model(), x, y)
     assert plain['attention']['conditional'] is None and plain['task_acc'] is None
 
 
