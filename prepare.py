@@ -83,6 +83,8 @@ import tiktoken.load
 import urllib3
 from tqdm import tqdm
 
+from lab.cli import OneLineParser
+
 EOT = 50256  # <|endoftext|>
 GPT2_META = {'vocab_size': 50257, 'bos': EOT, 'doc_aligned': False}  # meta.json keys of a GPT-2 build
 MAGIC, VERSION = 20240520, 1
@@ -1013,13 +1015,6 @@ def summary(dataset, data_root, seconds):
     train, val = sum(counts['train']), sum(counts['val'])
     return (f"{dataset}: {n_files} files, {train + val:,} tokens ({train:,} train, {val:,} val) in "
             f"{os.path.join(_data_root(data_root), dataset)} [{seconds:.1f} s]")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (no usage block), exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def main(argv=None):

@@ -252,7 +252,8 @@ from model import Observer, residual_info, resolve_device
 from lab.plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
 from lab.groups import group_statistics, groups_text
 from lab.trajectories import THRESHOLDS, jsonable, read_run, trajectory_text, write_trajectories
-from prepare import EOT, OneLineParser, task_mask
+from lab.cli import OneLineParser
+from prepare import EOT, task_mask
 from lab.report import comparison, comparison_text, model_kind, report, short, sublayer_name
 from lab.stats import COND_OTHER, COND_TRIGGER, SINK_EPS, SINK_T, SublayerAccumulator, depth_structure, lower_median
 
