@@ -81,7 +81,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, RESIDUALS, GPTConfig, option, read_checkpoint, residual_info, resolve_device
-from prepare import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, shard_paths, task_mask
+from lab.data import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, shard_paths, task_mask
 from lab.stats import activation_stats
 
 # -----------------------------------------------------------------------------
