@@ -566,11 +566,11 @@ def tokenizer_key(tok):
 
 def builtin_text():
     """(text, document start offsets) of the built-in corpus' validation documents, in order: the
-    documents lab.data.build_corpus puts in val (a hash of the name below 0.05), joined."""
-    from lab.data import builtin_documents, split_key
+    documents lab.data.build_corpus puts in val (a hash of the name below VAL_FRACTION), joined."""
+    from lab.data import VAL_FRACTION, builtin_documents, split_key
     parts, starts, n = [], [], 0
     for name, source in builtin_documents():
-        if split_key(name) >= 0.05:
+        if split_key(name) >= VAL_FRACTION:
             continue
         if not isinstance(source, str):
             data = source.read_bytes()
