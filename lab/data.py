@@ -446,27 +446,12 @@ def build_corpus(docs, dataset, data_root=None, val_fraction=VAL_FRACTION, worke
         keys = [split_key(name) for name, _ in docs]
         hold_for_val = len(docs) >= 2 and min(keys) >= val_fraction
         held = None  # (key, tokens) of the best val candidate so far when hold_for_val
-        pending = {'train': [], 'val': []}  # token arrays not yet written
-        count = {'train': 0, 'val': 0}      # tokens in pending
-        tokens_in = {'train': 0, 'val': 0}
+        shards = {split: _ShardWriter(tmp, prefix, split, shard_tokens) for split in ('train', 'val')}
         docs_in = {'train': 0, 'val': 0}
-        shards = {'train': [], 'val': []}
-
-        def flush(split, final=False):
-            while count[split] >= shard_tokens or (final and count[split]):
-                stream = np.concatenate(pending[split])
-                name = f"{prefix}_{split}_{len(shards[split]):06d}.bin"
-                write_shard(os.path.join(tmp, name), stream[:shard_tokens])
-                shards[split].append(name)
-                pending[split] = [stream[shard_tokens:]]
-                count[split] = len(pending[split][0])
 
         def add(split, tokens):
-            pending[split].append(tokens)
-            count[split] += len(tokens)
-            tokens_in[split] += len(tokens)
+            shards[split].add(tokens)
             docs_in[split] += 1
-            flush(split)
 
         skipped = []
         # a progress bar on a terminal only, gone when done: the summary line or the error stays alone
@@ -491,21 +476,48 @@ def build_corpus(docs, dataset, data_root=None, val_fraction=VAL_FRACTION, worke
             print(f"skipped {len(skipped)} files that are not UTF-8 text (binary?), e.g. {skipped[0]}",
                   file=sys.stderr)
         for split in ('train', 'val'):
-            if tokens_in[split] == 0:
+            if shards[split].rows == 0:
                 raise ValueError(f"no readable text landed in the {split} split of {dataset}; "
                                  "give more (text) files or change --val_fraction")
-            flush(split, final=True)
-        files = shards['train'] + shards['val']
+            shards[split].flush(final=True)
+        files = shards['train'].files + shards['val'].files
 
         meta = dict(meta or {}, dataset=dataset, tokenizer='gpt2', **GPT2_META, val_fraction=val_fraction,
                     docs=len(docs), skipped_docs=len(skipped),
                     train_docs=docs_in['train'], val_docs=docs_in['val'],
-                    train_tokens=tokens_in['train'], val_tokens=tokens_in['val'], files=files)
+                    train_tokens=shards['train'].rows, val_tokens=shards['val'].rows, files=files)
         _install(tmp, folder, prefix, files, meta)
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_empty(created)
+
+
+class _ShardWriter:
+    """Arrays packed back to back into folder/<prefix>_<split>_NNNNNN.bin, per_shard rows a shard and
+    the rest in the last: rows are tokens for a text corpus, whole documents for the trigger language."""
+
+    def __init__(self, folder, prefix, split, per_shard):
+        self.folder, self.prefix, self.split, self.per_shard = folder, prefix, split, per_shard
+        self.pending, self.count = [], 0  # arrays not yet written, and their rows
+        self.rows = 0                     # rows added in all
+        self.files = []                   # shard names written so far
+
+    def add(self, rows):
+        self.pending.append(rows)
+        self.count += len(rows)
+        self.rows += len(rows)
+        self.flush()
+
+    def flush(self, final=False):
+        """Write every full shard; with final=True, the rest too."""
+        while self.count >= self.per_shard or (final and self.count):
+            stream = np.concatenate(self.pending)
+            name = f"{self.prefix}_{self.split}_{len(self.files):06d}.bin"
+            write_shard(os.path.join(self.folder, name), stream[:self.per_shard].reshape(-1))
+            self.files.append(name)
+            self.pending = [stream[self.per_shard:]]
+            self.count = len(self.pending[0])
 
 
 def _install(tmp, folder, prefix, files, meta):
@@ -678,26 +690,13 @@ def build_trigger(data_root=None, vocab_size=34, p=0.06, seq_len=64, seed=0, tra
     created = makedirs(folder)
     tmp = tempfile.mkdtemp(prefix=f'.{prefix}-building-', dir=folder)
     try:
-        files = {'train': [], 'val': []}
+        files = []
         for split, n in (('train', train_docs), ('val', val_docs)):
-            pending, count = [], 0  # blocks of documents not yet written, and how many documents
-
-            def flush(final=False):
-                nonlocal pending, count
-                while count >= per_shard or (final and count):
-                    stream = np.concatenate(pending)
-                    name = f"{prefix}_{split}_{len(files[split]):06d}.bin"
-                    write_shard(os.path.join(tmp, name), stream[:per_shard].reshape(-1))
-                    files[split].append(name)
-                    pending = [stream[per_shard:]]
-                    count = len(pending[0])
-
+            shards = _ShardWriter(tmp, prefix, split, per_shard)
             for docs in trigger_documents(n, split, vocab_size, p, seq_len, seed):
-                pending.append(docs)
-                count += len(docs)
-                flush()
-            flush(final=True)
-        files = files['train'] + files['val']
+                shards.add(docs)
+            shards.flush(final=True)
+            files += shards.files
         meta = {'dataset': dataset, 'tokenizer': 'trigger', 'vocab_size': vocab_size, 'bos': TRIGGER_BOS,
                 'trigger': TRIGGER, 'content': [2, vocab_size - 1], 'trigger_p': p, 'seq_len': seq_len,
                 'doc_len': doc_len, 'seed': seed, 'train_docs': train_docs, 'val_docs': val_docs,
