@@ -575,7 +575,7 @@ class GPT(nn.Module):
         return_logits=False gives None for the logits, so that the B x T x V tensor is freed as soon as
         the loss is computed (training needs only the loss). Token ids are not checked here: that
         would make the host wait for the device at every call; the data path checks every batch
-        (prepare.Sampler with vocab_size, probe.py's inputs) and generate() its prompt."""
+        (lab.data.Sampler with vocab_size, probe.py's inputs) and generate() its prompt."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -794,7 +794,7 @@ def gpt2_state_dict(tensors, expected):
 
 def load_gpt2(folder, device='cpu'):
     """(model in eval mode, info) from a folder holding a Hugging Face GPT-2 config.json and
-    model.safetensors (prepare.fetch_gpt2 downloads OpenAI's). safetensors only holds tensors, so
+    model.safetensors (lab.download.fetch_gpt2 downloads OpenAI's). safetensors only holds tensors, so
     unlike a pickle it cannot run code. info: source (the folder), name (its base name), model_args
     (GPTConfig fields), dtype (of the stored tensors), hf_config (the config.json dict).
     Bad input raises a one-line ValueError."""
