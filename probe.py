@@ -53,7 +53,8 @@ from lab.measure import measure, n_batches, run_interventions
 from lab.plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
 from lab.groups import group_statistics, groups_text
 from lab.trajectories import THRESHOLDS, jsonable, read_run, trajectory_text, write_trajectories
-from prepare import EOT, OneLineParser, task_mask
+from lab.cli import OneLineParser
+from lab.data import EOT, task_mask
 from lab.report import comparison, comparison_text, model_kind, report
 
 # ----------------------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ def val_windows(ckpt, num_seqs, seq_len, seed, doc_aligned=False):
     dataset, the same for every checkpoint trained on that dataset. The dataset's meta.json says
     which token starts a document and whether windows must start there (the trigger language);
     a dataset with a task (the trigger language) is recorded as data['task'], its meta.json."""
-    from prepare import Sampler, dataset_meta, shard_paths
+    from lab.data import Sampler, dataset_meta, shard_paths
     cfg = ckpt.get('config') or {}
     if not isinstance(cfg, dict) or not cfg.get('dataset'):
         raise ValueError("the checkpoint's config names no dataset; pass --text \"...\" prompts instead")
@@ -83,7 +84,7 @@ def val_windows(ckpt, num_seqs, seq_len, seed, doc_aligned=False):
 def text_windows(texts, seq_len):
     """The prompts tokenised with GPT-2 BPE (<|endoftext|> allowed), truncated to seq_len and to the
     shortest prompt so they stack; targets are the next tokens, -1 after the last one."""
-    from prepare import gpt2_encoding, prompt_windows
+    from lab.data import gpt2_encoding, prompt_windows
     enc = gpt2_encoding()
     toks = [enc.encode(t, allowed_special={'<|endoftext|>'}) for t in texts]
     x, y = prompt_windows(toks, seq_len)
@@ -100,7 +101,7 @@ def input_kind(path):
     [@REVISION], read by hf.py), 'gpt2' (a name in prepare.GPT2_MODELS, or a folder holding
     config.json / model.safetensors) or 'checkpoint' (any other path; a missing file is reported by
     the checkpoint loader). One place for kinds of input."""
-    from prepare import GPT2_MODELS
+    from lab.download import GPT2_MODELS
     if path.startswith('hf:'):
         return 'hf'
     if os.path.isdir(path):
@@ -185,7 +186,8 @@ def load_gpt2_weights(path, args):
     <data root>/gpt2/<name>/ by prepare.fetch_gpt2 (then offline), or a local folder. GPT-2 has no
     validation split of ours, so its windows come from the built-in corpus unless --text is given."""
     from lab.gpt2 import load_gpt2
-    from prepare import ensure_dataset, fetch_gpt2
+    from lab.data import ensure_dataset
+    from lab.download import fetch_gpt2
     folder = path if os.path.isdir(path) else fetch_gpt2(path, args.data_root, args.base_url)
     model, info = load_gpt2(folder, args.device)
     if not args.text:

@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import GPT, RESIDUALS, GPTConfig, option, options
 from lab import runfolder
 from lab.config import ConfigError, check_choices, parse_args, print_help
-from prepare import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, shard_paths, task_mask  # lab.data after the merge
+from lab.data import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, shard_paths, task_mask
 from lab.device import busy_cpu_hint, peak_flops, resolve_device
 from lab.report import residual_info
 from lab.stats import activation_stats

@@ -29,7 +29,7 @@ computes):
   tensors the model's attention module passes to it: after RoPE and QK-norm, k and v repeated to
   every query head under grouped-query attention.
 
-The model's own tokenizer reads --text, and the built-in corpus (prepare.builtin_documents: this
+The model's own tokenizer reads --text, and the built-in corpus (lab.data.builtin_documents: this
 Python's standard library) when there is no text: windows start at the same character offsets of
 the same validation documents for every model (seeded), each tokenised by the model's tokenizer
 and cached under <data_root>/hf/windows/. When the tokenizer puts a BOS token in front of every
@@ -549,7 +549,7 @@ def _ids(tok, text):
 def text_windows(tok, texts, T, prepend):
     """probe.text_windows with the model's tokenizer: each prompt's tokens ([prepend] first when the
     model's tokenizer puts a BOS there), cut to T and to the shortest prompt."""
-    from prepare import prompt_windows
+    from lab.data import prompt_windows
     toks = [([prepend] if prepend is not None else []) + _ids(tok, t) for t in texts]
     x, y = prompt_windows(toks, T)
     data = dict(source='text', dataset=None, shards=[], texts=list(texts), num_seqs=len(texts), seq_len=x.size(1),
@@ -566,11 +566,11 @@ def tokenizer_key(tok):
 
 def builtin_text():
     """(text, document start offsets) of the built-in corpus' validation documents, in order: the
-    documents prepare.build_corpus puts in val (a hash of the name below 0.05), joined."""
-    from prepare import _split_key, builtin_documents
+    documents lab.data.build_corpus puts in val (a hash of the name below VAL_FRACTION), joined."""
+    from lab.data import VAL_FRACTION, builtin_documents, split_key
     parts, starts, n = [], [], 0
     for name, source in builtin_documents():
-        if _split_key(name) >= 0.05:
+        if split_key(name) >= VAL_FRACTION:
             continue
         if not isinstance(source, str):
             data = source.read_bytes()
@@ -595,11 +595,11 @@ def corpus_windows(tok, num_seqs, T, seed, doc_aligned, prepend, sep, data_root=
     passages for every model. Its text is tokenised from there, a document separator (sep, the
     tokenizer's eos, when it has one) between documents; `prepend` (the BOS the tokenizer puts
     before every text, if any) goes first. y is x shifted by one."""
-    from prepare import _data_root
+    from lab.data import data_folder
     key = hashlib.sha256(json.dumps(dict(tokenizer=tokenizer_key(tok), n=num_seqs, T=T, seed=seed,
                                          doc_aligned=doc_aligned, prepend=prepend, sep=sep,
                                          python=platform.python_version(), v=1)).encode())
-    path = os.path.join(_data_root(data_root), 'hf', 'windows', f"builtin_{key.hexdigest()[:16]}.npz")
+    path = os.path.join(data_folder(data_root), 'hf', 'windows', f"builtin_{key.hexdigest()[:16]}.npz")
     if os.path.isfile(path):
         with np.load(path) as f:
             return torch.from_numpy(f['x']).long(), torch.from_numpy(f['y']).long(), path

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Observer
-from prepare import task_mask
+from lab.data import task_mask
 from lab.report import residual_info, short, sublayer_name
 from lab.stats import COND_OTHER, COND_TRIGGER, SINK_EPS, SINK_T, SublayerAccumulator, depth_structure, lower_median
 

@@ -7,7 +7,7 @@ probe.py builds: nothing here runs a model. docs/reference.md §4 defines every 
 import numpy as np
 
 from model import RESIDUALS, WEIGHTINGS
-from prepare import EOT
+from lab.data import EOT
 from lab.stats import MASSIVE_ABS, MASSIVE_REL, SINK_T
 
 DO_NOTHING = {  # the do-nothing channels of attention variants (Observer.on_attention's extra)

@@ -86,7 +86,7 @@ def save_ckpt():
 
 def write_random_shards(data_root, dataset, vocab, n_train, n_val, seed=0):
     """<data_root>/<dataset>/<prefix>_{train,val}_000000.bin of uniform random token ids."""
-    from prepare import DATASETS, write_shard
+    from lab.data import DATASETS, write_shard
     rng = np.random.default_rng(seed)
     folder = os.path.join(str(data_root), dataset)
     os.makedirs(folder, exist_ok=True)

@@ -1,7 +1,7 @@
 """A Hugging-Face-like file server on 127.0.0.1 for download tests (test_prepare, test_gpt2).
 
     server = FileServer({'a.bin': b'...'}, prefix='/kjj0/finewebedu10B-gpt2/resolve/main/')
-    prepare.fetch(server.url + '/kjj0/finewebedu10B-gpt2/resolve/main/a.bin', ...)
+    lab.download.fetch(server.url + '/kjj0/finewebedu10B-gpt2/resolve/main/a.bin', ...)
     server.gets('a.bin')  # -> [('a.bin', None), ('a.bin', 'bytes=65536-')]: every GET and its Range
     server.close()
 

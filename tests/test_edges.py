@@ -16,7 +16,7 @@ here from the formula in docs/reference.md:
   `trigger <= 0.1`, and the per-kind means behind them;
 - model.py (§1.6): the weighting (model.WEIGHTINGS) of every attn_softmax against float64 formulas, with a
   causal mask, slot columns and arbitrary masks, then the whole attention sublayer of GPT by hand;
-- prepare.py (§3.5, §2.3): the trigger generator (answers, ties to the smallest id, p, BOS) against
+- lab/data.py (§3.5, §2.3): the trigger generator (answers, ties to the smallest id, p, BOS) against
   a re-implementation, and Sampler windows with a document boundary at the first and last token of
   a shard;
 - lab/trajectories.py and lab/groups.py (§5): first crossings of 10/100/1000, Holm, the exact permutation p and its floor,
@@ -32,10 +32,9 @@ import numpy as np
 import pytest
 import torch
 
-import prepare
 from lab import groups, measure, stats, trajectories
+from lab.data import TRIGGER_BOS, Sampler, trigger_block, trigger_block_docs, trigger_documents, write_shard
 from model import GPT, WEIGHTINGS, GPTConfig, Observer, attention_mask
-from prepare import Sampler, write_shard
 
 
 def below(x):
@@ -498,7 +497,7 @@ def test_attention_sublayer_by_hand(flags):
 
 
 # ----------------------------------------------------------------------------------------------
-# prepare.py: the trigger generator (docs/reference.md §3.5)
+# lab/data.py: the trigger generator (docs/reference.md §3.5)
 
 def replay_trigger_block(rng, n, V, p, seq_len):
     """The documented generator, one document at a time in plain Python, on the random stream the
@@ -529,10 +528,10 @@ def replay_trigger_block(rng, n, V, p, seq_len):
 @pytest.mark.parametrize('V, p, seq_len', [(4, 0.45, 24), (5, 0.3, 40), (34, 0.06, 64)])
 def test_trigger_block_against_a_replay(V, p, seq_len):
     n = 400
-    got = prepare.trigger_block(np.random.default_rng([7, V]), n, V, p, seq_len)
+    got = trigger_block(np.random.default_rng([7, V]), n, V, p, seq_len)
     want, ties = replay_trigger_block(np.random.default_rng([7, V]), n, V, p, seq_len)
     assert got.dtype == np.uint16 and got.shape == (n, seq_len + 1)
-    assert (got[:, 0] == prepare.TRIGGER_BOS).all() and (got[:, 1:] != prepare.TRIGGER_BOS).all()
+    assert (got[:, 0] == TRIGGER_BOS).all() and (got[:, 1:] != TRIGGER_BOS).all()
     np.testing.assert_array_equal(got, want)
     if V <= 5:
         assert ties >= 100                       # ties are frequent with few symbols: the rule is exercised
@@ -544,7 +543,7 @@ def test_trigger_answers_and_rate_on_tie_heavy_documents():
     never follow a trigger or come before the first content symbol; and the trigger rate among the
     positions that may hold one is p (binomial, 5 sigma)."""
     V, p, seq_len = 4, 0.3, 30
-    docs = np.concatenate(list(prepare.trigger_documents(3000, 'val', vocab_size=V, p=p, seq_len=seq_len, seed=2)))
+    docs = np.concatenate(list(trigger_documents(3000, 'val', vocab_size=V, p=p, seq_len=seq_len, seed=2)))
     assert docs.shape == (3000, seq_len + 1)
     ties = largest_wins = eligible = triggers = 0
     for doc in docs.tolist():
@@ -575,18 +574,18 @@ def test_trigger_documents_blocks_and_splits():
     """Block k of a split is trigger_block on default_rng([seed, split id, k]); document i is the
     same whatever n is."""
     V = 600                                            # 2**22 // 598 = 7013 documents per block
-    block = prepare.trigger_block_docs(V)
-    assert block == 2**22 // (V - 2) and prepare.trigger_block_docs(34) == 8192
-    first = list(prepare.trigger_documents(block + 3, 'train', vocab_size=V, p=0.2, seq_len=6, seed=4))
+    block = trigger_block_docs(V)
+    assert block == 2**22 // (V - 2) and trigger_block_docs(34) == 8192
+    first = list(trigger_documents(block + 3, 'train', vocab_size=V, p=0.2, seq_len=6, seed=4))
     assert [len(b) for b in first] == [block, 3]
-    want = prepare.trigger_block(np.random.default_rng([4, 0, 1]), block, V, 0.2, 6)[:3]
+    want = trigger_block(np.random.default_rng([4, 0, 1]), block, V, 0.2, 6)[:3]
     np.testing.assert_array_equal(first[1], want)
-    val = next(prepare.trigger_documents(5, 'val', vocab_size=V, p=0.2, seq_len=6, seed=4))
-    np.testing.assert_array_equal(val, prepare.trigger_block(np.random.default_rng([4, 1, 0]), block, V, 0.2, 6)[:5])
+    val = next(trigger_documents(5, 'val', vocab_size=V, p=0.2, seq_len=6, seed=4))
+    np.testing.assert_array_equal(val, trigger_block(np.random.default_rng([4, 1, 0]), block, V, 0.2, 6)[:5])
 
 
 # ----------------------------------------------------------------------------------------------
-# prepare.Sampler: document boundaries at the first and last token of a shard (docs/reference.md §2.3)
+# lab.data.Sampler: document boundaries at the first and last token of a shard (docs/reference.md §2.3)
 
 def shard_with(tmp_path, name, n, bos_at, bos=0):
     """A shard of n distinct tokens (so a window is found by its contents) with bos at the given

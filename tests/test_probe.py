@@ -10,7 +10,7 @@ import probe
 from lab import measure, stats
 from keytree import check_keys, documented_keys
 from model import GPT, GPTConfig
-from prepare import write_shard
+from lab.data import write_shard
 
 VOCAB = 512          # small vocabulary: the synthetic val shard only uses ids below it
 T = 96               # > 64, so Sink_1 on the first 64 tokens differs from the full length

@@ -14,7 +14,7 @@ from lab import report
 from lab import groups, trajectories
 from lab.stats import STATS_KEYS
 from keytree import check_keys, documented_keys
-from prepare import write_shard
+from lab.data import write_shard
 
 TBS = 1000           # total_batch_size of the constructed logs: tokens = iter x 1000
 

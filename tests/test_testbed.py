@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-import prepare
 from lab import measure
+from lab.data import TRIGGER, Sampler, build_trigger, dataset_meta, shard_paths, task_mask
 from model import GPT, GPTConfig
 
 V, T = 34, 32     # the trigger language's default vocabulary; documents of 32 symbols after BOS
@@ -17,7 +17,7 @@ V, T = 34, 32     # the trigger language's default vocabulary; documents of 32 s
 @pytest.fixture(scope='module')
 def trigger_root(tmp_path_factory):
     root = tmp_path_factory.mktemp('data')
-    prepare.build_trigger(str(root), seq_len=T, train_docs=2000, val_docs=200)
+    build_trigger(str(root), seq_len=T, train_docs=2000, val_docs=200)
     return str(root)
 
 
@@ -37,7 +37,7 @@ def conditional_sink_model():
         m.wpe.weight.zero_()
         m.wpe.weight[:, 6] = 1
         m.wpe.weight[0, 7] = 1
-        m.wte.weight[prepare.TRIGGER, 5], m.wte.weight[prepare.TRIGGER, 6] = 1, -1
+        m.wte.weight[TRIGGER, 5], m.wte.weight[TRIGGER, 6] = 1, -1
         W = m.sublayers[0].fn.qkv.weight                 # rows: q (0..d-1), k (d..2d-1), v
         W[:2 * d] = 0
         W[0, 6] = 100                                    # head 0, q dim 0
@@ -46,10 +46,10 @@ def conditional_sink_model():
 
 
 def test_the_conditional_sink_is_measured_per_query_kind(trigger_root):
-    meta = prepare.dataset_meta('trigger', trigger_root)
-    x, y = prepare.Sampler(prepare.shard_paths('trigger', 'val', trigger_root), 16, T, 0, doc_aligned=True,
+    meta = dataset_meta('trigger', trigger_root)
+    x, y = Sampler(shard_paths('trigger', 'val', trigger_root), 16, T, 0, doc_aligned=True,
                            bos=meta['bos']).get(0)
-    answers = prepare.task_mask(x, meta)
+    answers = task_mask(x, meta)
     assert answers.any() and (x[:, 0] == meta['bos']).all()
     result, _ = measure.measure(conditional_sink_model(), x, y, task=meta)
     cs = result['attention']['conditional']

@@ -3,7 +3,7 @@ DDP equivalence, the sparsity penalty, non-finite losses, SIGTERM, one run per o
 heal. CPU only, offline.
 
 Training runs go through subprocesses (process behaviour is what matters) on a tiny model and a
-tiny synthetic dataset written with prepare.write_shard, so nothing depends on the builtin build.
+tiny synthetic dataset written with lab.data.write_shard, so nothing depends on the builtin build.
 """
 import glob
 import json
@@ -27,7 +27,7 @@ from lab.config import read_config_file
 from lab.device import busy_cpu_hint, peak_flops
 from lab.runfolder import load_model, read_checkpoint
 from model import GPT, GPTConfig, options
-from prepare import write_shard
+from lab.data import write_shard
 
 VOCAB = 512
 CKPT_KEYS = {'model', 'optimizer', 'scaler', 'model_args', 'config', 'iter_num', 'best_val_loss', 'val_loss',
@@ -625,7 +625,7 @@ def test_eval_windows_do_not_depend_on_batch_size_or_world_size(data_root, tmp_p
     """The evaluation at step 0 gives the same bits at batch_size 1, 2 and 4 (same total_batch_size)
     and on 2 ranks (gloo), for both splits and the aux terms; and it is the mean CE over eval_iters
     micro-batches of train.eval_batch_size(block_size) windows drawn with EVAL_SEED, recomputed here."""
-    from prepare import Sampler
+    from lab.data import Sampler
     args = dict(max_iters=0, eval_iters=3, stats_seqs=0)   # 3 micro-batches: 2 on rank 0, 1 on rank 1
     env = dict(env, GLOO_SOCKET_IFNAME=os.environ.get('GLOO_SOCKET_IFNAME', 'lo'))
     ddp = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import prepare
-from prepare import EOT, Sampler, check_trigger_rule, dataset_meta, read_shard, shard_paths, write_shard
+from lab.data import (EOT, TRIGGER_DEFAULTS, TRIGGER_FLAGS, Sampler, build_trigger, check_trigger_rule, dataset_meta,
+                      ensure_dataset, read_shard, shard_paths, write_shard)
 
 SMALL = ['--trigger_docs', '3000', '--trigger_val_docs', '500']
 META_KEYS = {'dataset', 'tokenizer', 'vocab_size', 'bos', 'trigger', 'content', 'trigger_p', 'seq_len', 'doc_len',
@@ -34,7 +35,7 @@ def split_tokens(root, split):
 def default_root(tmp_path_factory):
     """A build with the default parameters (4.5M tokens, well under a second)."""
     root = tmp_path_factory.mktemp('data')
-    prepare.build_trigger(str(root))
+    build_trigger(str(root))
     return root
 
 # -----------------------------------------------------------------------------
@@ -56,8 +57,8 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, capsys):
 
 
 def test_first_documents_do_not_depend_on_how_many(tmp_path):
-    few = prepare.build_trigger(str(tmp_path / 'few'), train_docs=10, val_docs=3)
-    many = prepare.build_trigger(str(tmp_path / 'many'), train_docs=9000, val_docs=3)  # two streams of 8192
+    few = build_trigger(str(tmp_path / 'few'), train_docs=10, val_docs=3)
+    many = build_trigger(str(tmp_path / 'many'), train_docs=9000, val_docs=3)  # two streams of 8192
     assert few['train_tokens'] == 650 and many['train_tokens'] == 9000 * 65
     for split in ('train', 'val'):
         first = split_tokens(tmp_path / 'few', split)
@@ -66,7 +67,7 @@ def test_first_documents_do_not_depend_on_how_many(tmp_path):
 
 def test_shards_hold_whole_documents_and_a_rebuild_replaces_them(tmp_path):
     root = str(tmp_path)
-    meta = prepare.build_trigger(root, train_docs=1000, val_docs=30, shard_tokens=6500 + 64)  # 100 docs a shard
+    meta = build_trigger(root, train_docs=1000, val_docs=30, shard_tokens=6500 + 64)  # 100 docs a shard
     train = shard_paths('trigger', 'train', root)
     assert len(train) == 10 and len(shard_paths('trigger', 'val', root)) == 1
     assert meta['files'] == [os.path.basename(p) for p in train] + ['trigger_val_000000.bin']
@@ -75,11 +76,11 @@ def test_shards_hold_whole_documents_and_a_rebuild_replaces_them(tmp_path):
         assert len(shard) == 6500 and (shard.reshape(-1, 65)[:, 0] == 0).all()
     assert check_trigger_rule(split_tokens(tmp_path, 'train'), meta)['docs'] == 1000
     sharded = split_tokens(tmp_path, 'train')
-    prepare.build_trigger(root, train_docs=1000, val_docs=30)  # the same documents in one shard
+    build_trigger(root, train_docs=1000, val_docs=30)  # the same documents in one shard
     np.testing.assert_array_equal(split_tokens(tmp_path, 'train'), sharded)
     assert sorted(os.listdir(tmp_path / 'trigger')) == ['meta.json', 'trigger_train_000000.bin',
                                                         'trigger_val_000000.bin']  # old shards and temp gone
-    prepare.build_trigger(root, vocab_size=10, train_docs=5, val_docs=5)
+    build_trigger(root, vocab_size=10, train_docs=5, val_docs=5)
     assert dataset_meta('trigger', root)['vocab_size'] == 10 and len(split_tokens(tmp_path, 'train')) == 5 * 65
 
 # -----------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def test_rule_holds_on_every_document_of_the_default_build(default_root, split):
     dict(vocab_size=34, p=0.01, seq_len=300, seed=5, train_docs=500, val_docs=10),
 ], ids=['tiny', 'big-vocab', 'long'])
 def test_rule_holds_for_other_parameters(tmp_path, params):
-    meta = prepare.build_trigger(str(tmp_path), **params)
+    meta = build_trigger(str(tmp_path), **params)
     for split in ('train', 'val'):
         tokens = split_tokens(tmp_path, split)
         assert check_trigger_rule(tokens, meta)['docs'] == params[f'{split}_docs']
@@ -219,20 +220,20 @@ def test_bad_parameters_one_line_and_nothing_written(tmp_path, capsys, argv, mes
 
 
 def test_python_and_cli_defaults_agree():
-    defaults = {k: v.default for k, v in inspect.signature(prepare.build_trigger).parameters.items()}
-    assert {k: defaults[k] for k in prepare.TRIGGER_DEFAULTS} == prepare.TRIGGER_DEFAULTS
-    assert set(prepare.TRIGGER_DEFAULTS) == set(prepare.TRIGGER_FLAGS)
+    defaults = {k: v.default for k, v in inspect.signature(build_trigger).parameters.items()}
+    assert {k: defaults[k] for k in TRIGGER_DEFAULTS} == TRIGGER_DEFAULTS
+    assert set(TRIGGER_DEFAULTS) == set(TRIGGER_FLAGS)
 
 
 def test_build_trigger_rejects_bad_parameters(tmp_path):
     with pytest.raises(ValueError, match=r'--trigger_p \(p\) must be in \(0, 0.5\), got 0.7'):
-        prepare.build_trigger(str(tmp_path / 'data'), p=0.7)
+        build_trigger(str(tmp_path / 'data'), p=0.7)
     assert not (tmp_path / 'data').exists()
 
 
 def test_dataset_meta(tmp_path):
     root = str(tmp_path)
-    built = prepare.build_trigger(root, vocab_size=10, p=0.1, seq_len=20, seed=7, train_docs=100, val_docs=20)
+    built = build_trigger(root, vocab_size=10, p=0.1, seq_len=20, seed=7, train_docs=100, val_docs=20)
     meta = dataset_meta('trigger', root)
     assert meta == built == json.loads((tmp_path / 'trigger' / 'meta.json').read_text())
     assert set(meta) == META_KEYS
@@ -257,7 +258,7 @@ def test_dataset_meta(tmp_path):
 
 def test_ensure_dataset_builds_trigger_once(tmp_path, capsys):
     root = str(tmp_path)
-    prepare.ensure_dataset('trigger', root)
+    ensure_dataset('trigger', root)
     assert 'trigger: 2 files, 4,526,080 tokens (4,259,840 train, 266,240 val)' in capsys.readouterr().out
     folder = tmp_path / 'trigger'
     stats = {f: (os.stat(folder / f).st_mtime_ns, os.stat(folder / f).st_ino) for f in os.listdir(folder)}
@@ -265,7 +266,7 @@ def test_ensure_dataset_builds_trigger_once(tmp_path, capsys):
     meta = dataset_meta('trigger', root)
     assert {k: meta[k] for k in ('vocab_size', 'trigger_p', 'seq_len', 'seed', 'train_docs', 'val_docs')} == \
         {'vocab_size': 34, 'trigger_p': 0.06, 'seq_len': 64, 'seed': 0, 'train_docs': 2**16, 'val_docs': 4096}
-    prepare.ensure_dataset('trigger', root)  # there already: nothing rebuilt, nothing printed
+    ensure_dataset('trigger', root)  # there already: nothing rebuilt, nothing printed
     assert {f: (os.stat(folder / f).st_mtime_ns, os.stat(folder / f).st_ino) for f in os.listdir(folder)} == stats
     assert capsys.readouterr().out == ''
 
