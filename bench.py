@@ -20,7 +20,7 @@ Prints a table and each model's time relative to the first (ledger/vanilla: ~1.0
 paper's shapes), then one JSON line for scripts. On a GPU, 'step mem' is the peak memory of one step
 minus what was allocated before it (weights and AdamW moments, the 'state' column): activations,
 gradients and the logits; on other devices it is n/a. MFU is given for bf16 on GPUs that
-train.peak_flops knows, n/a otherwise. Bad input: one line on stderr and exit code 2.
+lab.device.peak_flops knows, n/a otherwise. Bad input: one line on stderr and exit code 2.
 """
 
 import argparse
@@ -33,8 +33,10 @@ from contextlib import nullcontext
 import torch
 
 from model import ATTENTION_VARIANTS, GPT, RESIDUALS, GPTConfig, options
+from lab.cli import OneLineParser
 from lab.config import ConfigError, checked, parse_value
 from lab.device import peak_flops, resolve_device
+from lab.measure import measure_overhead
 from lab.training import backward, default_weights, update
 
 PRESETS = {  # n_layer, n_head, n_embd, block_size, batch_size
@@ -46,15 +48,8 @@ SHAPE = ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size')
 FLOOR_MARGIN = 0.10   # the goal: a model's step time within 10 % of its FLOP ratio to the first model's
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, except that bad input raises ValueError: main() reports it in one line, not two."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
 def parse_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog='bench.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', choices=PRESETS, default='tiny', help='shape and batch (overridden by the flags below)')
     for name in SHAPE:
         p.add_argument(f'--{name}', type=int)
@@ -186,7 +181,6 @@ def measure(args, spec):
     info = dict(params=model.num_params(), flops_per_token=model.estimate_flops_per_token(), times=times,
                 state_mem_gib=state_mem, step_mem_gib=step_mem)
     if args.probe:
-        from lab.measure import measure_overhead
         x = torch.randint(0, args.vocab_size, (min(args.batch_size, 8), args.block_size), device=args.device)
         plain, instrumented = measure_overhead(model.eval(), x)
         info['probe'] = dict(plain_s=plain, instrumented_s=instrumented, ratio=instrumented / plain)
@@ -206,9 +200,8 @@ def gib(v):
 def main(argv=None):
     try:
         args = parse_args(argv)
-    except ValueError as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
-        return 2
+    except SystemExit as e:        # --help (0), or bad input: one line on stderr (2)
+        return e.code
     names = [name_of(m) for m in args.models]
     tokens = args.batch_size * args.block_size
     peak = peak_flops(args.device, args.dtype)   # None unless bf16 on a known GPU

@@ -100,9 +100,6 @@ class GPTConfig:
         RESIDUALS[self.residual].check(self)
         WEIGHTINGS[self.attn_softmax].check(self)
 
-    def __repr__(self):
-        return f"GPTConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
-
     def __eq__(self, other):
         return isinstance(other, GPTConfig) and vars(self) == vars(other)
 
@@ -142,12 +139,8 @@ class Residual(nn.Module):
     penalties  train.py key -> (aux term, option(default weight, help)): the loss adds weight x term
                (the key's None means that default on a model that has the term, 0 on one that has not)
     """
-    streams = {}
-    views = {}
+    streams, views, aux, settings, penalties = {}, {}, {}, {}, {}
     decoded = None
-    aux = {}
-    settings = {}
-    penalties = {}
 
     def __init__(self, config, s):
         super().__init__()
@@ -449,11 +442,9 @@ class Observer:
 
 class Attention(nn.Module):
     """Causal self-attention, and the published ways to let a head do nothing (docs/reference.md §1.6):
-    a slot every query can attend to, learned (attn_bias: k', v' per head) or zero (plus_one); a
-    weighting other than softmax (WEIGHTINGS); a sigmoid gate on each head's output (attn_gate).
-    Registers are extra positions in front of the sequence (GPT), not a change here. SDPA computes
-    the fused weightings, with the slot as one more key under an explicit mask; the others, and
-    whatever the probe measures, are computed explicitly (explicit)."""
+    a slot every query sees, learned (attn_bias: k', v' per head) or zero (plus_one); a weighting
+    other than softmax (WEIGHTINGS); a sigmoid gate on each head's output (attn_gate). SDPA computes
+    the fused weightings (the slot as one more key); the others, and what the probe measures, explicit."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -502,10 +493,9 @@ class Attention(nn.Module):
         return F.dropout(self.proj(y), self.dropout, self.training)
 
     def explicit(self, q, k, v, slot, gate, observer):
-        """Attention from explicitly computed weights, in fp32 under autocast (the probe's statistics
-        come from them; bf16 rounds a score near 50 by up to 0.125: its probability by up to 13 %),
-        returned in v's dtype. Hands the weights of the data positions, and what each variant offers
-        a head to do nothing with, to the observer."""
+        """Attention from explicit weights, in fp32 under autocast (bf16 rounds a score near 50 by up to
+        0.125: its probability by up to 13 %), returned in v's dtype; hands the weights of the data
+        positions, and what each variant offers a head to do nothing with, to the observer."""
         T, S, R = q.size(2), 0 if slot is None else 1, self.n_registers
         given = q, k, v                                # the observer gets them as the model computed them
         with torch.autocast(q.device.type, enabled=False):
@@ -618,15 +608,10 @@ class GPT(nn.Module):
             nn.init.ones_(module.weight)
 
     def forward(self, idx, targets=None, observer=None, return_logits=True):
-        """Returns (logits, loss, aux). loss is the cross-entropy only (None without targets); aux
-        holds the operator's auxiliary terms, each averaged over the sublayers: for the ledger
-        aux['commit_rate'], the mean commit gate (differentiable, fp32) that train.py's
-        commit_sparsity penalty multiplies; {} for vanilla.
-
-        return_logits=False gives None for the logits, so that the B x T x V tensor is freed as soon as
-        the loss is computed (training needs only the loss). Token ids are not checked here: that
-        would make the host wait for the device at every call; the data path checks every batch
-        (lab.data.Sampler with vocab_size, the probe's inputs) and generate() its prompt."""
+        """(logits, loss, aux): loss is the cross-entropy only (None without targets); aux holds the
+        operator's aux terms averaged over the sublayers (the ledger's commit_rate, differentiable,
+        which the penalty multiplies). return_logits=False frees the B x T x V logits at once. Token
+        ids are not checked here (the host would wait for the device): the data path checks them."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")

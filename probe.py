@@ -43,19 +43,23 @@ The key trees of probe.json and trajectory.json: docs/reference.md §4.10.
 """
 
 import contextlib
+import glob
 import json
 import os
 import re
 import sys
 
+from lab import hf, runfolder
+from lab.cli import OneLineParser
+from lab.data import EOT, Sampler, dataset_meta, ensure_dataset, gpt2_encoding, prompt_windows, shard_paths, task_mask
 from lab.device import resolve_device
+from lab.download import GPT2_MODELS, fetch_gpt2
+from lab.gpt2 import load_gpt2
+from lab.groups import group_statistics, groups_text
 from lab.measure import measure, n_batches, run_interventions
 from lab.plots import plot_checkpoint, plot_groups, plot_overlay, plot_trajectories   # matplotlib loads on first use
-from lab.groups import group_statistics, groups_text
-from lab.trajectories import THRESHOLDS, jsonable, read_run, trajectory_text, write_trajectories
-from lab.cli import OneLineParser
-from lab.data import EOT, task_mask
 from lab.report import comparison, comparison_text, model_kind, report
+from lab.trajectories import THRESHOLDS, jsonable, read_run, trajectory_text, write_trajectories
 
 # ----------------------------------------------------------------------------------------------
 # Data
@@ -66,7 +70,6 @@ def val_windows(ckpt, num_seqs, seq_len, seed, doc_aligned=False):
     dataset, the same for every checkpoint trained on that dataset. The dataset's meta.json says
     which token starts a document and whether windows must start there (the trigger language);
     a dataset with a task (the trigger language) is recorded as data['task'], its meta.json."""
-    from lab.data import Sampler, dataset_meta, shard_paths
     cfg = ckpt.get('config') or {}
     if not isinstance(cfg, dict) or not cfg.get('dataset'):
         raise ValueError("the checkpoint's config names no dataset; pass --text \"...\" prompts instead")
@@ -84,7 +87,6 @@ def val_windows(ckpt, num_seqs, seq_len, seed, doc_aligned=False):
 def text_windows(texts, seq_len):
     """The prompts tokenised with GPT-2 BPE (<|endoftext|> allowed), truncated to seq_len and to the
     shortest prompt so they stack; targets are the next tokens, -1 after the last one."""
-    from lab.data import gpt2_encoding, prompt_windows
     enc = gpt2_encoding()
     toks = [enc.encode(t, allowed_special={'<|endoftext|>'}) for t in texts]
     x, y = prompt_windows(toks, seq_len)
@@ -101,17 +103,16 @@ def input_kind(path):
     [@REVISION], read by hf.py), 'gpt2' (a name in prepare.GPT2_MODELS, or a folder holding
     config.json / model.safetensors) or 'checkpoint' (any other path; a missing file is reported by
     the checkpoint loader). One place for kinds of input."""
-    from lab.download import GPT2_MODELS
     if path.startswith('hf:'):
         return 'hf'
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, 'log.jsonl')):
+        if os.path.isfile(os.path.join(path, runfolder.LOG)):
             return 'run'
         if any(os.path.isfile(os.path.join(path, f)) for f in ('config.json', 'model.safetensors')):
             return 'gpt2'  # model.load_gpt2 names the file that is missing
         raise ValueError(f"{path}: a folder with neither log.jsonl (a training run) nor config.json and "
                          f"model.safetensors (GPT-2 weights); give a run's out_dir, a checkpoint file "
-                         f"(e.g. {os.path.join(path, 'ckpt.pt')}) or a GPT-2 folder")
+                         f"(e.g. {os.path.join(path, runfolder.CKPT)}) or a GPT-2 folder")
     if path.endswith('.jsonl'):
         return 'run'
     if not os.path.exists(path):
@@ -139,17 +140,16 @@ def unique_names(bases):
 def checkpoint_names(paths):
     """Short unique names: the folder for .../NAME/ckpt.pt, NAME_i000100 for the snapshot
     .../NAME/snapshots/ckpt_000100.pt, else the file stem."""
-    from lab.hf import short_name
     bases = []
     for p in map(os.path.normpath, paths):   # a folder's trailing / would leave no base name
         if p.startswith('hf:'):
-            bases.append(short_name(p))
+            bases.append(hf.short_name(p))
             continue
         stem = os.path.basename(p) if os.path.isdir(p) else os.path.splitext(os.path.basename(p))[0]
         folder = os.path.dirname(os.path.abspath(p))
         parent = os.path.basename(folder)
         snap = re.fullmatch(r'ckpt_(\d+)', stem)
-        if snap and parent == 'snapshots':
+        if snap and parent == runfolder.SNAPSHOTS:
             run = os.path.basename(os.path.dirname(folder))
             bases.append(f"{run}_i{snap.group(1)}" if run else f"i{snap.group(1)}")
         else:
@@ -171,9 +171,8 @@ def run_names(paths):
 
 def load_checkpoint(path, args):
     """(model, checkpoint dict without the weights) of a train.py checkpoint."""
-    from lab.runfolder import load_model
     try:
-        model, ckpt = load_model(path, args.device, trust=args.trust_checkpoint)
+        model, ckpt = runfolder.load_model(path, args.device, trust=args.trust_checkpoint)
     except (TypeError, AttributeError, KeyError) as e:
         raise ValueError(f"{path}: not a train.py checkpoint ({type(e).__name__}: {e})") from None
     except RuntimeError as e:
@@ -185,9 +184,6 @@ def load_gpt2_weights(path, args):
     """(model, checkpoint-like dict) of OpenAI GPT-2 weights: a model name, fetched once into
     <data root>/gpt2/<name>/ by prepare.fetch_gpt2 (then offline), or a local folder. GPT-2 has no
     validation split of ours, so its windows come from the built-in corpus unless --text is given."""
-    from lab.gpt2 import load_gpt2
-    from lab.data import ensure_dataset
-    from lab.download import fetch_gpt2
     folder = path if os.path.isdir(path) else fetch_gpt2(path, args.data_root, args.base_url)
     model, info = load_gpt2(folder, args.device)
     if not args.text:
@@ -203,7 +199,6 @@ def load(path, args, check_only=False):
     """(model, ckpt, x, y, data) or a ValueError/OSError/RuntimeError with one line. check_only: an
     hf: input is checked without loading its weights (None); other inputs are loaded as usual."""
     if input_kind(path) == 'hf':
-        from lab import hf
         return hf.load(path, args, check_only)
     model, ckpt = (load_gpt2_weights if input_kind(path) == 'gpt2' else load_checkpoint)(path, args)
     T = args.seq_len or model.config.block_size
@@ -252,7 +247,6 @@ def probe_checkpoint(path, name, args, loaded=None):
 def parse_groups(specs):
     """--group NAME=a.pt,b.pt,... (repeatable) -> {name: [paths]} in command-line order. An item
     with * ? or [ that is not a file is a glob pattern (quote it so that the shell leaves it)."""
-    import glob
     groups, owner = {}, {}
     for spec in specs:
         name, sep, rest = spec.partition('=')
@@ -334,8 +328,7 @@ def check_inputs(args):
     groups = parse_groups(args.group) if args.group else None
     if groups and args.inputs:
         raise ValueError(f"give checkpoints either as arguments ({args.inputs[0]}, ...) or in --group, not both")
-    from lab.hf import expand
-    paths = [q for members in groups.values() for q in members] if groups else expand(args.inputs)
+    paths = [q for members in groups.values() for q in members] if groups else hf.expand(args.inputs)
     if not paths:
         raise ValueError("nothing to probe: give checkpoint files, training runs (an out_dir holding log.jsonl), "
                          "or --group NAME=a.pt,b.pt")
@@ -350,7 +343,7 @@ def check_inputs(args):
                              f"separately: `probe.py RUN_DIR ...` for trajectories, `probe.py CKPT.pt ...` for models")
         seen = {}
         for q in paths:
-            key = os.path.realpath(os.path.join(q, 'log.jsonl') if os.path.isdir(q) else q)
+            key = os.path.realpath(os.path.join(q, runfolder.LOG) if os.path.isdir(q) else q)
             if key in seen:
                 raise ValueError(f"{q} and {seen[key]} are the same log; give each run once")
             seen[key] = q
@@ -409,8 +402,7 @@ def main_checkpoints(paths, names, first, groups, args):
         print()
         if not groups:
             files += plot_overlay(results, args.out)
-            from lab.hf import revision_trajectories     # hf: revisions of one model, drawn as a training run
-            files += revision_trajectories(results, args.out, vars(args))
+            files += hf.revision_trajectories(results, args.out, vars(args))
     stats = None
     if groups:
         stats = group_statistics(results, groups)

@@ -26,8 +26,6 @@ lab/runfolder.py. Exit codes: 0 done (also after Ctrl-C or SIGTERM), 2 bad confi
 3 non-finite loss, 130 stopped at once by a second Ctrl-C (nothing saved since the last checkpoint).
 """
 
-import contextlib
-import datetime
 import itertools
 import math
 import os
@@ -45,7 +43,7 @@ from model import GPT, RESIDUALS, GPTConfig, option, options
 from lab import runfolder
 from lab.config import ConfigError, check_choices, parse_args, print_help
 from lab.data import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, shard_paths, task_mask
-from lab.device import busy_cpu_hint, peak_flops, resolve_device
+from lab.device import busy_cpu_hint, peak_flops, setup
 from lab.report import residual_info
 from lab.stats import activation_stats
 from lab.training import StopSignals, backward, format_time, rng_states, set_rng_states, update
@@ -56,33 +54,27 @@ from lab.training import StopSignals, backward, format_time, rng_states, set_rng
 
 DEFAULTS = dict(
     # I/O
-    out_dir=option('out', "folder for ckpt.pt and log.jsonl (written by rank 0 only)"),
+    out_dir=option('out', "folder of the run: ckpt.pt, log.jsonl, snapshots/ (rank 0 writes; lab/runfolder.py)"),
     eval_interval=option(10, "evaluate and checkpoint every this many steps (and at the last step)"),
     log_interval=option(10, "print and log the training loss every this many steps"),
-    eval_iters=option(4, "micro-batches per split in an evaluation, each of max(1, 2048 // block_size) fixed windows "
-                         "whatever batch_size (see eval_batch_size), shared out over the ranks"),
+    eval_iters=option(4, "evaluation micro-batches per split, each of eval_batch_size(block_size) fixed windows"),
     eval_only=option(False, "evaluate once (e.g. a resumed checkpoint) and exit, writing no checkpoint"),
-    always_save_checkpoint=option(True, "checkpoint at every evaluation; False: only when val loss improves "
-                                        "(nanoGPT). A SIGTERM always saves"),
-    snapshot_interval=option(0, "also keep weights-only snapshots out_dir/snapshots/ckpt_<iter, 6 digits>.pt every "
-                                "this many steps, from step 0 to the last (0: off); probe.py reads them"),
-    init_from=option('scratch', "'scratch' or 'resume' (continue from out_dir/ckpt.pt). A scratch run stops if "
-                                "out_dir already holds a run (see overwrite)", choices=('scratch', 'resume')),
-    overwrite=option(False, "init_from='scratch' into an out_dir that holds a run: remove that run's files first "
-                            "(ckpt.pt, log.jsonl, log.jsonl.bad, snapshots/ckpt_*.pt, temp files; nothing else). "
-                            "False: stop with one line instead. Never taken from a checkpoint"),
-    trust_checkpoint=option(False, "resume from a checkpoint that holds pickled Python objects (which can run code), "
-                                   "e.g. one written by an older version of this repo. Only for files you trust"),
+    always_save_checkpoint=option(True, "checkpoint at every evaluation; False: only when val loss improves"),
+    snapshot_interval=option(0, "also keep weights-only snapshots/ckpt_<iter>.pt every this many steps (0: off)"),
+    init_from=option('scratch', "'scratch' or 'resume' (out_dir/ckpt.pt)", choices=('scratch', 'resume')),
+    overwrite=option(False, "a scratch run into an out_dir that holds a run: remove that run's files first "
+                            "(else: stop with one line). Never taken from a checkpoint"),
+    trust_checkpoint=option(False, "resume from a checkpoint holding pickled objects (which can run code): "
+                                   "only for files you trust, e.g. your own from an older version"),
     wandb_log=option(False, "also log to Weights & Biases (imported only when True)"),
     wandb_project=option('ledger-residuals', "wandb project"),
     wandb_run_name=option(None, "wandb run name (None: wandb picks one)", (str, type(None))),
     # data
-    dataset=option('builtin', "'builtin' (offline, built on first use), 'finewebedu10B', 'fineweb10B', 'text' or "
-                              "'trigger' (see prepare.py)"),
-    data_root=option(None, "where the datasets live (None: $LEDGER_DATA or data/ next to prepare.py)",
-                     (str, type(None))),
-    doc_aligned=option(None, "start every training window at a document start (its bos token); None: as the "
-                             "dataset's meta.json says (the trigger language: yes; text: no)", (bool, type(None))),
+    dataset=option('builtin', "'builtin', 'trigger' (offline, built on first use), 'finewebedu10B', 'fineweb10B', "
+                              "'text' (prepare.py)"),
+    data_root=option(None, "where the datasets live (None: $LEDGER_DATA or data/)", (str, type(None))),
+    doc_aligned=option(None, "windows start at a document (its bos); None: as the dataset's meta.json says",
+                       (bool, type(None))),
     total_batch_size=option(16 * 128, "tokens per optimizer step, summed over ranks and micro-steps"),
     batch_size=option(16, "micro-batch: sequences per forward pass on each rank"),
     # optimizer: AdamW, and its learning-rate schedule
@@ -98,16 +90,15 @@ DEFAULTS = dict(
     lr_decay_iters=option(None, "step at which the cosine reaches min_lr (None: max_iters)", (int, type(None))),
     min_lr=option(None, "final learning rate (None: 0.1 * learning_rate)", (float, type(None))),
     target_val_loss=option(None, "stop (after saving) once val loss <= this (None: off)", (float, type(None))),
-    stats_seqs=option(4, "val sequences for the massive-activation statistics logged at each eval (0: off)"),
+    stats_seqs=option(4, "val sequences of the activation statistics logged at each eval (0: off)"),
     # system
     device=option('auto', "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'"),
-    dtype=option('auto', "'auto' (bfloat16 autocast on CUDA if supported, else float32), 'float32', 'bfloat16' or "
-                         "'float16' (with a gradient scaler)", choices=('auto', 'float32', 'bfloat16', 'float16')),
-    compile=option('auto', "torch.compile the model: 'auto' (on for CUDA only), True or False", (str, bool),
+    dtype=option('auto', "'auto' (bf16 autocast on CUDA if supported, else float32), 'float32', 'bfloat16', "
+                         "'float16'", choices=('auto', 'float32', 'bfloat16', 'float16')),
+    compile=option('auto', "torch.compile the model: 'auto' (CUDA only), True or False", (str, bool),
                    choices=('auto', True, False)),
     seed=option(1337, "seed of the model init, the batches and the dropout masks"),
-    ddp_timeout=option(30.0, "minutes a rank waits for the others at a collective (the dataset build, checkpoint "
-                             "barriers) before torch.distributed gives up"),
+    ddp_timeout=option(30.0, "minutes a rank waits for the others at a collective before giving up"),
     debug_nan_at_iter=option(None, "test hook: make the loss NaN at this step", (int, type(None))),
 )
 # The laptop demo (`python train.py`): the model's defaults except these. vocab_size None: the dataset's.
@@ -269,35 +260,13 @@ def get_lr(it, cfg):
 
 
 def setup_device(cfg):
-    """A namespace of where this rank runs: ddp, rank, world_size, master, device, dtype, compile,
-    device_type, autocast. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    env = os.environ
-    r = types.SimpleNamespace(ddp='RANK' in env, rank=int(env.get('RANK', 0)), world_size=int(env.get('WORLD_SIZE', 1)))
-    r.master, local_rank = r.rank == 0, int(env.get('LOCAL_RANK', 0))
+    """Where this rank runs (lab.device.setup: torchrun's rank and world, device, dtype, autocast,
+    the process group), and its micro-steps per optimizer step."""
     try:
-        r.device, r.dtype, r.compile = resolve_device(cfg.device, cfg.dtype, cfg.compile)
+        r = setup(cfg.device, cfg.dtype, cfg.compile, cfg.ddp_timeout)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if r.device.startswith('cuda'):
-        if r.ddp and r.device != 'cuda':
-            raise ConfigError(f"device={cfg.device!r}: under torchrun use device='cuda' (each rank takes cuda:LOCAL_RANK)")
-        r.device = f'cuda:{local_rank}' if r.ddp else ('cuda:0' if r.device == 'cuda' else r.device)
-        torch.cuda.set_device(r.device)
-    elif r.device == 'mps' and r.ddp:
-        raise ConfigError("device='mps' is not available under torchrun")
-    r.device_type = r.device.split(':')[0]
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[r.dtype]
-    r.autocast = contextlib.nullcontext() if r.dtype == 'float32' else torch.autocast(r.device_type, dtype=ptdtype)
-    if r.device_type == 'cuda':
-        torch.set_float32_matmul_precision('high')  # TF32 for the fp32 matmuls
-    else:
-        torch.use_deterministic_algorithms(True, warn_only=True)  # exact resume on CPU
-    if r.ddp:  # ddp_timeout bounds every wait, e.g. for rank 0 building the dataset or writing a checkpoint
-        dist.init_process_group('nccl' if r.device_type == 'cuda' else 'gloo',
-                                device_id=torch.device(r.device) if r.device_type == 'cuda' else None,
-                                timeout=datetime.timedelta(minutes=cfg.ddp_timeout))
     r.grad_accum = grad_accum_steps(cfg, r.world_size)
-    r.local_rank = local_rank
     return r
 
 

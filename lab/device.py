@@ -1,11 +1,16 @@
 """
 Where the work runs: the device, dtype and compile choice that train.py, probe.py and bench.py
-share, the GPU peak FLOP/s behind MFU, and a hint for CPUs that other processes keep busy.
+share, a training rank's setup under torchrun, the GPU peak FLOP/s behind MFU, and a hint for CPUs
+that other processes keep busy.
 """
+import contextlib
+import datetime
 import os
 import re
+import types
 
 import torch
+import torch.distributed as dist
 
 
 def resolve_device(device='auto', dtype='auto', compile='auto'):
@@ -25,6 +30,38 @@ def resolve_device(device='auto', dtype='auto', compile='auto'):
     if compile == 'auto':
         compile = kind == 'cuda'
     return device, dtype, compile
+
+
+def setup(device='auto', dtype='auto', compile='auto', ddp_timeout=30.0):
+    """A namespace of where this training rank runs: ddp, rank, local_rank, world_size, master
+    (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE), device (cuda:LOCAL_RANK under torchrun), dtype,
+    compile, device_type, autocast; TF32 matmuls on CUDA, deterministic algorithms on the CPU (exact
+    resume); the process group, whose ddp_timeout (minutes) bounds every wait for the other ranks.
+    ValueError (one line) for a device that cannot run."""
+    env = os.environ
+    r = types.SimpleNamespace(ddp='RANK' in env, rank=int(env.get('RANK', 0)), local_rank=int(env.get('LOCAL_RANK', 0)),
+                              world_size=int(env.get('WORLD_SIZE', 1)))
+    r.master = r.rank == 0
+    r.device, r.dtype, r.compile = resolve_device(device, dtype, compile)
+    if r.device.startswith('cuda'):
+        if r.ddp and r.device != 'cuda':
+            raise ValueError(f"device={device!r}: under torchrun use device='cuda' (each rank takes cuda:LOCAL_RANK)")
+        r.device = f'cuda:{r.local_rank}' if r.ddp else ('cuda:0' if r.device == 'cuda' else r.device)
+        torch.cuda.set_device(r.device)
+    elif r.device == 'mps' and r.ddp:
+        raise ValueError("device='mps' is not available under torchrun")
+    r.device_type = r.device.split(':')[0]
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[r.dtype]
+    r.autocast = contextlib.nullcontext() if r.dtype == 'float32' else torch.autocast(r.device_type, dtype=ptdtype)
+    if r.device_type == 'cuda':
+        torch.set_float32_matmul_precision('high')  # TF32 for the fp32 matmuls
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # exact resume on CPU
+    if r.ddp:
+        dist.init_process_group('nccl' if r.device_type == 'cuda' else 'gloo',
+                                device_id=torch.device(r.device) if r.device_type == 'cuda' else None,
+                                timeout=datetime.timedelta(minutes=ddp_timeout))
+    return r
 
 
 # dense (no sparsity: half the datasheets' headline) bf16 tensor-core peak FLOP/s, by

@@ -51,6 +51,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lab.data import VAL_FRACTION, builtin_documents, data_folder, prompt_windows, split_key
+from lab.plots import plot_trajectories
+from lab.trajectories import THRESHOLDS, channel_history, first_crossings, write_trajectories
+
 PREFIX = 'hf:'
 ATTN = 'ledger_probe'          # the name our attention function is registered under
 DEFAULT_T = 1024               # window length unless --seq_len: contexts of 4k-128k tokens are probed at GPT-2's
@@ -549,7 +553,6 @@ def _ids(tok, text):
 def text_windows(tok, texts, T, prepend):
     """probe.text_windows with the model's tokenizer: each prompt's tokens ([prepend] first when the
     model's tokenizer puts a BOS there), cut to T and to the shortest prompt."""
-    from lab.data import prompt_windows
     toks = [([prepend] if prepend is not None else []) + _ids(tok, t) for t in texts]
     x, y = prompt_windows(toks, T)
     data = dict(source='text', dataset=None, shards=[], texts=list(texts), num_seqs=len(texts), seq_len=x.size(1),
@@ -567,7 +570,6 @@ def tokenizer_key(tok):
 def builtin_text():
     """(text, document start offsets) of the built-in corpus' validation documents, in order: the
     documents lab.data.build_corpus puts in val (a hash of the name below VAL_FRACTION), joined."""
-    from lab.data import VAL_FRACTION, builtin_documents, split_key
     parts, starts, n = [], [], 0
     for name, source in builtin_documents():
         if split_key(name) >= VAL_FRACTION:
@@ -595,7 +597,6 @@ def corpus_windows(tok, num_seqs, T, seed, doc_aligned, prepend, sep, data_root=
     passages for every model. Its text is tokenised from there, a document separator (sep, the
     tokenizer's eos, when it has one) between documents; `prepend` (the BOS the tokenizer puts
     before every text, if any) goes first. y is x shifted by one."""
-    from lab.data import data_folder
     key = hashlib.sha256(json.dumps(dict(tokenizer=tokenizer_key(tok), n=num_seqs, T=T, seed=seed,
                                          doc_aligned=doc_aligned, prepend=prepend, sep=sep,
                                          python=platform.python_version(), v=1)).encode())
@@ -744,7 +745,6 @@ def load(spec, args, check_only=False):
 def revision_runs(results):
     """runs.py's run dicts (trajectory.json) for the hf: results that are revisions with a step of
     one repo or folder (at least two steps), ordered by step: the revision's step is the run's iter."""
-    from lab.trajectories import channel_history, first_crossings
     by_repo = {}
     for r in results:
         w = r.get('weights') or {}
@@ -784,7 +784,6 @@ def revision_runs(results):
 
 
 def revision_text(runs):
-    from lab.trajectories import THRESHOLDS
     lines = []
     for run in runs:
         tps = run['total_batch_size']
@@ -807,8 +806,6 @@ def revision_trajectories(results, out_dir, args):
     runs = revision_runs(results)
     if not runs:
         return []
-    from lab.plots import plot_trajectories
-    from lab.trajectories import THRESHOLDS, write_trajectories
     print(revision_text(runs))
     print()
     files = plot_trajectories(runs, out_dir, THRESHOLDS, x='iters')

@@ -268,3 +268,20 @@ def read_log(path):
             raise ValueError(f"{path}: line {i} is not a log event (a JSON object with an 'event' key)")
         events.append((i, ev))
     return events, cut
+
+
+def state(out_dir):
+    """'finished' (its log's last record is a stop at max_iters), 'resumable' (a checkpoint is there)
+    or 'new': what a script that (re)starts a set of runs does with this folder."""
+    log = os.path.join(out_dir, LOG)
+    if os.path.isfile(log):
+        events, _ = read_log(log)
+        last = events[-1][1] if events else {}
+        if last.get('event') == 'stop' and last.get('reason') == 'max_iters':
+            return 'finished'
+    return 'resumable' if os.path.isfile(os.path.join(out_dir, CKPT)) else 'new'
+
+
+if __name__ == '__main__':   # for shell scripts (results/train_run.sh): python -m lab.runfolder DIR
+    import sys
+    print(state(sys.argv[1]))
