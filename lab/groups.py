@@ -1,30 +1,25 @@
 """
-Groups of runs (seeds), for probe.py --group and the studies (lab/study.py): per group the mean
-and sample std of each headline metric, and for each pair of groups the interval, tests and effect
-size below. Plain numpy/scipy over numbers already measured: no model is run here.
+Groups of runs (seeds): the statistics that probe.py --group reports and that a study's analysis
+(lab/study.py) is built from (docs/reference.md §5). Plain numpy/scipy over numbers already
+measured: no model is run here.
 
---group NAME=CKPT,CKPT,... (repeatable, in place of the INPUTs; a quoted glob such as
-'out/vanilla_s*/ckpt.pt' is expanded): every checkpoint is probed as usual (its report is printed;
-its own PNGs are skipped), then per group the mean and sample std over runs of the headline numbers
-(group_metrics: max top1/median, bos_concentration, start_mass, start_mass_dominant, persistence per
-stream; Sink_1 at T=64; val loss). For each pair of groups A, B (A listed first) and each metric,
-with d = mean(B) - mean(A) (compare(); scipy.stats, imported on first use):
-- Welch's t interval of d at 95% and Welch's two-sided p (welch: unequal variances, df by
-  Welch-Satterthwaite; scipy.stats.ttest_ind(b, a, equal_var=False)) -- the headline interval. At 3
-  runs per group it covers the true difference about 95% of the time for normal data; a percentile
-  bootstrap covers it only about 80% of the time (tests/test_runs.py simulates both).
-- the two-sided permutation p of |d| (permutation_p, scipy.stats.permutation_test): exact over all
-  C(n_A + n_B, n_A) splits of the runs when there are at most 10,000, else 10,000 random
-  permutations with seed 0; the output says which. Its smallest possible value is 2/20 = 0.1 at
-  3 vs 3 and 2/252 at 5 vs 5: with few runs it cannot be small, whatever the data.
-- Holm-Bonferroni (holm) over the metrics of one pair of groups that have a p: p_holm adjusts Welch's
-  p, p_perm_holm the permutation p. Sorted ascending, p_adj(i) = max_{j <= i} min(1, (m - j + 1) p(j)).
-- Hedges' g (hedges_g): d / s_pooled with the small-sample factor 1 - 3 / (4 (n_A + n_B) - 9).
-- a BCa bootstrap interval (bca_ci, scipy.stats.bootstrap, seed 0) as a second column only when each
-  group has at least 8 runs; None below that.
-A group of one run gets its value, no std, no interval and no test; with fewer than 3 runs in a group
-the output says that its intervals and tests are weak; when neither group has any spread, Welch's
-interval and p are undefined (None, with a note).
+Every metric has a scale (METRICS): positive, heavy-tailed metrics (ratios, shares of mass) are
+analysed on the log scale, where runs are closer to normal, and a comparison of groups A and B is
+the ratio of geometric means B / A; counts on log(1 + m); bounded metrics (accuracy, loss, a
+difference of attention weights) on their own scale, as the difference of means B - A. Per pair
+and metric, on its scale:
+- Welch's 95 % interval (scipy.stats.ttest_ind, unequal variances), back-transformed: it covers the
+  true value >= 93 % of the time at 3-10 runs a group on normal data and on lognormal data with
+  unequal spread (tests/test_study.py simulates it), where Welch on the raw values of a lognormal
+  metric covers ~70 %;
+- the two-sided permutation p of |mean t(B) - mean t(A)|: exact over every split of the runs up to
+  MAX_EXACT splits (its floor is 2/20 = 0.1 at 3 vs 3, 2/252 at 5 vs 5, 2/184,756 at 10 vs 10), else
+  PERMUTATIONS random relabellings with a fixed seed; the output says which;
+- Hedges' g on the scale.
+probe.py --group is exploration: its p-values are Holm-adjusted over the metrics of each pair only
+(p_perm_holm), and nothing it prints is a finding. A study declares its primary endpoints first and
+adjusts over all of them (lab/study.py). A group of one run gets its value and no interval or test;
+below 3 runs a group the output says its intervals and tests are weak.
 """
 import math
 
@@ -32,12 +27,45 @@ import numpy as np
 
 LEVEL = 0.95               # of every interval
 STATS_SEED = 0             # fixed seed of all resampling, so a report can be reproduced exactly
-MAX_EXACT = 10_000         # enumerate every split of the runs when there are at most this many ...
+MAX_EXACT = 200_000        # enumerate every split of the runs when there are at most this many (10 vs 10: 184,756) ...
 PERMUTATIONS = 10_000      # ... else this many random permutations
 MIN_RUNS = 3               # fewer runs in a group: the output says that its intervals and tests are weak
-BCA_MIN_RUNS = 8           # the BCa bootstrap column needs this many runs in each group
-BCA_RESAMPLES = 9_999      # bootstrap resamples of the BCa interval
-ALPHA = 0.05               # the text and groups.png mark Holm-adjusted p below this
+ALPHA = 0.05               # the text and groups.png mark adjusted p below this
+
+# scale -> (transform, back-transform of a mean); estimates: exp of the difference of means for the log scales
+SCALES = {'log': (np.log, np.exp), 'log1p': (np.log1p, np.expm1), 'raw': (lambda v: v, lambda v: v)}
+
+# the per-run metrics groups compare (group_metrics), their scale and what they are; '[S] name' is
+# stream S's summary value, '[decoded]' the stream the model's head reads (h, C, ...)
+STREAM_METRICS = {
+    'outlier_ratio': ('log', "top1/median, max over the sublayers whose RMS is >= 0.1 x the last one's (§4.3)"),
+    'top1_median_last': ('log', "top1/median at the last sublayer (for the decoded stream: what the head reads)"),
+    'start_mass_last': ('log', "share of |x| on position 0 at the last sublayer (1/T when uniform)"),
+    'start_mass': ('log', "share of |x| on position 0 at peak_layer"),
+    'start_mass_dominant': ('log', "share of the dominant channel's |x| on position 0 at peak_layer"),
+    'bos_concentration': ('log', "dominant channel's |x| at position 0 / its mean, at peak_layer"),
+    'persistence': ('raw', "share of sublayers whose top channel is the dominant one"),
+    'n_massive': ('log1p', "census-massive entries (|x| > 100 and >= 1000 x median), all sublayers"),
+}
+MODEL_METRICS = {
+    'task_acc': ('raw', "argmax accuracy on the answers (trigger testbed)"),
+    'val_loss': ('raw', "cross-entropy on the probe windows"),
+    'cond_sink_gap': ('raw', "conditional sink: largest (other - trigger) attention on position 0 over heads"),
+    'cond_sink_heads': ('log1p', "heads with other >= 0.5 and trigger <= 0.1 (of L x H)"),
+    'sink1_prefix': ('raw', "Sink_1 % at T = 64 (Gu et al.)"),
+}
+
+
+def scale_of(metric):
+    """The scale a metric is analysed on ('raw' for the do-nothing channels and anything unlisted)."""
+    name = metric.split('] ', 1)[-1]
+    return (STREAM_METRICS.get(name) or MODEL_METRICS.get(name) or ('raw',))[0]
+
+
+def clean(values, scale='raw'):
+    """The finite values the scale can take (log: > 0; log1p: > -1), as an array."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    return v[v > 0] if scale == 'log' else v[v > -1] if scale == 'log1p' else v
 
 
 def _seeded(fn, seed):
@@ -123,184 +151,188 @@ def hedges_g(a, b):
     return float((b.mean() - a.mean()) / math.sqrt(s2) * (1 - 3 / (4 * (na + nb) - 9)))
 
 
-def _diff(x, y, axis=-1):
-    return np.mean(y, axis=axis) - np.mean(x, axis=axis)
-
-
-def bca_ci(a, b, level=LEVEL, resamples=BCA_RESAMPLES, seed=STATS_SEED, min_runs=BCA_MIN_RUNS):
-    """BCa bootstrap interval of mean(b) - mean(a), runs resampled within each group
-    (scipy.stats.bootstrap, method 'BCa', fixed seed). None unless each group has at least min_runs
-    runs (below that, bootstrap intervals of a mean are too narrow), or when the interval is
-    undefined (no spread)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) < min_runs or len(b) < min_runs or (_no_spread(a) and _no_spread(b)):
-        return None
+def interval(a, b, scale='raw', level=LEVEL):
+    """Welch's interval of B against A on a scale, vectorised: the runs on the last axis of a and b.
+    (low, high), back-transformed: for the log scales the interval of the ratio of geometric means
+    (of 1 + m for log1p), for 'raw' that of the difference of means (scipy's ttest_ind)."""
     import warnings
     from scipy import stats
-    with warnings.catch_warnings():        # a degenerate bootstrap distribution warns and gives nan
-        warnings.simplefilter('ignore', RuntimeWarning)
-        warnings.simplefilter('ignore', getattr(stats, 'DegenerateDataWarning', RuntimeWarning))
-        ci = stats.bootstrap((a, b), _diff, vectorized=True, method='BCa', confidence_level=level,
-                             n_resamples=resamples, **_seeded(stats.bootstrap, seed)).confidence_interval
-    if not (math.isfinite(ci.low) and math.isfinite(ci.high)):
-        return None
-    return [float(ci.low), float(ci.high)]
+    f, inv = SCALES[scale][0], (np.exp if scale != 'raw' else SCALES[scale][1])
+    with warnings.catch_warnings():     # a group whose values are all equal has variance 0
+        warnings.filterwarnings('ignore', 'Precision loss', RuntimeWarning)
+        ci = stats.ttest_ind(f(np.asarray(b, float)), f(np.asarray(a, float)), equal_var=False,
+                             axis=-1).confidence_interval(level)
+    return inv(ci.low), inv(ci.high)
 
 
-def compare(a, b, ga='A', gb='B'):
-    """One metric, groups ga (values a) and gb (values b; None and non-finite values dropped): the
-    pair entry of probe.json's groups (without the Holm-adjusted p-values, which need every metric
-    of the pair: group_statistics adds them)."""
-    a = [float(v) for v in a if v is not None and math.isfinite(v)]
-    b = [float(v) for v in b if v is not None and math.isfinite(v)]
-    pair = dict(a=ga, b=gb, n_a=len(a), n_b=len(b), diff=None, ci=None, p=None, df=None, p_perm=None,
-                test=None, p_perm_min=None, hedges_g=None, ci_bca=None, note=None)
-    if not a or not b:
-        pair['note'] = f"not measured in {' and '.join(g for g, v in ((ga, a), (gb, b)) if not v)}"
-        return pair
-    notes = []
-    one = [g for g, v in ((ga, a), (gb, b)) if len(v) == 1]
-    if one:
-        notes.append(f"one run in {' and '.join(one)}: no interval exists, no test")
-    few = [f"{len(v)} runs in {g}" for g, v in ((ga, a), (gb, b)) if 1 < len(v) < MIN_RUNS]
-    if few:
-        notes.append(f"{' and '.join(few)}: intervals and tests with fewer than {MIN_RUNS} runs a group are weak")
-    ci, p, df = welch(a, b)
-    if len(a) > 1 and len(b) > 1 and ci is None:
-        notes.append("no spread within either group: Welch's interval and p are undefined")
-    p_perm, test, p_min = permutation_p(a, b) if len(a) > 1 and len(b) > 1 else (None, None, None)
-    pair.update(diff=float(np.mean(b) - np.mean(a)), ci=ci, p=p, df=df, p_perm=p_perm, test=test,
-                p_perm_min=p_min, hedges_g=hedges_g(a, b), ci_bca=bca_ci(a, b), note='; '.join(notes) or None)
-    return pair
-
-
-HEADLINE = ('max_top1_median', 'bos_concentration', 'start_mass', 'start_mass_dominant', 'persistence')
-
-
-def group_metrics(r):
-    """The headline numbers of one probed checkpoint that groups compare: {metric: value}. Streams as
-    in the comparison table: '[decoded]' is the stream the model's head reads (h, C, ...), so that
-    models with different operators are compared on what they decode; then every other stream and
-    view by its own name (the ledger's D and read)."""
-    decoded = r['residual']['decoded']
-    out = {}
-    for tag in ['decoded'] + [n for n in r['streams'] if n != decoded]:
-        sm = r['streams'][decoded if tag == 'decoded' else tag]['summary']
-        for key in HEADLINE:
-            out[f'[{tag}] {key}'] = sm.get(key)
-    out['sink1_prefix (Sink_1 %, T=64)'] = r['attention']['sink1_prefix']
-    cond = r['attention'].get('conditional')
-    if cond:                                       # the trigger testbed: its signature and its task
-        out['conditional sink: max other - trigger'] = cond['max_gap']
-        out['conditional sink heads'] = len(cond['heads'])
-    for name, d in (r['attention'].get('do_nothing') or {}).items():   # the attention variant's own channels
-        out[f'do-nothing: {name} (mean over heads)'] = float(np.mean(d['mean']))
-    if r.get('task_acc') is not None:
-        out['task_acc'] = r['task_acc']
-    out['val_loss'] = r['val_loss']
+def estimate(a, b, scale='raw', level=LEVEL):
+    """B against A on a scale: dict(n_a, n_b, estimate, ci, centre_a, centre_b). 'log': estimate =
+    exp(mean log b - mean log a), the ratio of geometric means, ci its Welch interval; 'log1p' the
+    same on 1 + m; 'raw': the difference of means and Welch's interval. ci is None below 2 runs in a
+    group or without spread in either; centre: each group's mean on the scale, back-transformed (the
+    geometric mean for 'log')."""
+    f, inv = SCALES[scale]
+    a, b = clean(a, scale), clean(b, scale)
+    out = dict(n_a=len(a), n_b=len(b), estimate=None, ci=None, centre_a=None, centre_b=None)
+    if not len(a) or not len(b):
+        return out
+    ta, tb = f(a), f(b)
+    d = float(tb.mean() - ta.mean())
+    out.update(estimate=d if scale == 'raw' else math.exp(d), centre_a=float(inv(ta.mean())),
+               centre_b=float(inv(tb.mean())))
+    if len(a) > 1 and len(b) > 1 and not (_no_spread(ta) and _no_spread(tb)):
+        lo, hi = interval(a, b, scale, level)
+        out['ci'] = [float(lo), float(hi)]
     return out
 
 
+def compare(a, b, ga='A', gb='B', scale='raw', max_exact=MAX_EXACT):
+    """One metric, groups ga (values a) and gb (values b): the pair entry of probe.json's groups on
+    the metric's scale: estimate and Welch interval (estimate()), the permutation p of the
+    transformed values, Hedges' g on them (without the Holm-adjusted p, which needs every metric of
+    the pair: group_statistics adds it)."""
+    f = SCALES[scale][0]
+    pair = dict(a=ga, b=gb, scale=scale, **estimate(a, b, scale), p_perm=None, test=None, p_perm_min=None,
+                hedges_g=None, note=None)
+    ta, tb = f(clean(a, scale)), f(clean(b, scale))
+    if not len(ta) or not len(tb):
+        pair['note'] = f"not measured in {' and '.join(g for g, v in ((ga, ta), (gb, tb)) if not len(v))}"
+        return pair
+    notes = [f"one run in {g}: no interval exists, no test" for g, v in ((ga, ta), (gb, tb)) if len(v) == 1]
+    notes += [f"{len(v)} runs in {g}: intervals and tests with fewer than {MIN_RUNS} runs a group are weak"
+              for g, v in ((ga, ta), (gb, tb)) if 1 < len(v) < MIN_RUNS]
+    if len(ta) > 1 and len(tb) > 1:
+        if pair['ci'] is None:
+            notes.append("no spread within either group: the interval is undefined")
+        pair['p_perm'], pair['test'], pair['p_perm_min'] = permutation_p(ta, tb, max_exact=max_exact)
+        pair['hedges_g'] = hedges_g(ta, tb)
+    pair['note'] = '; '.join(notes) or None
+    return pair
+
+
+def group_metrics(r):
+    """The numbers of one probed checkpoint that groups compare: {metric: value} (STREAM_METRICS per
+    stream, then MODEL_METRICS and the attention variant's do-nothing channels). Streams: '[decoded]'
+    is the stream the model's head reads, so that models with different operators are compared on
+    what they decode; then every stream and view by its own name ([h], [C], [D], [read])."""
+    decoded = r['residual']['decoded']
+    out = {}
+    for tag in ['decoded'] + list(r['streams']):
+        st = r['streams'][decoded if tag == 'decoded' else tag]
+        for key in STREAM_METRICS:
+            out[f'[{tag}] {key}'] = sum(st['per_sublayer']['n_massive']) if key == 'n_massive' else \
+                st['summary'].get(key)
+    cond = r['attention'].get('conditional')
+    out.update(task_acc=r.get('task_acc'), val_loss=r['val_loss'], sink1_prefix=r['attention']['sink1_prefix'],
+               cond_sink_gap=cond['max_gap'] if cond else None, cond_sink_heads=len(cond['heads']) if cond else None)
+    for name, d in (r['attention'].get('do_nothing') or {}).items():   # the attention variant's own channels
+        out[f'do-nothing: {name}'] = float(np.mean(d['mean']))
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def per_group(values, scale='raw'):
+    """One group's entry for one metric: its runs' values, their mean and sample std, on the log
+    scales the geometric mean and geometric std (of 1 + m for log1p; None on the raw scale), and a
+    note below MIN_RUNS."""
+    got = [v for v in values if v is not None and math.isfinite(v)]
+    t = SCALES[scale][0](clean(got, scale)) if scale != 'raw' else np.zeros(0)
+    geo = dict(geomean=float(SCALES[scale][1](t.mean())) if len(t) else None,
+               geostd=float(np.exp(t.std(ddof=1))) if len(t) > 1 else None)
+    return dict(n=len(got), values=values, mean=float(np.mean(got)) if got else None,
+                std=float(np.std(got, ddof=1)) if len(got) > 1 else None, **geo,
+                note=None if len(got) >= MIN_RUNS else
+                f'{len(got)} runs: std, intervals and tests are weak below {MIN_RUNS}' if len(got) > 1 else
+                'one run: no std, no interval' if got else 'not measured in this group')
+
+
 def group_statistics(results, groups):
-    """The `groups` entry of probe.json: per metric, each group's runs, mean and sample std; for each
-    pair of groups A, B (A listed first) compare(): d = mean(B) - mean(A), Welch's interval and p,
-    the permutation p, Hedges' g, BCa from BCA_MIN_RUNS runs a group; then per pair the Welch and
-    the permutation p-values Holm-adjusted over the metrics of that pair that have one."""
+    """The `groups` entry of probe.json: per metric (group_metrics of every run), each group's runs,
+    mean and sample std, and for each pair of groups A, B (A listed first) compare() on the metric's
+    scale; per pair, the permutation p Holm-adjusted over the metrics of that pair (exploration)."""
     by_name = {r['name']: r for r in results}
     names = list(groups)
     values = {g: [group_metrics(by_name[c]) for c in members] for g, members in groups.items()}
     metrics = {}
     for metric in dict.fromkeys(m for r in results for m in group_metrics(r)):   # every run's, in order
-        per = {}
-        for g in names:
-            vals = [v.get(metric) for v in values[g]]
-            got = [v for v in vals if v is not None and math.isfinite(v)]
-            per[g] = dict(n=len(got), values=vals,
-                          mean=float(np.mean(got)) if got else None,
-                          std=float(np.std(got, ddof=1)) if len(got) > 1 else None,
-                          note=None if len(got) >= MIN_RUNS else
-                          f'{len(got)} runs: std, intervals and tests are weak below {MIN_RUNS}' if len(got) > 1 else
-                          'one run: no std, no interval' if got else 'not measured in this group')
-        if all(per[g]['n'] == 0 for g in names):
-            continue                                  # e.g. [D] when no group holds a ledger
-        pairs = [compare(per[ga]['values'], per[gb]['values'], ga, gb)
+        per = {g: per_group([v.get(metric) for v in values[g]], scale_of(metric)) for g in names}
+        pairs = [compare(per[ga]['values'], per[gb]['values'], ga, gb, scale_of(metric))
                  for i, ga in enumerate(names) for gb in names[i + 1:]]
-        metrics[metric] = dict(per_group=per, pairs=pairs)
+        metrics[metric] = dict(scale=scale_of(metric), per_group=per, pairs=pairs)
     for k in range(len(names) * (len(names) - 1) // 2):     # Holm within each pair, over its metrics
         prs = [st['pairs'][k] for st in metrics.values()]
-        for key in ('p', 'p_perm'):
-            for pr, adj in zip(prs, holm([pr[key] for pr in prs])):
-                pr[f'{key}_holm'] = adj
+        for pr, adj in zip(prs, holm([pr['p_perm'] for pr in prs])):
+            pr['p_perm_holm'] = adj
     return dict(names=names, members={g: list(m) for g, m in groups.items()},
-                methods=dict(
-                    level=LEVEL,
-                    interval="Welch's t interval of d = mean(B) - mean(A) (unequal variances, "
-                             "Welch-Satterthwaite df; scipy.stats.ttest_ind(b, a, equal_var=False))",
-                    p="Welch's two-sided p of d",
-                    permutation=dict(statistic='|mean(B) - mean(A)|, two-sided', max_exact=MAX_EXACT,
-                                     permutations=PERMUTATIONS, seed=STATS_SEED),
-                    holm="Holm-Bonferroni over the metrics of one pair of groups that have a p: p_holm adjusts "
-                         "Welch's p (the headline test), p_perm_holm the permutation p",
-                    hedges_g='d / s_pooled * (1 - 3 / (4 (n_A + n_B) - 9))',
-                    bca=dict(min_runs=BCA_MIN_RUNS, resamples=BCA_RESAMPLES, seed=STATS_SEED),
-                    min_runs=MIN_RUNS, alpha=ALPHA),
+                methods=dict(level=LEVEL, scales={m: st['scale'] for m, st in metrics.items()},
+                             interval="Welch's interval on the metric's scale, back-transformed (log: ratio of "
+                                      "geometric means B / A; raw: difference of means B - A)",
+                             permutation=dict(statistic='|mean t(B) - mean t(A)| on the scale t, two-sided',
+                                              max_exact=MAX_EXACT, permutations=PERMUTATIONS, seed=STATS_SEED),
+                             holm="Holm-Bonferroni over the metrics of one pair (exploration, not a study's family)",
+                             hedges_g='on the scale: d / s_pooled * (1 - 3 / (4 (n_A + n_B) - 9))',
+                             min_runs=MIN_RUNS, alpha=ALPHA),
                 metrics=metrics)
 
 
-def _fmt(v, spec='.3g'):
-    return '-' if v is None else format(v, spec)
+def fmt(v, digits=3):
+    """A number for tables: 3 significant digits, thousands separated, '-' for None."""
+    if v is None:
+        return '-'
+    if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+        return f"{v:.{digits - 1}e}"
+    s = f"{v:.{digits}g}"
+    return f"{float(s):,.0f}" if 'e' in s or abs(float(s)) >= 1000 else s
+
+
+def say(pair):
+    """'2.1x [1.3, 3.4]' or '+0.12 [0.05, 0.19]': the estimate of a pair and its interval."""
+    if pair['estimate'] is None:
+        return '-'
+    ci = '' if pair['ci'] is None else f" [{fmt(pair['ci'][0])}, {fmt(pair['ci'][1])}]"
+    if pair['scale'] == 'raw':
+        return f"{'+' if pair['estimate'] >= 0 else '-'}{fmt(abs(pair['estimate']))}{ci}"
+    return f"{fmt(pair['estimate'])}x{ci}"
 
 
 def groups_text(g):
+    """The text report of group_statistics: per group the mean +- sample std of each metric, then per
+    pair of groups each metric's estimate on its scale with its interval, p and Holm-adjusted p."""
     names, metrics = g['names'], g['metrics']
     lw = max(len(m) for m in metrics) + 2
 
     def cell(pg):
         if pg['n'] == 0:
             return '-'
+        if pg.get('geomean') is not None:
+            return f"{pg['geomean']:.4g} x/ {pg['geostd']:.3g}" if pg['geostd'] is not None else f"{pg['geomean']:.4g} (one run)"
         return f"{pg['mean']:.4g} +- {pg['std']:.3g}" if pg['std'] is not None else f"{pg['mean']:.4g} (one run)"
 
     cells = {m: [cell(st['per_group'][n]) for n in names] for m, st in metrics.items()}
     heads = [f"{n} (n={len(g['members'][n])})" for n in names]
     w = max(len(c) for c in heads + [c for cs in cells.values() for c in cs]) + 3
-    lines = ["=== groups: mean +- sample std over runs ===",
+    lines = ["=== groups: mean +- sample std over runs; on the log scales geometric mean x/ geometric std ===",
              f"{'metric':{lw}s}" + ''.join(f"{h:>{w}s}" for h in heads)]
-    for m, cs in cells.items():
-        lines.append(f"{m:{lw}s}" + ''.join(f"{c:>{w}s}" for c in cs))
+    lines += [f"{m:{lw}s}" + ''.join(f"{c:>{w}s}" for c in cs) for m, cs in cells.items()]
     few = [f"{n} ({len(g['members'][n])} run{'s' if len(g['members'][n]) > 1 else ''})" for n in names
            if len(g['members'][n]) < g['methods']['min_runs']]
     if few:
         lines.append(f"note: fewer than {g['methods']['min_runs']} runs in {', '.join(few)}: std, intervals and "
                      f"tests are weak (one run: no interval exists)")
-    level = int(round(100 * g['methods']['level']))
     for k, (ga, gb) in enumerate((ga, gb) for i, ga in enumerate(names) for gb in names[i + 1:]):
         prs = {m: st['pairs'][k] for m, st in metrics.items()}
-        m_welch = sum(pr['p'] is not None for pr in prs.values())
         tests = list(dict.fromkeys(f"{pr['test']}, smallest possible p {pr['p_perm_min']:.3g}"
                                    for pr in prs.values() if pr['test']))
-        bca = any(pr['ci_bca'] for pr in prs.values())
-        notes = {m: (pr['note'] or '').split('; ') if pr['note'] else [] for m, pr in prs.items()}
-        common = [n for n in next(iter(notes.values())) if all(n in ns for ns in notes.values())]
-        lines += ["", f"=== {gb} - {ga}: d = mean({gb}) - mean({ga}) ===",
-                  f"interval, p: Welch's t ({level}% interval of d, two-sided p; unequal variances)",
-                  (f"p_holm: Welch's p, Holm-adjusted over the {m_welch} metrics of {gb} - {ga} that have one "
-                   f"(* below {g['methods']['alpha']})" if m_welch else "p_holm: no metric has Welch's p"),
-                  f"p_perm: two-sided permutation p of |d| ({'; '.join(tests) or 'none'}); "
-                  f"g: Hedges' g" + (f"; BCa: {level}% BCa bootstrap interval of d" if bca else '')]
-        if common:
-            lines.append(f"note: {'; '.join(common)}")
-        rows = []
+        m_tests = sum(pr['p_perm'] is not None for pr in prs.values())
+        lines += ["", f"=== {gb} against {ga} (exploration) ===",
+                  f"estimate: {gb} / {ga} (ratio of geometric means) on the log scales, {gb} - {ga} on raw; "
+                  f"{int(100 * g['methods']['level'])} % Welch interval on the scale",
+                  f"p: two-sided permutation p ({'; '.join(tests) or 'none'}); p_holm: over the {m_tests} metrics of "
+                  f"this pair (* below {g['methods']['alpha']}); g: Hedges' g on the scale"]
+        rows = [['metric', 'scale', 'estimate [interval]', 'p', 'p_holm', 'g', 'note']]
         for m, pr in prs.items():
-            ci = f"[{pr['ci'][0]:.4g}, {pr['ci'][1]:.4g}]" if pr['ci'] else 'none'
-            ph = _fmt(pr['p_holm']) + ('*' if pr['p_holm'] is not None and pr['p_holm'] < g['methods']['alpha'] else '')
-            row = [m, _fmt(pr['diff'], '.4g'), ci, _fmt(pr['p']), ph, _fmt(pr['p_perm']), _fmt(pr['hedges_g'])]
-            if bca:
-                row.append(f"[{pr['ci_bca'][0]:.4g}, {pr['ci_bca'][1]:.4g}]" if pr['ci_bca'] else 'none')
-            rows.append(row + ['; '.join(n for n in notes[m] if n not in common)])
-        head = ['metric', 'd', f'Welch {level}% interval', 'p', 'p_holm', 'p_perm', 'g'] + \
-               (['BCa interval'] if bca else []) + ['note']
-        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-        for r in [head] + rows:
-            lines.append('  '.join(c.ljust(wd) if i in (0, 2, len(head) - 1) or (bca and i == 7) else c.rjust(wd)
-                                   for i, (c, wd) in enumerate(zip(r, widths))).rstrip())
+            star = '*' if pr.get('p_perm_holm') is not None and pr['p_perm_holm'] < g['methods']['alpha'] else ''
+            rows.append([m, pr['scale'], say(pr), fmt(pr['p_perm']), fmt(pr.get('p_perm_holm')) + star,
+                         fmt(pr['hedges_g']), pr['note'] or ''])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ['  '.join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in rows]
     return '\n'.join(lines)

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from model import Observer
 from lab.data import task_mask
 from lab.report import residual_info, short, sublayer_name
-from lab.stats import COND_OTHER, COND_TRIGGER, SINK_EPS, SINK_T, SublayerAccumulator, depth_structure, lower_median
+from lab.stats import (COND_OTHER, COND_TRIGGER, SINK_EPS, SINK_T, SublayerAccumulator, depth_structure, lower_median,
+                       outlier_ratio)
 
 # ----------------------------------------------------------------------------------------------
 # Observers: measure a forward pass, or change it (interventions)
@@ -380,9 +381,14 @@ def stream_summary(accs, cos, sink_pos):
     # co-occurrence: each sequence's largest |x| at the sublayer where top1 peaks vs its sink position
     top_s = int(np.argmax(lists['top1']))
     massive_pos = torch.cat([p for p, _, _ in accs[top_s].seq_top])
+    outlier, outlier_s = outlier_ratio(ratio, lists['rms'])
     summary = dict(
         max_top1_median=max(ratio),
         max_top1_median_sublayer=int(np.argmax(ratio)),
+        outlier_ratio=outlier,
+        outlier_ratio_sublayer=outlier_s,
+        start_mass_last=lists['start_mass'][-1],
+        top1_median_last=ratio[-1],
         dominant_dim=dom,
         persistence=float(np.mean(chan.argmax(1) == dom)),
         peak_layer=peak,

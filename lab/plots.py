@@ -335,57 +335,75 @@ def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000), x='tokens'):
 # Groups of runs (seeds)
 
 
-def plot_groups(groups, out_dir):
-    """One panel per metric: every run as a dot and each group's mean +- sample std (black square
-    with error bar; a lone run has none); a group with no measured value for the metric is not drawn
-    in that panel. A bracket joins two groups whose difference has a Holm-adjusted Welch p (p_holm)
-    below groups['methods']['alpha'], labelled with that p (groups.png); with more than BRACKET_GROUPS
-    groups the pairs are too many to draw, and the text report and probe.json carry them."""
+def plot_groups(groups, out_dir, metrics=None, name='groups.png', title='groups'):
+    """One panel per metric (all, or the given ones): every run as a dot and each group's centre on the
+    metric's scale (black square: the mean +- sample std; on the log scales, drawn on a log axis, the
+    geometric mean x/÷ the geometric std); a group with no measured value is not drawn in that panel.
+    A bracket joins two groups whose permutation p, Holm-adjusted over the metrics of the pair
+    (p_perm_holm), is below groups['methods']['alpha']: exploration, not a study's verdict. With more
+    than BRACKET_GROUPS groups the pairs are too many to draw (the text report and probe.json carry them)."""
     plt = _pyplot()
-    metrics = [(m, st) for m, st in groups['metrics'].items()
-               if any(g['n'] for g in st['per_group'].values())]
-    names = groups['names']
-    alpha = groups['methods']['alpha']
+    chosen = [(m, st) for m, st in groups['metrics'].items() if (metrics is None or m in metrics)
+              and any(g['n'] for g in st['per_group'].values())]
+    names, alpha = groups['names'], groups['methods']['alpha']
     many = len(names) > BRACKET_GROUPS
     width = max(3.6, 0.4 * len(names) + 1.0)            # room for every group's column
-    ncol = min(max(1, int(16 // width)), 4, max(1, len(metrics)))
-    nrow = max(1, -(-len(metrics) // ncol))
+    ncol = min(max(1, int(16 // width)), 4, max(1, len(chosen)))
+    nrow = max(1, -(-len(chosen) // ncol))
     height = 3.4 + (0.09 * max(len(g) for g in names) if many else 0)   # and for the upright labels
     fig, axes = plt.subplots(nrow, ncol, figsize=(width * ncol, height * nrow), squeeze=False, layout='constrained')
     colours = dict(zip(names, _colours(len(names))))
-    rng = np.random.default_rng(0)          # jitter of the dots only
-    for ax, (metric, st) in zip(axes.flat, metrics):
-        drawn = [g for g in names if st['per_group'][g]['n']]
-        x = {g: i for i, g in enumerate(drawn)}
-        top, bottom = -np.inf, np.inf
-        for g in drawn:
-            pg = st['per_group'][g]
-            vals = [v for v in pg['values'] if v is not None and np.isfinite(v)]
-            ax.plot(x[g] + rng.uniform(-0.12, 0.12, len(vals)), vals, 'o', ms=4, alpha=0.6, color=colours[g])
-            sd = pg['std'] or 0.0
-            ax.errorbar(x[g] + 0.25, pg['mean'], yerr=pg['std'], fmt='s', ms=6, capsize=4, color='black')
-            top, bottom = max(top, max(vals), pg['mean'] + sd), min(bottom, min(vals), pg['mean'] - sd)
-        span = (top - bottom) or max(abs(top), 1.0)
-        level = top + 0.08 * span
-        for pr in ([] if many else st['pairs']):
-            if pr['p_holm'] is None or pr['p_holm'] >= alpha or pr['a'] not in x or pr['b'] not in x:
-                continue
-            xa, xb = x[pr['a']], x[pr['b']]
-            ax.plot([xa, xa, xb, xb], [level - 0.03 * span, level, level, level - 0.03 * span], color='black', lw=0.8)
-            ax.text((xa + xb) / 2, level, f"* p_holm {pr['p_holm']:.2g}", ha='center', va='bottom', fontsize=7)
-            level += 0.14 * span
-        ax.set_ylim(bottom - 0.08 * span, level + 0.04 * span)
-        ax.set_xticks(range(len(drawn)))
-        if many:
-            ax.set_xticklabels([f"{g} (n={st['per_group'][g]['n']})" for g in drawn], fontsize=7, rotation=90)
-        else:
-            ax.set_xticklabels([f"{g}\n(n={st['per_group'][g]['n']})" for g in drawn], fontsize=8)
-        ax.set_xlim(-0.5, max(len(drawn), 2) - 0.5)
-        ax.set_title(metric, fontsize=9)
-        ax.grid(alpha=0.3, axis='y')
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax, (metric, st) in zip(axes.flat, chosen):
+        _group_panel(ax, metric, st, names, colours, alpha, many)
+    for ax in list(axes.flat)[len(chosen):]:
         ax.axis('off')
     pairs = (f"{len(names)} groups: the pairs' tests are in the text report and probe.json" if many else
-             f"* : difference with Holm-adjusted Welch p < {alpha} (over the metrics of that pair)")
-    fig.suptitle(f"groups: runs (dots), mean +- sample std (black); {pairs}", fontsize=10)
-    return [_save(fig, os.path.join(out_dir, 'groups.png'))]
+             f"* : permutation p < {alpha}, Holm-adjusted over the metrics of that pair (exploration)")
+    fig.suptitle(f"{title}: runs (dots), each group's centre and spread (black; log axes: geometric); {pairs}",
+                 fontsize=10)
+    return [_save(fig, os.path.join(out_dir, name))]
+
+
+def _group_panel(ax, metric, st, names, colours, alpha, many):
+    """One metric's panel of plot_groups."""
+    log = st.get('scale', 'raw') != 'raw'
+    drawn = [g for g in names if st['per_group'][g]['n']]
+    x = {g: i for i, g in enumerate(drawn)}
+    rng = np.random.default_rng(0)          # jitter of the dots only
+    top, bottom = -np.inf, np.inf
+    for g in drawn:
+        vals = np.array([v for v in st['per_group'][g]['values'] if v is not None and np.isfinite(v)])
+        if log:                             # log(1 + m) for counts: the axis is symlog-like, so shift by 1
+            vals = vals + (1.0 if st['scale'] == 'log1p' else 0.0)
+            vals = vals[vals > 0]
+            if not len(vals):
+                continue
+            centre, spread = np.exp(np.log(vals).mean()), np.exp(np.log(vals).std(ddof=1)) if len(vals) > 1 else 1.0
+            lo, hi = centre / spread, centre * spread
+        else:
+            centre, sd = vals.mean(), vals.std(ddof=1) if len(vals) > 1 else 0.0
+            lo, hi = centre - sd, centre + sd
+        ax.plot(x[g] + rng.uniform(-0.12, 0.12, len(vals)), vals, 'o', ms=4, alpha=0.6, color=colours[g])
+        ax.errorbar(x[g] + 0.25, centre, yerr=[[centre - lo], [hi - centre]], fmt='s', ms=6, capsize=4, color='black')
+        top, bottom = max(top, vals.max(), hi), min(bottom, vals.min(), lo)
+    if log:
+        ax.set_yscale('log')
+    span = (np.log10(top / bottom) if log else (top - bottom)) or 1.0
+    up = (lambda y, k: y * 10 ** (k * span)) if log else (lambda y, k: y + k * span)
+    level = up(top, 0.08)
+    for pr in ([] if many else st['pairs']):
+        if pr.get('p_perm_holm') is None or pr['p_perm_holm'] >= alpha or pr['a'] not in x or pr['b'] not in x:
+            continue
+        xa, xb = x[pr['a']], x[pr['b']]
+        ax.plot([xa, xa, xb, xb], [up(level, -0.03), level, level, up(level, -0.03)], color='black', lw=0.8)
+        ax.text((xa + xb) / 2, level, f"* p_holm {pr['p_perm_holm']:.2g}", ha='center', va='bottom', fontsize=7)
+        level = up(level, 0.14)
+    ax.set_ylim(up(bottom, -0.08), up(level, 0.04))
+    ax.set_xticks(range(len(drawn)))
+    if many:
+        ax.set_xticklabels([f"{g} (n={st['per_group'][g]['n']})" for g in drawn], fontsize=7, rotation=90)
+    else:
+        ax.set_xticklabels([f"{g}\n(n={st['per_group'][g]['n']})" for g in drawn], fontsize=8)
+    ax.set_xlim(-0.5, max(len(drawn), 2) - 0.5)
+    ax.set_title(metric + (' (1 + value)' if st.get('scale') == 'log1p' else ''), fontsize=9)
+    ax.grid(alpha=0.3, axis='y')

@@ -20,6 +20,7 @@ OUTLIER_REL = 50.0        # reference code's n_out50: |x| >= 50 x the token's me
 SINK_EPS = 0.3            # Gu et al.: a head is a sink head when alpha_1 > 0.3 ...
 SINK_T = 64               # ... measured on the first 64 tokens; on fewer, even uniform attention passes
                           # (uniform_alpha1: 0.457 at T = 5), so shorter measurements carry a warning
+RMS_FLOOR = 0.1           # outlier_ratio: only sublayers whose RMS is >= this x the last sublayer's can win
 COND_OTHER, COND_TRIGGER = 0.5, 0.1   # a conditional sink head: >= 0.5 of the other queries' attention
                                       # on position 0, <= 0.1 of the trigger queries' (the trigger testbed)
 
@@ -55,6 +56,7 @@ class SublayerAccumulator:
         self.n_tok = 0
         self.top = None          # (3,) summed over sequences
         self.median = 0.0
+        self.sq = 0.0            # sum of x^2 over every entry (the stream's RMS)
         self.kurt = 0.0
         self.out50 = 0.0
         self.chan = None         # (d,) sum of |x| over tokens
@@ -105,6 +107,7 @@ class SublayerAccumulator:
             cur = getattr(self, name)
             setattr(self, name, v if cur is None else cur + v)
         self.median += med.double().sum().item()
+        self.sq += x.double().square().sum().item()
         self.start += start.double().sum().item()
         self.kurt += kurt.double().sum().item()
         self.out50 += out50.double().sum().item()
@@ -153,6 +156,7 @@ class SublayerAccumulator:
         return dict(
             top1=top[0], top2=top[1], top3=top[2], median=median,
             top1_median=top[0] / max(median, 1e-30),
+            rms=(self.sq / (self.n_tok * chan.numel())) ** 0.5,
             n_massive=self.n_massive,
             max_entry=dict(seq=seq, position=pos, channel=ch, value=val),
             kurtosis=self.kurt / self.n_tok,
@@ -176,6 +180,16 @@ def sublayer_stats(x):
     acc = SublayerAccumulator()
     acc.add(x)
     return acc.result()
+
+
+def outlier_ratio(top1_median, rms, floor=RMS_FLOOR):
+    """(value, sublayer): the largest top1/median over the sublayers whose RMS is at least `floor`
+    times the stream's RMS at its last sublayer (docs/reference.md §4.3). A stream that starts empty
+    (the ledger's C: 0 before the first commit) has a tiny median early on, where a ratio of small
+    numbers would otherwise win the max without any entry being large."""
+    keep = [s for s, r in enumerate(rms) if r >= floor * rms[-1]]
+    s = max(keep, key=lambda i: top1_median[i])
+    return top1_median[s], s
 
 
 def depth_structure(accs):

@@ -760,3 +760,30 @@ def test_welch_against_the_formula():
     assert nu == pytest.approx(2.0) and ci[0] < 2.0 < ci[1]
     assert groups.welch([1.0, 1.0], [2.0, 2.0]) == (None, None, None)
     assert groups.welch([1.0], [2.0, 3.0]) == (None, None, None)
+
+
+# the stream outlier ratio (docs/reference.md §4.3): the max of top1/median only over sublayers whose RMS
+# is at least RMS_FLOOR (0.1) x the last sublayer's
+
+def test_outlier_ratio_skips_nearly_empty_sublayers_at_the_edge():
+    ratio = [5000.0, 40.0, 60.0, 30.0]
+    last = 2.0
+    for rms0, wins in [(0.1 * last * 0.999, False), (0.1 * last, True), (0.1 * last * 1.001, True)]:
+        value, s = stats.outlier_ratio(ratio, [rms0, 1.0, 1.5, last])
+        assert (s == 0) == wins and value == (5000.0 if wins else 60.0), rms0
+    assert stats.outlier_ratio([1.0, 9.0], [3.0, 1.0]) == (9.0, 1)           # a stream that shrinks: all count
+    assert stats.RMS_FLOOR == 0.1
+
+
+def test_outlier_ratio_of_a_ledger_reads_C_where_it_carries_mass():
+    """A fresh ledger: C is 0 before the first commit and small for the first sublayers, where its
+    top1/median can be huge; the outlier ratio is taken where C's RMS is >= 0.1 x its final RMS."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=64, residual='ledger', ledger_rank=8))
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    result, _ = measure.measure(model.eval(), x, x)
+    per, sm = result['streams']['C']['per_sublayer'], result['streams']['C']['summary']
+    keep = [s for s, r in enumerate(per['rms']) if r >= 0.1 * per['rms'][-1]]
+    assert sm['outlier_ratio'] == max(per['top1_median'][s] for s in keep)
+    assert sm['outlier_ratio_sublayer'] in keep and sm['start_mass_last'] == per['start_mass'][-1]
+    assert 0 not in keep                         # C after sublayer 0 carries one commit of ~e^-4: below the floor

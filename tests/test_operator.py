@@ -128,9 +128,9 @@ def test_a_new_operator_needs_only_its_class(twolane, tmp_path, capsys, random_s
     capsys.readouterr()
     g = json.loads((out / 'probe.json').read_text())['groups']
     assert g['members'] == dict(lanes=['lane1', 'lane2'], vanilla=['van1', 'van2'])
-    decoded = g['metrics']['[decoded] max_top1_median']['per_group']
+    decoded = g['metrics']['[decoded] outlier_ratio']['per_group']
     assert decoded['lanes']['n'] == decoded['vanilla']['n'] == 2
-    fast = g['metrics']['[fast] max_top1_median']['per_group']
+    fast = g['metrics']['[fast] outlier_ratio']['per_group']
     assert fast['lanes']['n'] == 2 and fast['vanilla']['n'] == 0
 
     # the benchmark

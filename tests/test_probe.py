@@ -94,8 +94,9 @@ def test_sublayer_stats_keys_and_census():
     x = torch.randn(2, 8, 16) * 0.01
     x[1, 4, 7] = -300.0
     st = stats.sublayer_stats(x)
-    assert set(st) == {'top1', 'top2', 'top3', 'median', 'top1_median', 'n_massive', 'max_entry',
+    assert set(st) == {'top1', 'top2', 'top3', 'median', 'top1_median', 'rms', 'n_massive', 'max_entry',
                        'kurtosis', 'feat_maxmed', 'n_out50', 'top_channel', 'start_mass', 'start_mass_dominant'}
+    assert st['rms'] == pytest.approx(x.double().square().mean().sqrt().item(), rel=1e-9)
     assert st['top_channel'] == 7
     assert st['n_massive'] == 1
     assert st['max_entry'] == dict(seq=1, position=4, channel=7, value=-300.0)

@@ -5,14 +5,14 @@ import types
 import numpy as np
 import pytest
 
-from lab import study
+from lab import groups, study
 
 
 def coverage(n_a, n_b, scale, draw, truth, n_sim=20_000, seed=0):
-    """Share of n_sim simulated experiments whose interval (study.interval, as the analysis computes
-    it, vectorised over the experiments) holds the true value."""
+    """Share of n_sim simulated experiments whose interval (groups.interval, as every analysis
+    computes it, vectorised over the experiments) holds the true value."""
     rng = np.random.default_rng(seed)
-    lo, hi = study.interval(draw(rng, (n_sim, n_a), 0), draw(rng, (n_sim, n_b), 1), scale)
+    lo, hi = groups.interval(draw(rng, (n_sim, n_a), 0), draw(rng, (n_sim, n_b), 1), scale)
     return float(np.mean((lo <= truth) & (truth <= hi)))
 
 
@@ -38,16 +38,16 @@ def test_the_95_intervals_cover_at_least_93_percent(n_a, n_b):
 
 
 def test_estimates_by_hand():
-    e = study.estimate([1.0, 10.0], [10.0, 100.0], 'log')
+    e = groups.estimate([1.0, 10.0], [10.0, 100.0], 'log')
     assert e['estimate'] == pytest.approx(10.0) and e['centre_a'] == pytest.approx(np.sqrt(10))
     lo, hi = e['ci']
     assert lo < 10 < hi and lo * hi == pytest.approx(100.0)        # symmetric on the log scale
-    r = study.estimate([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], 'raw')
+    r = groups.estimate([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], 'raw')
     assert r['estimate'] == pytest.approx(3.0)
-    c = study.estimate([0.0, 1.0], [3.0, 3.0], 'log1p')            # (1+m): geometric means sqrt(2) and 4
+    c = groups.estimate([0.0, 1.0], [3.0, 3.0], 'log1p')            # (1+m): geometric means sqrt(2) and 4
     assert c['estimate'] == pytest.approx(4 / np.sqrt(2))
-    assert study.estimate([1.0], [2.0, 3.0], 'raw')['ci'] is None   # one run: no interval
-    assert study.estimate([], [2.0], 'raw')['estimate'] is None
+    assert groups.estimate([1.0], [2.0, 3.0], 'raw')['ci'] is None   # one run: no interval
+    assert groups.estimate([], [2.0], 'raw')['estimate'] is None
 
 
 def design(primary, alpha=0.05):
@@ -62,10 +62,10 @@ def test_verdicts_follow_holm_over_the_whole_family():
                                   ('Q3', 'n', 'log', 'A', 'B')]), sep, {})
     q1 = three['primary'][0]
     assert q1['p'] == pytest.approx(2 / 252) and q1['p_holm'] == pytest.approx(3 * 2 / 252)
-    assert [r['verdict'] for r in three['primary']] == ['shown', 'not shown', 'not shown']
+    assert [study.verdict(r, 0.05) for r in three['primary']] == ['shown (B > A)', 'not shown', 'not shown']
     seven = study.analyse(design([('Q1', 'm', 'raw', 'A', 'B')] + [(f'Q{i}', 'n', 'raw', 'A', 'B') for i in range(2, 8)]),
                           sep, {})
-    assert seven['primary'][0]['p_holm'] == pytest.approx(7 * 2 / 252) and seven['primary'][0]['verdict'] == 'not shown'
+    assert seven['primary'][0]['p_holm'] == pytest.approx(7 * 2 / 252) and study.verdict(seven['primary'][0], 0.05) == 'not shown'
 
 
 def test_findings_say_shown_only_where_the_rule_does():
@@ -73,7 +73,7 @@ def test_findings_say_shown_only_where_the_rule_does():
     d = design([('Q1', 'm', 'raw', 'A', 'B')])
     a = study.analyse(d, vals, {'k': 'raw', 'm': 'raw'})
     text = study.findings_text('Test', d, a)
-    assert text.count('**shown**') == 1 and 'not shown' not in text
+    assert text.count('**shown (B > A)**') == 1 and 'not shown' not in text
     secondary = text.split('## Secondary')[1]
     assert 'shown' not in secondary and '| B vs A | k (raw) | 3 + 3 |' in secondary
     assert [r['metric'] for r in a['secondary']] == ['k']          # the primary is not repeated

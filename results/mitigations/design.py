@@ -24,6 +24,7 @@ the plain vanilla of results/trigger (does the fix remove vanilla's conditional 
 do to the task). Fixes added later (as new ATTENTION_VARIANTS) join the exploration with 3 seeds.
 
     python results/mitigations/design.py      # the training runs it declares, one per line (run.sh reads them)
+    python results/mitigations/design.py --groups out/mitigations out/trigger   # probe.py's --group arguments
 """
 
 SEEDS = range(1, 11)
@@ -36,9 +37,16 @@ PRIMARY_FIXES = ['attn_bias', 'registers', 'sigmoid', 'relu', 'gate_elementwise'
 PRIMARY = [(f'Q{i + 1}', '[C] start_mass_last', 'log', 'ledger', f'ledger+{fix}')
            for i, fix in enumerate(PRIMARY_FIXES)]
 
+QUESTIONS = {f'Q{i + 1}': f"the ledger's C changes its start-token share with {fix}"   # wording only
+             for i, fix in enumerate(PRIMARY_FIXES)}
+
 EXPLORE = [('ledger', fix) for fix in ('plus_one', 'clipped')] + \
           [('vanilla', fix) for fix in ('attn_bias', 'plus_one', 'clipped', 'sigmoid', 'relu', 'gate_elementwise',
                                         'registers')]
+
+
+# every fix against the plain model of its residual: the estimates findings.md lists after the primaries
+SECONDARY_PAIRS = [(r, f'{r}+{fix}') for r, fix in [('ledger', fix) for fix in PRIMARY_FIXES] + EXPLORE]
 
 
 def runs():
@@ -49,9 +57,22 @@ def runs():
     return out
 
 
+def groups(out, base):
+    """{group: [its checkpoints]}: the plain vanilla and ledger runs of results/trigger (in base), then
+    every group this study trains (in out)."""
+    found = {r: [f'{base}/{r}_s{s}/ckpt.pt' for s in SEEDS] for r in BASE}
+    for g, s, name, _, _ in runs():
+        found.setdefault(g, []).append(f'{out}/{name}/ckpt.pt')
+    return found
+
+
 if __name__ == '__main__':
     import os
     import sys
+    if sys.argv[1:2] == ['--groups']:
+        for g, paths in groups(*sys.argv[2:4]).items():
+            print('--group', f"{g}={','.join(paths)}")
+        sys.exit()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
     from model import ATTENTION_VARIANTS
     for g, s, name, cfg, fix in runs():

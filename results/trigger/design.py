@@ -29,6 +29,7 @@ of the time (the noncentral t approximation of the permutation test; the analysi
 next to the results).
 
     python results/trigger/design.py          # the training runs it declares, one per line (run.sh reads them)
+    python results/trigger/design.py --groups out/trigger   # probe.py's --group arguments for those runs
 """
 
 SEEDS = range(1, 11)
@@ -52,6 +53,15 @@ PRIMARY = [  # question, metric, scale, group A, group B: the estimate is B agai
     ('Q6', 'task_acc', 'raw', 'vanilla_wide', 'ledger'),
 ]
 
+QUESTIONS = {   # the questions above, as findings.md names them (wording only; the tests are PRIMARY's)
+    'Q1': "C carries more mass on the start token than h",
+    'Q2': "the decoded stream's outlier ratio is larger in C than in h",
+    'Q3': "heavy sparsity raises C's outlier ratio",
+    'Q4': "QK-norm lowers h's outlier ratio",
+    'Q5': "the ledger has a smaller conditional sink than vanilla",
+    'Q6': "the ledger solves the task better than a vanilla of its size",
+}
+
 SECONDARY_PAIRS = [('vanilla', 'ledger'), ('vanilla', 'suppress'), ('ledger', 'ledger_hs'),
                    ('vanilla_wide', 'ledger'), ('vanilla', 'vanilla_wide')]
 
@@ -63,5 +73,10 @@ def runs():
 
 
 if __name__ == '__main__':
-    for g, s, name, cfg in runs():
-        print(name, cfg, f'--seed={s}')
+    import sys
+    if sys.argv[1:2] == ['--groups']:
+        for g in GROUPS:
+            print('--group', f"{g}=" + ','.join(f'{sys.argv[2]}/{name}/ckpt.pt' for g_, _, name, _ in runs() if g_ == g))
+    else:
+        for g, s, name, cfg in runs():
+            print(name, cfg, f'--seed={s}')

@@ -27,4 +27,20 @@ train_one() {  # name config flags...
 export -f train_one
 python "$RESULTS/design.py" | xargs -P "$JOBS" -L 1 bash -c 'train_one "$@"' _
 trained=$(date +%s)
-echo "trained in $(( (trained - start) / 60 )) min" | tee "$RESULTS/times.txt"
+
+# every run probed on the same 256 validation documents, then the study's analysis (results/study.py)
+python probe.py $(python "$RESULTS/design.py" --groups "$OUT") --num_seqs 256 --out "$OUT/groups" > "$RESULTS/groups.txt"
+python results/slim_probe.py "$OUT/groups/probe.json" "$RESULTS/probe.json"   # without the per-channel arrays
+python results/study.py "$RESULTS"                   # table.md, findings.md, study.png
+# trajectories: every run in the text summary, seed 1 of each group in the figures
+python probe.py $(python "$RESULTS/design.py" | awk -v o="$OUT" '{print o "/" $1 "/"}') --out "$OUT/trajectory_all" \
+    > "$RESULTS/trajectory.txt"
+python probe.py $(python "$RESULTS/design.py" | awk -v o="$OUT" '$1 ~ /_s1$/ {print o "/" $1 "/"}') \
+    --out "$OUT/trajectory" > /dev/null
+cp "$OUT/trajectory_all/trajectory.json" "$OUT/trajectory/trajectory_decoded.png" "$OUT/trajectory/trajectory_loss.png" \
+    "$RESULTS/"
+done=$(date +%s)
+python results/run_times.py "$JOBS" $(python "$RESULTS/design.py" | awk -v o="$OUT" '{print o "/" $1 "/"}') \
+    > "$RESULTS/times.txt"
+echo "this run.sh: trained in $(( (trained - start) / 60 )) min, probed in $(( (done - trained) / 60 )) min" \
+    | tee -a "$RESULTS/times.txt"
