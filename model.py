@@ -52,7 +52,7 @@ OPTIONS = dict(
     gelu=option('exact', "'exact' GELU or 'tanh' (GPT-2's approximation, 'gelu_new')", choices=('exact', 'tanh')),
     # ways to let an attention head do nothing (docs/reference.md §1.6); all off by default
     attn_softmax=option('softmax', "the attention weighting, a key of model.WEIGHTINGS: 'softmax', 'plus_one', "
-                                   "'clipped', 'sigmoid', 'relu' (docs/reference.md §1.6)"),
+                                   "'clipped', 'sigmoid', 'relu', 'sink_logit', 'softpick' (docs/reference.md §1.6)"),
     attn_bias=option(False, "explicit attention bias (Sun et al. 2024): a learned key/value slot per head and layer "
                             "that every query can attend to"),
     attn_gate=option('none', "'none', 'headwise' or 'elementwise': a sigmoid gate computed from the sublayer's input "
@@ -393,7 +393,34 @@ class ReLU(Softmax):
         return (torch.relu(scores) / mask.sum(-1, keepdim=True)).masked_fill(~mask, 0)
 
 
-WEIGHTINGS = {'softmax': Softmax, 'plus_one': PlusOne, 'clipped': Clipped, 'sigmoid': Sigmoid, 'relu': ReLU}
+class SinkLogit(Softmax):
+    """A learnt sink logit per head (gpt-oss, 2025): exp(s_j) / (exp(z_h) + sum exp(s_j')), a key with
+    score z_h and no value; z_h -> -inf is softmax, z_h = 0 (the init) softmax plus one."""
+    fused, normalised = False, False
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.logit = nn.Parameter(torch.zeros(config.n_head, 1, 1))
+
+    def forward(self, scores, mask):
+        z = self.logit.to(scores.dtype).expand(*scores.shape[:-1], 1)
+        return torch.cat([scores.masked_fill_(~mask, float('-inf')), z], -1).softmax(dim=-1)[..., :-1]
+
+
+class Softpick(Softmax):
+    """Softpick (Zuhri et al. 2025): relu(e^s - 1) / (sum |e^s' - 1| + eps), computed with the row max m
+    as relu(e^(s-m) - e^-m) / (sum |e^(s'-m) - e^-m| + eps); a row can be all zeros."""
+    fused, normalised = False, False
+    eps = 1e-6
+
+    def forward(self, scores, mask):
+        m = scores.masked_fill(~mask, float('-inf')).amax(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)
+        e = (torch.exp(scores - m) - torch.exp(-m)).masked_fill(~mask, 0)
+        return torch.relu(e) / (e.abs().sum(-1, keepdim=True) + self.eps)
+
+
+WEIGHTINGS = {'softmax': Softmax, 'plus_one': PlusOne, 'clipped': Clipped, 'sigmoid': Sigmoid, 'relu': ReLU,
+              'sink_logit': SinkLogit, 'softpick': Softpick}
 
 # the published ways to let a head do nothing (docs/reference.md §1.6), by name: their GPTConfig flags
 ATTENTION_VARIANTS = {
@@ -403,6 +430,8 @@ ATTENTION_VARIANTS = {
     'clipped': dict(attn_softmax='clipped'),          # Bondarenko et al. 2023
     'sigmoid': dict(attn_softmax='sigmoid'),          # Gu et al. 2025; Ramapuram et al. 2024
     'relu': dict(attn_softmax='relu'),                # Ran-Milo 2026
+    'sink_logit': dict(attn_softmax='sink_logit'),    # gpt-oss, 2025
+    'softpick': dict(attn_softmax='softpick'),        # Zuhri et al. 2025
     'gate_headwise': dict(attn_gate='headwise'),      # Qiu et al. 2025
     'gate_elementwise': dict(attn_gate='elementwise'),
     'registers': dict(n_registers=4),                 # Darcet et al. 2024; Xiao et al. 2024

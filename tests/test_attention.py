@@ -111,8 +111,9 @@ def test_causality_and_gradients_of_every_variant(name):
     model.train()
     _, loss, _ = model(tokens(), tokens(seed=1))
     loss.backward()
-    new = {n: p for n, p in model.named_parameters() if n == 'registers' or '.slot' in n or '.gate.' in n}
-    assert bool(new) == (name in ('attn_bias', 'registers') or name.startswith('gate'))
+    new = {n: p for n, p in model.named_parameters()
+           if n == 'registers' or '.slot' in n or '.gate.' in n or '.weighting.' in n}
+    assert bool(new) == (name in ('attn_bias', 'registers', 'sink_logit') or name.startswith('gate'))
     for n, p in new.items():
         assert p.grad is not None and p.grad.abs().max() > 0, n
 
@@ -227,3 +228,50 @@ def test_bad_variant_flags_are_config_errors(flags, words, one_line_error, capsy
         GPTConfig(**flags)
     assert train.main([f'--{k}={v}' for k, v in flags.items()]) == 2
     one_line_error(capsys.readouterr().err, 'train.py', words)
+
+
+def test_a_sink_logit_at_minus_infinity_is_softmax_and_at_zero_is_plus_one():
+    """gpt-oss's learnt sink logit per head: a_ij = exp(s_ij) / (exp(z_h) + sum_j' exp(s_ij')), the
+    same model as softmax when z_h -> -inf and as softmax plus one at z_h = 0 (its init); in between
+    the head's rows sum to 1 / (1 + exp(z_h) / sum exp(s)) < 1, and z_h learns."""
+    sink = make(attn_softmax='sink_logit')
+    plus = make(attn_softmax='plus_one')
+    plain = make()
+    state = {k: v for k, v in sink.state_dict().items() if not k.endswith('weighting.logit')}
+    plus.load_state_dict(state)
+    plain.load_state_dict(state)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(sink(x)[0], plus(x)[0], atol=1e-6, rtol=0)          # z = 0
+        for sub in sink.sublayers[::2]:
+            sub.fn.weighting.logit.fill_(-1e4)
+        torch.testing.assert_close(sink(x)[0], plain(x)[0], atol=1e-6, rtol=0)         # z -> -inf
+        scores = torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(2))
+        for sub in sink.sublayers[::2]:
+            sub.fn.weighting.logit.copy_(torch.tensor([0.5, -1.0]).view(2, 1, 1))
+        mask = torch.ones(5, 5, dtype=torch.bool).tril()
+        got = sink.sublayers[0].fn.weighting(scores.clone(), mask).double()
+        e = scores.double().exp() * mask
+        want = e / (torch.tensor([0.5, -1.0], dtype=torch.float64).exp().view(2, 1, 1) + e.sum(-1, keepdim=True))
+        torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-6)
+    sink.train()
+    _, loss, _ = sink(tokens(), tokens(seed=1))
+    loss.backward()
+    assert sink.sublayers[0].fn.weighting.logit.grad.abs().max() > 0
+
+
+def test_softpick_against_its_formula_with_rows_of_zeros():
+    """Softpick: a_ij = relu(exp(s_ij) - 1) / (sum_j' |exp(s_ij') - 1| + eps) over the visible keys, in
+    float64 by hand on random non-zero scores with a causal mask; masked entries 0, and a row whose
+    scores are all negative is all zeros (the head does nothing)."""
+    from model import WEIGHTINGS, attention_mask
+    weighting = WEIGHTINGS['softpick'](GPTConfig(n_layer=1, n_head=2, n_embd=8))
+    scores = torch.randn(2, 2, 6, 6, generator=torch.Generator().manual_seed(4)) * 2
+    scores[0, 0, 3, :4] = -torch.rand(4) - 0.1               # row 3 sees keys 0..3, all negative
+    mask = attention_mask(6, 0, 'cpu')
+    got = weighting(scores.clone(), mask).double()
+    e = (scores.double().exp() - 1) * mask
+    want = torch.relu(e) / (e.abs().sum(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-5)
+    assert (got[..., ~mask] == 0).all() and (got[0, 0, 3] == 0).all()
+    assert ((got > 0) & mask).any() and (got.sum(-1) <= 1 + 1e-6).all()

@@ -43,6 +43,8 @@ QUESTIONS = {f'Q{i + 1}': f"the ledger's C changes its start-token share with {f
 EXPLORE = [('ledger', fix) for fix in ('plus_one', 'clipped')] + \
           [('vanilla', fix) for fix in ('attn_bias', 'plus_one', 'clipped', 'sigmoid', 'relu', 'gate_elementwise',
                                         'registers')]
+# added after the runs above had started, as the design provides: the two newest ways to let a head do nothing
+EXPLORE += [(r, fix) for fix in ('sink_logit', 'softpick') for r in ('vanilla', 'ledger')]
 
 
 # every fix against the plain model of its residual: the estimates findings.md lists after the primaries
