@@ -45,7 +45,7 @@ from lab.config import ConfigError, check_choices, parse_args, print_help
 from lab.data import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, shard_paths, task_mask
 from lab.device import busy_cpu_hint, peak_flops, setup
 from lab.report import residual_info
-from lab.stats import activation_stats
+from lab.stats import activation_stats, gradient_stats
 from lab.training import StopSignals, backward, format_time, rng_states, set_rng_states, update
 
 # -----------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def setup_data(cfg, r):
                                                  vocab_size=cfg.vocab_size)
         r.train_data = sampler('train', cfg.batch_size, cfg.seed)
         r.eval_data = {split: sampler(split, eval_batch_size(cfg.block_size), EVAL_SEED) for split in ('train', 'val')}
-        r.stats_x = sampler('val', cfg.stats_seqs, EVAL_SEED + 1).get(0)[0] if cfg.stats_seqs and r.master else None
+        r.stats_batch = sampler('val', cfg.stats_seqs, EVAL_SEED + 1).get(0) if cfg.stats_seqs and r.master else None
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
 
@@ -377,7 +377,7 @@ def fetch(data, *index):
 def evaluate(cfg, r):
     """Mean CE and aux terms over the fixed evaluation windows of each split (eval_iters micro-batches,
     shared out over the ranks); the task accuracy (argmax on the answers) for datasets with a task;
-    the activation statistics of the stats batch. Each micro-batch's numbers go into its own row of a
+    the activation and gradient statistics of the stats batch. Each micro-batch's numbers go into its own row of a
     float64 table, zeros in the rows of the other ranks; the table is all-reduced (adding zeros is
     exact), then its rows are summed: the same bits on 1 or N ranks and at any batch_size (on CPU)."""
     r.model.eval()
@@ -401,12 +401,14 @@ def evaluate(cfg, r):
         out[f'{split}_aux'] = {name: v / cfg.eval_iters for name, v in zip(aux_names, aux_sums)}
         if task_mask(torch.zeros(1), r.meta) is not None:
             out[f'{split}_task_acc'] = hits / n_answers if n_answers else None
-    stats = None
-    if r.stats_x is not None:
+    stats = grads = None
+    if r.stats_batch is not None:
+        x, y = (t.to(r.device) for t in r.stats_batch)
         with r.autocast:
-            stats = activation_stats(r.raw_model, r.stats_x.to(r.device))
+            stats = activation_stats(r.raw_model, x)
+            grads = gradient_stats(r.raw_model, x, y)
     r.model.train()
-    return out, stats
+    return out, stats, grads
 
 
 def save(cfg, r):
@@ -434,7 +436,7 @@ def snapshot(cfg, r):
 def eval_and_save(cfg, r):
     """Evaluate, log, checkpoint; True when val loss reached target_val_loss."""
     t0 = time.time()
-    losses, stats = evaluate(cfg, r)
+    losses, stats, grads = evaluate(cfg, r)
     r.eval_seconds = time.time() - t0
     r.val_loss, r.val_loss_iter = losses['val_loss'], r.iter_num
     improved = r.val_loss < r.best_val_loss
@@ -452,7 +454,8 @@ def eval_and_save(cfg, r):
                 f"; massive entries: {sum(sum(s['n_massive']) for s in stats.values())}")
         if reached:
             print(f"val loss {r.val_loss:.4f} <= target_val_loss {cfg.target_val_loss}: stopping")
-    r.log('eval', iter=r.iter_num, **losses, best_val_loss=r.best_val_loss, eval_s=r.eval_seconds, stats=stats)
+    r.log('eval', iter=r.iter_num, **losses, best_val_loss=r.best_val_loss, eval_s=r.eval_seconds, stats=stats,
+          grads=grads)
     if not cfg.eval_only and (improved or cfg.always_save_checkpoint or reached):
         save(cfg, r)
     return reached

@@ -291,26 +291,9 @@ def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000), x='tokens'):
                    ', '.join(sorted(set(which.values()))))
         fig.suptitle(f"stream {view}" + (f' (the stream each run decodes: {decodes})' if view == 'decoded' else ''))
         files.append(_save(fig, os.path.join(out_dir, f"trajectory_{view}.png")))
-    # losses
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout='constrained')
-    for i, run in enumerate(runs):
-        xs = np.array(run[x], dtype=float)
-        axes[0].plot(xs, [np.nan if v is None else v for v in run['val_loss']], marker='o', ms=2.5,
-                     color=colours[i], label=run['name'])
-        for k, (term, values) in enumerate(run['val_aux'].items()):
-            axes[1].plot(xs, [np.nan if v is None else v for v in values], marker='os^v'[k % 4], ms=2.5,
-                         color=colours[i], label=f"{run['name']}: {term}")
-    no_aux = [run['name'] for run in runs if not run['val_aux']]
-    if no_aux:
-        axes[1].text(0.01, 0.99, 'no aux terms (no commit gates): ' + (', '.join(no_aux) if len(no_aux) <= MANY
-                                                                        else f'{len(no_aux)} runs'),
-                     transform=axes[1].transAxes, va='top', fontsize=7, color='gray')
-    for ax, label in zip(axes, ('val loss (cross-entropy)', 'val aux terms (commit_rate: mean commit gate)')):
-        ax.set_xlabel(X_LABELS[x])
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    _legends(fig, axes, len(runs))
-    files.append(_save(fig, os.path.join(out_dir, 'trajectory_loss.png')))
+    files.append(_plot_losses(plt, runs, colours, out_dir, x))
+    if any(run.get('grads') for run in runs):
+        files.append(_plot_grads(plt, runs, colours, out_dir, x))
     # (step x sublayer) heatmaps
     from matplotlib.colors import LogNorm
     for run in runs:
@@ -330,6 +313,55 @@ def plot_trajectories(runs, out_dir, thresholds=(10, 100, 1000), x='tokens'):
             ax.set_title(f"{run['name']}: stream {sname}", fontsize=9)
         files.append(_save(fig, os.path.join(out_dir, f"trajectory_heatmap_{run['name']}.png")))
     return files
+
+def _plot_losses(plt, runs, colours, out_dir, x):
+    """trajectory_loss.png: val loss, then the task accuracy and the operators' aux terms (e.g. the
+    commit rate), each panel only when some run logged it."""
+    panels = [('val loss (cross-entropy)', lambda run: {'': run['val_loss']})]
+    if any(any(v is not None for v in run.get('val_task_acc') or []) for run in runs):
+        panels.append(('val task accuracy (the answers)', lambda run: {'': run.get('val_task_acc') or []}))
+    if any(run['val_aux'] for run in runs):
+        panels.append(('val aux terms (commit_rate: mean commit gate)', lambda run: run['val_aux']))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, layout='constrained')
+    for ax, (label, series) in zip(axes[0], panels):
+        for i, run in enumerate(runs):
+            for k, (term, values) in enumerate(series(run).items()):
+                if values and any(v is not None for v in values):
+                    ax.plot(np.array(run[x], dtype=float), [np.nan if v is None else v for v in values],
+                            marker='os^v'[k % 4], ms=2.5, color=colours[i],
+                            label=run['name'] + (f": {term}" if term else ''))
+        ax.set_xlabel(X_LABELS[x])
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    _legends(fig, axes[0], len(runs))
+    return _save(fig, os.path.join(out_dir, 'trajectory_loss.png'))
+
+
+def _plot_grads(plt, runs, colours, out_dir, x):
+    """trajectory_grads.png (runs that logged gradient statistics): the parameters' gradient norm
+    (over all sublayers), and the decoded stream's gradient norm at position 0 over the mean norm at
+    the other positions after the first sublayer (a gradient sink is far from 1)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout='constrained')
+    for i, run in enumerate(runs):
+        g = run.get('grads')
+        if not g:
+            continue
+        xs = np.array(run[x], dtype=float)
+        total = [np.nan if n is None else float(np.sqrt(np.sum(np.square(n)))) for n in g['sublayer']]
+        axes[0].plot(xs, total, marker='o', ms=2.5, color=colours[i], label=run['name'])
+        st = g['streams'][run['decoded']]
+        ratio = [np.nan if p is None or o is None or not o[0] else p[0] / o[0] for p, o in zip(st['pos0'], st['other'])]
+        axes[1].plot(xs, ratio, marker='o', ms=2.5, color=colours[i], label=f"{run['name']} ({run['decoded']})")
+    axes[1].axhline(1.0, color='gray', ls=':', lw=0.8)
+    for ax, label in zip(axes, ('parameter gradient norm (cross-entropy, stats batch)',
+                                'decoded stream after sublayer 0: |grad| at position 0 / others')):
+        ax.set_xlabel(X_LABELS[x])
+        ax.set_ylabel(label, fontsize=9)
+        ax.set_yscale('log')
+        ax.grid(alpha=0.3)
+    _legends(fig, axes, len(runs))
+    return _save(fig, os.path.join(out_dir, 'trajectory_grads.png'))
+
 
 # ----------------------------------------------------------------------------------------------
 # Groups of runs (seeds)

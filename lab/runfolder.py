@@ -33,6 +33,8 @@ What lands in out_dir (rank 0 writes; files follow the umask):
                     argmax accuracy on the answers; prepare.task_mask), best_val_loss, eval_s, stats (stats.activation_stats of a fixed val batch:
                     {stream: {key: [one value per sublayer]}} for the keys in stats.STATS_KEYS,
                     dominant_dim and peak_layer one integer each; python probe.py out_dir plots them)
+                    grads (lab.stats.gradient_stats on the same batch: per sublayer the parameter gradient norm,
+                    per stream the gradient norm at position 0 and at the others; docs/reference.md §4.11)
              stop:  iter, reason (max_iters, target_val_loss, sigint, sigterm, eval_only, non-finite loss)
   log.jsonl.bad  cut-off last lines set aside by resumed runs (see above), if any
 Checkpoints hold only tensors and plain Python values, and are read with torch.load(weights_only=True),

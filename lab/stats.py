@@ -227,3 +227,46 @@ def activation_stats(model, idx, keys=STATS_KEYS):
         scalars = dict(dominant_dim=dom, peak_layer=peak)
         out[name] = {k: scalars[k] if k in scalars else [st[k] for st in per] for k in keys}
     return out
+
+
+class StreamGrads(Observer):
+    """Hands every stream after every sublayer back to the model as its replacement, unchanged, so
+    that the very tensors the rest of the forward uses are kept, and the loss can be differentiated
+    with respect to them."""
+
+    def __init__(self, names):
+        self.names, self.kept = names, []     # names: the operator's streams (not its views)
+
+    def on_sublayer(self, s, streams):
+        kept = {name: streams[name] for name in self.names}
+        self.kept.append(kept)
+        return kept
+
+
+def gradient_stats(model, x, y):
+    """The cross-entropy's gradient on one batch (docs/reference.md §4.11): per sublayer the norm of
+    its parameters' gradient, and per stream and sublayer the mean norm of the gradient at position 0
+    and over the other positions (a 'gradient sink' is a position-0 norm far from the rest).
+    torch.autograd.grad leaves every parameter's .grad alone, so a training run is not changed."""
+    obs = StreamGrads(list(model.residual.streams))
+    with torch.enable_grad():
+        _, loss, _ = model(x, y, observer=obs)
+        params = [[p for p in sub.parameters() if p.requires_grad] for sub in model.sublayers]
+        tensors = [t for kept in obs.kept for t in kept.values()]
+        grads = torch.autograd.grad(loss, [p for ps in params for p in ps] + tensors, allow_unused=True)
+    n_params = sum(len(ps) for ps in params)
+    param_grads, stream_grads = grads[:n_params], grads[n_params:]
+    norms, i = [], 0
+    for ps in params:
+        sq = sum(float(g.double().square().sum()) for g in param_grads[i:i + len(ps)] if g is not None)
+        norms.append(sq ** 0.5)
+        i += len(ps)
+    out = dict(sublayer=norms, streams={name: dict(pos0=[], other=[]) for name in obs.names})
+    for s, kept in enumerate(obs.kept):
+        for j, (name, t) in enumerate(kept.items()):
+            g = stream_grads[s * len(kept) + j]           # None: the loss does not depend on it (the ledger's last D)
+            g = torch.zeros_like(t) if g is None else g
+            norm = g.double().norm(dim=-1)                # (B, T): per position
+            out['streams'][name]['pos0'].append(float(norm[:, 0].mean()))
+            out['streams'][name]['other'].append(float(norm[:, 1:].mean()) if norm.size(1) > 1 else None)
+    return out

@@ -111,7 +111,9 @@ def read_run(path, name):
                decoded=info.get('decoded', LEGACY_DECODED.get(cfg.get('residual'))), starts=n_starts,
                total_batch_size=cfg['total_batch_size'], seq_len=cfg.get('block_size'),
                iters=iters, tokens=tokens,
-               val_loss=[evals[it][0].get('val_loss') for it in iters], val_aux=aux, streams={})
+               val_loss=[evals[it][0].get('val_loss') for it in iters], val_aux=aux,
+               val_task_acc=[evals[it][0].get('val_task_acc') for it in iters], grads=read_grads(evals, iters),
+               streams={})
     for sname in evals[iters[0]][0]['stats']:
         rows = [evals[it][0]['stats'][sname] for it in iters]
 
@@ -143,6 +145,19 @@ def read_run(path, name):
         st['partial'] = [k for k in NEWER_KEYS if k not in st['missing'] and not all(k in r for r in rows)]
         run['streams'][sname] = st
     return run
+
+
+def read_grads(evals, iters):
+    """The gradient statistics of the evals (train.py logs them since they were added; None for a log
+    without any): per eval the parameter gradient norm per sublayer, and per stream the gradient norm
+    at position 0 and over the other positions per sublayer (None where an eval has none)."""
+    logged = [evals[it][0].get('grads') for it in iters]
+    if not any(logged):
+        return None
+    names = next(g for g in logged if g)['streams']
+    return dict(sublayer=[g['sublayer'] if g else None for g in logged],
+                streams={n: {k: [g['streams'][n][k] if g else None for g in logged] for k in ('pos0', 'other')}
+                         for n in names})
 
 
 def jsonable(v):
