@@ -25,9 +25,9 @@ import os
 import sys
 import time
 
-from lab.cli import OneLineParser
+from lab.cli import OneLineParser, check_output_folder
 from lab.data import (DATA_ROOT, DATASETS, TRIGGER_DEFAULTS, TRIGGER_FLAGS, VAL_FRACTION, build_builtin, build_corpus,
-                      build_trigger, check_trigger_params, summary, text_documents)
+                      build_trigger, check_trigger_params, data_folder, summary, text_documents)
 from lab.download import HF_URL, default_backoff, download
 
 
@@ -85,6 +85,10 @@ def main(argv=None):
         parser.error("--dataset=text needs --input PATH [PATH ...]")
     if args.dataset != 'text' and args.input:
         parser.error(f"--input is only used with --dataset=text, not --dataset={args.dataset}")
+    try:
+        check_output_folder(os.path.join(data_folder(args.data_root), args.dataset), '--data_root')
+    except ValueError as e:
+        parser.error(str(e))
 
     t0 = time.time()
     try:

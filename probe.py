@@ -50,7 +50,7 @@ import re
 import sys
 
 from lab import hf, runfolder
-from lab.cli import OneLineParser
+from lab.cli import OneLineParser, check_output_folder
 from lab.data import EOT, Sampler, dataset_meta, ensure_dataset, gpt2_encoding, prompt_windows, shard_paths, task_mask
 from lab.device import resolve_device
 from lab.download import GPT2_MODELS, fetch_gpt2
@@ -288,7 +288,8 @@ def parse_args(argv=None):
                    help='a group of runs (e.g. seeds) to compare with the other groups: mean, sample std, Welch '
                         'interval and p, permutation p, Holm-adjusted p and Hedges\' g of the headline numbers '
                         '(repeatable, instead of INPUTs)')
-    p.add_argument('--out', default='probe_out', help='folder for probe.json (trajectory.json for runs) and the PNGs')
+    p.add_argument('--out', help='folder for probe.json (trajectory.json for runs) and the PNGs (default: '
+                   'probe_out/<the first input\'s name>, or probe_out/groups with --group)')
     p.add_argument('--num_seqs', type=int, default=16, help='validation windows to probe')
     p.add_argument('--seq_len', type=int, default=None,
                    help="window length (default: the model's block_size; hf: inputs: its context, at most 1024)")
@@ -321,6 +322,14 @@ def parse_args(argv=None):
     return args
 
 
+def output_folder(args, name):
+    """--out, or probe_out/<name> (the first input's name, or 'groups'), so that the outputs of
+    different inputs land in folders of their own; checked to be writable before any work."""
+    if args.out is None:
+        args.out = os.path.join('probe_out', name)
+    check_output_folder(args.out, '--out')
+
+
 def check_inputs(args):
     """Everything that can be wrong with the command line, before the long part: ('runs', [run]) or
     ('checkpoints', paths, names, first loaded checkpoint, groups or None). Raises ValueError/OSError."""
@@ -347,8 +356,10 @@ def check_inputs(args):
             if key in seen:
                 raise ValueError(f"{q} and {seen[key]} are the same log; give each run once")
             seen[key] = q
+        output_folder(args, run_names(paths)[0])
         return 'runs', [read_run(q, n) for q, n in zip(paths, run_names(paths))]
     names = checkpoint_names(paths)
+    output_folder(args, 'groups' if groups else names[0])
     if groups:   # group members by checkpoint name
         it = iter(names)
         groups = {g: [next(it) for _ in members] for g, members in groups.items()}

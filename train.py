@@ -41,8 +41,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, RESIDUALS, GPTConfig, option, options
 from lab import runfolder
+from lab.cli import check_output_folder
 from lab.config import ConfigError, check_choices, parse_args, print_help
-from lab.data import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, shard_paths, task_mask
+from lab.data import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, makedirs, remove_empty, shard_paths, task_mask
 from lab.device import busy_cpu_hint, peak_flops, setup
 from lab.report import residual_info
 from lab.stats import activation_stats, gradient_stats
@@ -335,15 +336,16 @@ def setup_model(cfg, ckpt, r):
                         gradient_as_bucket_view=True) if r.ddp else r.model
 
 
-def start_run(cfg, r, resumed):
-    """Rank 0 makes out_dir ready (overwrite: the earlier run's files go first), says what will run,
-    and opens the log with a start record."""
+def start_run(cfg, r, resumed, replace_log=False):
+    """Rank 0 makes out_dir ready (overwrite, or the log of a run that never checkpointed: the earlier
+    run's files go first), says what will run, and opens the log with a start record."""
     if r.master:
-        if cfg.overwrite and os.path.isdir(cfg.out_dir):  # only now that everything before could be checked
+        if (cfg.overwrite or replace_log) and os.path.isdir(cfg.out_dir):  # only now that all could be checked
             removed = runfolder.remove_run(cfg.out_dir)
             if removed:
-                print(f"overwrite: removed the earlier run's {removed} from {cfg.out_dir}")
-        os.makedirs(cfg.out_dir, exist_ok=True)
+                print(f"{'overwrite' if cfg.overwrite else 'a run that stopped before its first checkpoint'}: "
+                      f"removed the earlier run's {removed} from {cfg.out_dir}")
+        r.created = makedirs(cfg.out_dir)
         runfolder.remove_stale_temp_files(cfg.out_dir)
         snapshots = os.path.join(cfg.out_dir, runfolder.SNAPSHOTS)
         if os.path.isdir(snapshots):
@@ -483,12 +485,17 @@ def log_step(cfg, r, losses, lr, step_times):
 # training
 
 
-def train(cfg, ckpt=None):
+def train(cfg, ckpt=None, replace_log=False):
     """Run the training loop. Returns the process exit code."""
     r = setup_device(cfg)
     setup_data(cfg, r)
     setup_model(cfg, ckpt, r)
-    start_run(cfg, r, resumed=ckpt is not None)
+    r.created = []
+    try:
+        start_run(cfg, r, ckpt is not None, replace_log)
+    except BaseException:                           # e.g. Ctrl-C while starting: no empty out_dir behind
+        remove_empty(r.created)
+        raise
     resumed_after_eval = r.val_loss_iter == r.iter_num  # the checkpoint was written right after evaluating
     first = r.rank * r.grad_accum                       # this rank's first micro-step in the global batch
     batches = (fetch(r.train_data, it, first + m) for it in itertools.count(r.iter_num) for m in range(r.grad_accum))
@@ -556,10 +563,11 @@ def main(argv=None):
     try:
         cfg, ckpt = load_config(argv, int(os.environ.get('WORLD_SIZE', 1)))
         try:
-            runfolder.check_out_dir(cfg.out_dir, cfg.init_from, cfg.overwrite)
+            replace_log = runfolder.check_out_dir(cfg.out_dir, cfg.init_from, cfg.overwrite)
+            check_output_folder(cfg.out_dir, 'out_dir')
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        return train(cfg, ckpt)
+        return train(cfg, ckpt, replace_log)
     except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one in it
         kept = f"{cfg.out_dir}/ckpt.pt, if any, is the last checkpoint" if cfg else "nothing was written"
         print(f"{where}: interrupted: stopped at once, without saving ({kept})", file=sys.stderr)

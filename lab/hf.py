@@ -43,7 +43,9 @@ import json
 import os
 import platform
 import re
+import socket
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -196,6 +198,25 @@ def _quiet():
         enable_progress_bars()          # ... which come back
 
 
+NO_NETWORK = []   # the hub's host, once this process found it unreachable and went offline
+
+
+def offline_without_network():
+    """No network (the hub's host does not resolve, or refuses): use the Hugging Face cache only, as
+    HF_HUB_OFFLINE=1 would, instead of huggingface_hub's retries (a line each, ~30 s) that end in the
+    same error. A connection is tried once, for 3 s at most."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or NO_NETWORK:
+        return
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        NO_NETWORK.append(host)
+        os.environ['HF_HUB_OFFLINE'] = '1'
+        constants.HF_HUB_OFFLINE = True
+
+
 def _not_found(src, e):
     """One line for a config, tokenizer or weights that could not be found."""
     if src.local:
@@ -207,8 +228,9 @@ def _not_found(src, e):
     from huggingface_hub import constants, is_offline_mode
     cache = os.path.join(constants.HF_HUB_CACHE, 'models--' + src.repo.replace('/', '--'))
     offline = is_offline_mode()
+    why = f"{NO_NETWORK[0]} cannot be reached (no network)" if NO_NETWORK else "HF_HUB_OFFLINE is set"
     if offline and not os.path.isdir(cache):
-        return (f"{src.spec}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
+        return (f"{src.spec}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
                 f"download it once with network access, or give a local folder")
     refs = sorted(os.listdir(os.path.join(cache, 'refs'))) if os.path.isdir(os.path.join(cache, 'refs')) else []
     if src.revision and src.revision not in refs and (offline or 'revision' in str(e).lower() or refs):
@@ -227,6 +249,8 @@ def load_config(src):
     _quiet()
     if src.local and not os.path.isfile(os.path.join(src.where, 'config.json')):
         raise ValueError(_not_found(src, FileNotFoundError(f"no config.json in {src.where}")))
+    if not src.local:
+        offline_without_network()
     try:
         config = AutoConfig.from_pretrained(src.where, revision=src.hub_revision)
     except ValueError as e:
@@ -254,18 +278,81 @@ def load_config(src):
     return config
 
 
-def check_weights(src):
-    """Raise (one line) unless a weights file is there (resolved, and downloaded if need be, the way
-    from_pretrained will)."""
+def weight_shapes(src):
+    """{tensor name: shape} of the weights from_pretrained would load, read from the files' headers
+    (safetensors) or memory-mapped (.bin): nothing is loaded. Raises (one line) when there are none."""
+    from safetensors import safe_open
     from transformers.utils import cached_file
-    for name in ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
-                 'pytorch_model.bin.index.json'):
+
+    def resolve(name):
         try:
-            if cached_file(src.where, name, revision=src.hub_revision, _raise_exceptions_for_missing_entries=False):
-                return
+            return cached_file(src.where, name, revision=src.hub_revision, _raise_exceptions_for_missing_entries=False)
         except (OSError, ValueError) as e:
             raise ValueError(_not_found(src, e)) from None
+
+    for single, index in (('model.safetensors', 'model.safetensors.index.json'),
+                          ('pytorch_model.bin', 'pytorch_model.bin.index.json')):
+        path = resolve(single)
+        files = [path] if path else None
+        if files is None and resolve(index):
+            with open(resolve(index)) as f:
+                files = [resolve(shard) for shard in sorted(set(json.load(f)['weight_map'].values()))]
+        if not files:
+            continue
+        shapes = {}
+        for path in files:
+            if path.endswith('.safetensors'):
+                with safe_open(path, 'pt') as f:
+                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            else:
+                sd = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+                shapes.update({k: tuple(v.shape) for k, v in sd.items()})
+        return shapes
     raise ValueError(f"{src.spec}: no weights (model.safetensors or pytorch_model.bin) in {src.where}")
+
+
+def _renamer(model):
+    """name in a weights file -> (name in the model, whether a converter builds it from several file
+    tensors): transformers' own renaming of checkpoint keys (GPT-NeoX's embed_out is lm_head, ...);
+    without that API (older transformers), the name with or without the base model's prefix."""
+    try:
+        from transformers import conversion_mapping, core_model_loading as cml
+        transforms = conversion_mapping.get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, cml.WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, cml.WeightConverter)]
+        meta = model.state_dict()
+
+        def rename(key):
+            target, converter = cml.rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+            return target, converter is not None
+        return rename
+    except (ImportError, AttributeError, TypeError):
+        names, prefix = set(model.state_dict()), model.base_model_prefix + '.'
+        return lambda key: (next((n for n in (key, prefix + key, key.removeprefix(prefix)) if n in names), key), False)
+
+
+def check_weights(src, config):
+    """Raise (one line) unless the weights files hold every parameter the model of `config` needs, in
+    its shape: checked from the files' headers against the model built on the meta device (nothing
+    is loaded), so that every input of a probe run is checked before the first one is probed."""
+    from transformers import AutoModelForCausalLM
+    have = weight_shapes(src)
+    with torch.device('meta'):
+        model = AutoModelForCausalLM.from_config(config)
+    rename, found, built = _renamer(model), {}, set()
+    for key, shape in have.items():
+        target, converted = rename(key)
+        (built.add(target) if converted else found.setdefault(target, (key, shape)))
+    for name, p in model.named_parameters():      # a tied weight once, under its first name; no buffers
+        if name in built:
+            continue                              # assembled from several tensors: from_pretrained checks it
+        if name not in found:
+            raise ValueError(f"{src.spec}: the weights do not fit its config: no tensor for {name} in the weights "
+                             f"files")
+        key, shape = found[name]
+        if shape != tuple(p.shape):
+            raise ValueError(f"{src.spec}: the weights do not fit its config: {key} has shape {list(shape)} in the "
+                             f"file, {list(p.shape)} in a {config.model_type} of this config")
 
 
 def load_tokenizer(src):
@@ -695,8 +782,8 @@ def load(spec, args, check_only=False):
     T = args.seq_len or min(context, DEFAULT_T)
     if T > context:
         raise ValueError(f"--seq_len {T} exceeds the context of {spec}, {context} tokens")
+    check_weights(src, config)       # every tensor, from the files' headers: before any input is probed
     if check_only:
-        check_weights(src)
         return None
     model = load_model(src, config, args.device, args.dtype)
     prepend, marker = bos_convention(tok)

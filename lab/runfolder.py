@@ -47,6 +47,7 @@ import pickle
 import re
 import secrets
 import warnings
+import zipfile
 
 import torch
 
@@ -79,12 +80,15 @@ def describe_run_files(files):
 def check_out_dir(out_dir, init_from, overwrite):
     """One out_dir, one run: a from-scratch run may not mix its checkpoint, log and snapshots with
     those of a run already there. Reads only (ValueError, one line); overwrite=True removes that run
-    later (remove_run)."""
+    later (remove_run). Returns True when out_dir holds only the log of a run that stopped before
+    its first checkpoint: nothing there to resume or protect, so a new run replaces it."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir={out_dir!r} is a file, not a folder")
     if init_from == 'resume' and overwrite:
         raise ValueError("overwrite=True starts the run in out_dir over, init_from='resume' continues it: give one")
     found = run_files(out_dir)
+    if init_from == 'scratch' and found and all(os.path.basename(f) in (LOG, BAD) for f in found):
+        return True
     if init_from == 'scratch' and found and not overwrite:
         raise ValueError(f"{out_dir} already holds a run ({describe_run_files(found)}); continue it with "
                          f"--init_from=resume, start over with --overwrite=True (removes those files first), "
@@ -216,7 +220,14 @@ def read_checkpoint(path, map_location='cpu', trust=False):
     train.py writes. A file that needs more is refused unless trust=True (the user said so by name).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file (train one with `python train.py`)")
+        folder = os.path.dirname(path) or '.'
+        hint = (f"{folder} holds the log of a run that stopped before its first checkpoint; start it again with "
+                f"`python train.py ... --out_dir={folder}` (its log is replaced)"
+                if os.path.isfile(os.path.join(folder, LOG)) else f"train one with `python train.py --out_dir={folder}`")
+        raise FileNotFoundError(f"{path}: no such checkpoint file ({hint})")
+    if not is_torch_save(path):
+        raise ValueError(f"{path}: not a checkpoint (torch.save writes a zip archive holding data.pkl, or a pickle; "
+                         f"this file is neither)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on the way to refusing: one line is enough
             warnings.simplefilter('ignore')
@@ -230,6 +241,21 @@ def read_checkpoint(path, map_location='cpu', trust=False):
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise ValueError(f"{path}: not a train.py checkpoint (expected keys {', '.join(CHECKPOINT_KEYS)})")
     return ckpt
+
+
+def is_torch_save(path):
+    """Could this be a torch.save file? A zip archive with a data.pkl (torch >= 1.6), or a pickle
+    stream (the legacy format starts with the pickle protocol byte 0x80). Anything else is not a
+    checkpoint at all, so it is never answered with the trust_checkpoint hint."""
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    if head[:1] == b'\x80':
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith('data.pkl') for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def load_model(path, device='cpu', trust=False):

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -413,11 +414,17 @@ def test_bad_hf_inputs_are_one_line(tmp_path, capsys, monkeypatch):
     tensors = load_file(os.path.join(broken, 'model.safetensors'))
     del tensors['model.layers.1.mlp.up_proj.weight']
     save_file(tensors, os.path.join(broken, 'model.safetensors'), metadata={'format': 'pt'})
-    cases.append(('hf:' + broken, 'the weights do not fit its config: 1 tensors missing or of the wrong shape, '
-                                  'e.g. model.layers.1.mlp.up_proj.weight'))
+    cases.append(('hf:' + broken, 'the weights do not fit its config: no tensor for model.layers.1.mlp.up_proj.weight'))
+    wrong = folder('wrong', family='llama')                   # a tensor of the wrong shape
+    tensors = load_file(os.path.join(wrong, 'model.safetensors'))
+    tensors['model.layers.0.mlp.up_proj.weight'] = tensors['model.layers.0.mlp.up_proj.weight'][:-1].clone()
+    save_file(tensors, os.path.join(wrong, 'model.safetensors'), metadata={'format': 'pt'})
+    shape = list(tensors['model.layers.0.mlp.up_proj.weight'].shape)
+    cases.append(('hf:' + wrong, f"model.layers.0.mlp.up_proj.weight has shape {shape} in the file, "
+                                 f"{[shape[0] + 1, shape[1]]} in a llama of this config"))
     no_weights = folder('no_weights', family='llama')
     os.remove(os.path.join(no_weights, 'model.safetensors'))
-    cases.append(('hf:' + no_weights, 'could not be loaded from'))
+    cases.append(('hf:' + no_weights, 'no weights (model.safetensors or pytorch_model.bin) in'))
     (tmp_path / 'strange').mkdir()
     (tmp_path / 'strange' / 'config.json').write_text(json.dumps({'model_type': 'not-a-model'}))
     cases.append(('hf:' + str(tmp_path / 'strange'), "unknown architecture: transformers"))
@@ -430,6 +437,9 @@ def test_bad_hf_inputs_are_one_line(tmp_path, capsys, monkeypatch):
     code = probe.main(['hf:' + llama, 'hf:' + no_weights, '--text', 'hello', '--out', str(tmp_path / 'o')])
     err = capsys.readouterr().err.strip().splitlines()             # the second input is checked before the first runs
     assert code == 2 and len(err) == 1 and 'no weights (model.safetensors' in err[0]
+    code = probe.main(['hf:' + llama, 'hf:' + wrong, '--text', 'hello', '--out', str(tmp_path / 'o')])
+    err = capsys.readouterr().err.strip().splitlines()             # every tensor of a later input, before any work
+    assert code == 2 and len(err) == 1 and 'up_proj.weight has shape' in err[0]
     code = probe.main(['hf:' + llama, '--seq_len', str(CTX + 1), '--out', str(tmp_path / 'o')])
     assert code == 2 and 'exceeds the context' in capsys.readouterr().err
     # transformers missing: one line naming the install command, and nothing else imports it
@@ -450,3 +460,16 @@ def test_specs_names_and_steps():
     assert (src.repo, src.revision, src.local, src.where) == ('EleutherAI/pythia-160m', 'step1000', False,
                                                              'EleutherAI/pythia-160m')
     assert hf.tokens_per_step('EleutherAI/pythia-160m') == 2097152 and hf.tokens_per_step('org/x') is None
+
+
+def test_a_hub_id_without_network_fails_fast_in_one_line(cli, tmp_path):
+    """No network here: an id that is not in the cache is refused in one line within seconds, without
+    huggingface_hub's retry lines (HF_HUB_OFFLINE is not set: the probe finds the hub unreachable)."""
+    env = {'HF_HOME': str(tmp_path / 'hf'), 'HF_HUB_OFFLINE': ''}
+    t0 = time.time()
+    r = cli('probe.py', 'hf:someone/not-a-cached-model', '--text', 'hi', '--out', tmp_path / 'o', **env)
+    took = time.time() - t0
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert 'not in the Hugging Face cache' in err[0] and 'cannot be reached (no network)' in err[0]
+    assert took < 20, took          # not a speed goal: the retries it replaces took ~30 s

