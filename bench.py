@@ -32,12 +32,13 @@ from contextlib import nullcontext
 
 import torch
 
-from model import ATTENTION_VARIANTS, GPT, RESIDUALS, GPTConfig, options
+from lab.weightings import ATTENTION_VARIANTS
+from model import GPT, RESIDUALS, GPTConfig, options
 from lab.cli import OneLineParser
 from lab.config import ConfigError, checked, parse_value
 from lab.device import peak_flops, resolve_device
 from lab.measure import measure_overhead
-from lab.training import backward, default_weights, update
+from lab.training import backward, configure_optimizer, default_weights, update
 
 PRESETS = {  # n_layer, n_head, n_embd, block_size, batch_size
     'tiny': (4, 4, 256, 128, 8),
@@ -57,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument('--residuals', default='vanilla,ledger',
                    help='comma-separated keys of model.RESIDUALS; times are given relative to the first')
     p.add_argument('--attention', default='softmax',
-                   help="comma-separated keys of model.ATTENTION_VARIANTS ('all' for every one), each run with "
+                   help="comma-separated keys of lab.weightings.ATTENTION_VARIANTS ('all' for every one), each run with "
                         "every residual; times are given relative to the first model")
     model = p.add_argument_group('model options (model.options(): any setting of any variant, e.g. --ledger_rank=16)')
     for name in options():
@@ -87,7 +88,7 @@ def parse_args(argv=None):
     args.attention = list(ATTENTION_VARIANTS) if args.attention == 'all' else args.attention.split(',')
     unknown = [a for a in args.attention if a not in ATTENTION_VARIANTS]
     if unknown:
-        p.error(f"--attention: {', '.join(unknown)} not in model.ATTENTION_VARIANTS ({', '.join(ATTENTION_VARIANTS)})")
+        p.error(f"--attention: {', '.join(unknown)} not in lab.weightings.ATTENTION_VARIANTS ({', '.join(ATTENTION_VARIANTS)})")
     args.models = [(r, a) for r in args.residuals for a in args.attention]   # (residual, attention variant)
     opts, args.settings = options(), {}
     for name in opts:
@@ -124,7 +125,7 @@ def name_of(model):
 def build(args, model):
     torch.manual_seed(0)
     model = GPT(config(args, model)).to(args.device)
-    opt = model.configure_optimizer(0.1, 3e-4, (0.9, 0.999), device_type=args.device.split(':')[0])
+    opt = configure_optimizer(model, 0.1, 3e-4, (0.9, 0.999), device_type=args.device.split(':')[0])
     fwd = torch.compile(model) if args.compile else model
     return model, fwd, opt
 

@@ -39,15 +39,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, RESIDUALS, GPTConfig, option, options
+from model import GPT, RESIDUALS, GPTConfig, options
 from lab import runfolder
 from lab.cli import check_output_folder
-from lab.config import ConfigError, check_choices, parse_args, print_help
+from lab.config import ConfigError, check_choices, option, parse_args, print_help
 from lab.data import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, makedirs, remove_empty, shard_paths, task_mask
 from lab.device import busy_cpu_hint, peak_flops, setup
 from lab.report import residual_info
 from lab.stats import activation_stats, gradient_stats
-from lab.training import StopSignals, backward, format_time, rng_states, set_rng_states, update
+from lab.training import (StopSignals, backward, configure_optimizer, format_time, rng_states, set_rng_states,
+                          update)
 
 # -----------------------------------------------------------------------------
 # configuration: these keys, the model's options (model.options(): shape and variants) and the
@@ -308,8 +309,8 @@ def setup_model(cfg, ckpt, r):
     gptconf = GPTConfig(**({k: v for k, v in ckpt['model_args'].items() if k in options()} if ckpt else model_args(cfg)))
     gptconf.dropout = cfg.dropout
     r.gptconf, r.raw_model = gptconf, GPT(gptconf).to(r.device)
-    r.optimizer = r.raw_model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                                  cfg.decay_all, r.device_type)
+    r.optimizer = configure_optimizer(r.raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                      cfg.decay_all, r.device_type)
     r.scaler = torch.amp.GradScaler(r.device_type, enabled=r.dtype == 'float16')
     r.iter_num, r.best_val_loss, r.val_loss, r.val_loss_iter = 0, math.inf, None, None
     if ckpt is not None:

@@ -1,6 +1,6 @@
 """
-nanoGPT's configuration, checked: a script's keys are options (model.option: default, help, types,
-choices); config files (plain Python assignments, executed) are applied in order, then --key=value
+nanoGPT's configuration, checked: a script's keys are options (option: default, help, types,
+choices; model.py declares the model's, train.py its own); config files (plain Python assignments, executed) are applied in order, then --key=value
 (or --key value) overrides, values parsed as Python literals. An unknown key (with the nearest ones
 suggested) or a value of the wrong type is a ConfigError of one line.
 """
@@ -9,6 +9,16 @@ import difflib
 import textwrap
 import traceback
 import types
+from collections import namedtuple
+
+
+Option = namedtuple('Option', 'default help types choices')
+
+
+def option(default, help, types=None, choices=None):
+    """A config option: its default, what train.py --help says of it, the types it takes (those of
+    the default unless given; an int is fine for a float) and, for a string, its choices."""
+    return Option(default, help, types or (type(default),), choices)
 
 
 class ConfigError(ValueError):

@@ -6,7 +6,8 @@ probe.py builds: nothing here runs a model. docs/reference.md §4 defines every 
 
 import numpy as np
 
-from model import RESIDUALS, WEIGHTINGS
+from lab.weightings import WEIGHTINGS
+from model import RESIDUALS
 from lab.data import EOT
 from lab.stats import MASSIVE_ABS, MASSIVE_REL, SINK_T
 

@@ -15,8 +15,6 @@ coverage of the intervals at the studies' sizes.
 """
 import math
 
-import numpy as np
-
 from lab.groups import LEVEL, SCALES, clean, estimate, fmt, holm, permutation_p, say
 
 EXACT_SPLITS = 200_000      # every split of the runs up to this many (10 vs 10: 184,756)

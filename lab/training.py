@@ -4,6 +4,7 @@ exact to resume: the dropout seed of every micro-step is a pure function of (see
 and the generators' states go into the checkpoint. Ctrl-C and SIGTERM ask the loop to stop after a step.
 """
 import contextlib
+import inspect
 import os
 import random
 import signal
@@ -13,6 +14,19 @@ import numpy as np
 import torch
 
 from model import RESIDUALS
+
+
+def configure_optimizer(model, weight_decay, learning_rate, betas, decay_all=True, device_type='cpu'):
+    """AdamW. decay_all=True decays every parameter (the paper's presets); False decays only 2-D
+    weights (nanoGPT's rule: no decay on biases, norms, gates' biases, lam). Fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_all:
+        groups = [{'params': params, 'weight_decay': weight_decay}]
+    else:
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
 
 
 def total_loss(ce, aux, weights):

@@ -14,7 +14,8 @@ import probe
 from lab import measure
 import train
 from lab.report import attention_label
-from model import ATTENTION_VARIANTS, GPT, GPTConfig, Observer
+from lab.weightings import ATTENTION_VARIANTS
+from model import GPT, GPTConfig, Observer
 
 V, BLOCK = 64, 16
 VARIANTS = {name: flags for name, flags in ATTENTION_VARIANTS.items() if flags}   # every one but plain softmax
@@ -264,7 +265,8 @@ def test_softpick_against_its_formula_with_rows_of_zeros():
     """Softpick: a_ij = relu(exp(s_ij) - 1) / (sum_j' |exp(s_ij') - 1| + eps) over the visible keys, in
     float64 by hand on random non-zero scores with a causal mask; masked entries 0, and a row whose
     scores are all negative is all zeros (the head does nothing)."""
-    from model import WEIGHTINGS, attention_mask
+    from lab.weightings import WEIGHTINGS
+    from model import attention_mask
     weighting = WEIGHTINGS['softpick'](GPTConfig(n_layer=1, n_head=2, n_embd=8))
     scores = torch.randn(2, 2, 6, 6, generator=torch.Generator().manual_seed(4)) * 2
     scores[0, 0, 3, :4] = -torch.rand(4) - 0.1               # row 3 sees keys 0..3, all negative

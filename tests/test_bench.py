@@ -65,7 +65,7 @@ def test_step_memory_needs_cuda_and_still_runs_the_step():
     (['--steps=x'], ['--steps', "'x'"]),
     (['--n_embd=30'], ['n_embd=30', 'n_head']),
     (['--batch_size=0'], ['--batch_size', '>= 1']),
-    (['--attention=softmax,plux_one'], ['plux_one', 'model.ATTENTION_VARIANTS']),
+    (['--attention=softmax,plux_one'], ['plux_one', 'lab.weightings.ATTENTION_VARIANTS']),
 ])
 def test_bad_input_is_one_line(argv, words, capsys, monkeypatch, one_line_error):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)   # --device=cuda is bad input on any machine
@@ -82,9 +82,9 @@ def test_the_script_exits_2(cli, one_line_error):
 
 
 def test_every_attention_variant_against_plain_softmax(capsys):
-    """--attention=all: each variant of model.ATTENTION_VARIANTS is timed with each residual, relative to
+    """--attention=all: each variant of lab.weightings.ATTENTION_VARIANTS is timed with each residual, relative to
     the first model (vanilla with plain softmax attention)."""
-    from model import ATTENTION_VARIANTS
+    from lab.weightings import ATTENTION_VARIANTS
     assert bench.main(['--attention=all', '--residuals=vanilla', '--n_layer=1', '--n_head=2', '--n_embd=16',
                        '--block_size=8', '--batch_size=2', '--vocab_size=64', '--warmup=0', '--steps=1',
                        '--device=cpu']) == 0

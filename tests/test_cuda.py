@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from lab.training import default_weights, total_loss
+from lab.training import configure_optimizer, default_weights, total_loss
 
 DEVICE = os.environ.get('LEDGER_TEST_DEVICE', 'cuda')
 pytestmark = pytest.mark.skipif(DEVICE == 'cuda' and not torch.cuda.is_available(),
@@ -35,7 +35,7 @@ def small(residual):
 
 def train_steps(model, compiled, x, steps):
     """`steps` AdamW steps on one batch (so the loss must fall) under bf16 autocast, as train.py takes them."""
-    opt = model.configure_optimizer(0.1, 3e-3, (0.9, 0.999), device_type=DEVICE)
+    opt = configure_optimizer(model, 0.1, 3e-3, (0.9, 0.999), device_type=DEVICE)
     fwd = torch.compile(model, fullgraph=True) if compiled else model
     losses = []
     for _ in range(steps):

@@ -14,7 +14,7 @@ here from the formula in docs/reference.md:
   and start_mass_dominant;
 - lab/measure.py (§4.6): Sink_1's `alpha_1 > 0.3`, the conditional sink's `other >= 0.5` and
   `trigger <= 0.1`, and the per-kind means behind them;
-- model.py (§1.6): the weighting (model.WEIGHTINGS) of every attn_softmax against float64 formulas, with a
+- model.py (§1.6): the weighting (lab.weightings.WEIGHTINGS) of every attn_softmax against float64 formulas, with a
   causal mask, slot columns and arbitrary masks, then the whole attention sublayer of GPT by hand;
 - lab/data.py (§3.5, §2.3): the trigger generator (answers, ties to the smallest id, p, BOS) against
   a re-implementation, and Sampler windows with a document boundary at the first and last token of
@@ -34,7 +34,8 @@ import torch
 
 from lab import groups, measure, stats, trajectories
 from lab.data import TRIGGER_BOS, Sampler, trigger_block, trigger_block_docs, trigger_documents, write_shard
-from model import GPT, WEIGHTINGS, GPTConfig, Observer, attention_mask
+from lab.weightings import WEIGHTINGS
+from model import GPT, GPTConfig, Observer, attention_mask
 
 
 def below(x):
@@ -198,7 +199,7 @@ def test_sink_rate_edge():
 
 def summary_obs(alpha1, prefix=None, sink=None, n_queries=None):
     """A stand-in for a Measure after one sequence: its attention sums are the values themselves."""
-    L, H = len(alpha1), len(alpha1[0])
+    L = len(alpha1)
     att = {}
     for l in range(L):
         att[l] = dict(alpha1=torch.tensor(alpha1[l], dtype=torch.float64),
@@ -300,7 +301,7 @@ def reference_weights(scores, mask, kind, gamma=0.0, zeta=1.0):
 
 
 def attention_weights(scores, mask, kind='softmax', gamma=0.0, zeta=1.0):
-    """The model's weighting of that kind (model.WEIGHTINGS[kind]), built from a config as Attention builds it."""
+    """The model's weighting of that kind (lab.weightings.WEIGHTINGS[kind]), built from a config as Attention builds it."""
     config = GPTConfig(n_layer=1, n_head=1, n_embd=8, attn_softmax=kind, clip_gamma=gamma, clip_zeta=zeta)
     return WEIGHTINGS[kind](config)(scores, mask)
 

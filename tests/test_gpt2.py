@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import model
 import probe
 from lab import measure
 from http_server import FileServer

@@ -16,6 +16,8 @@ import os
 import pytest
 import torch
 
+from lab.training import configure_optimizer
+
 from model import GPT, GPTConfig, Ledger, Observer, Vanilla
 
 V, BLOCK = 64, 16
@@ -750,7 +752,7 @@ def test_model_learns_a_repeated_sequence(residual):
     model.train()
     seq = tokens(1, BLOCK + 1, seed=11).repeat(4, 1)
     x, y = seq[:, :-1], seq[:, 1:]
-    opt = model.configure_optimizer(weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95))
+    opt = configure_optimizer(model, weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.95))
     losses = []
     for _ in range(50):
         _, loss, _ = model(x, y)
@@ -796,10 +798,10 @@ def test_configure_optimizer_groups(residual, tied):
     rest (not decayed); every parameter appears exactly once."""
     model = make(residual, tie_embeddings=tied)
     all_ids = sorted(id(p) for p in model.parameters())
-    opt = model.configure_optimizer(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95))
+    opt = configure_optimizer(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95))
     assert len(opt.param_groups) == 1 and opt.param_groups[0]['weight_decay'] == 0.1
     assert sorted(id(p) for p in opt.param_groups[0]['params']) == all_ids
-    opt = model.configure_optimizer(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), decay_all=False)
+    opt = configure_optimizer(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), decay_all=False)
     decay, no_decay = opt.param_groups
     assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
     assert all(p.dim() >= 2 for p in decay['params']) and all(p.dim() < 2 for p in no_decay['params'])

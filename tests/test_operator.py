@@ -18,6 +18,8 @@ import bench
 import model
 import probe
 import train
+from lab import weightings
+from lab.config import option
 from lab.report import residual_info
 
 
@@ -27,8 +29,8 @@ class TwoLane(model.Residual):
     streams = {'fast': 'fast lane: every sublayer adds its output', 'slow': 'slow lane: a gated running mix'}
     decoded = 'slow'
     aux = {'mix_rate': 'mean mixing gate'}
-    settings = dict(lane_gate_bias=model.option(-1.0, "initial bias of the mixing gate"))
-    penalties = {'lane_sparsity': ('mix_rate', model.option(0.05, "weight of the mean mixing gate in the loss"))}
+    settings = dict(lane_gate_bias=option(-1.0, "initial bias of the mixing gate"))
+    penalties = {'lane_sparsity': ('mix_rate', option(0.05, "weight of the mean mixing gate in the loss"))}
 
     def __init__(self, config, s):
         super().__init__(config, s)
@@ -168,11 +170,11 @@ def test_an_operator_is_checked_and_described_by_its_class(twolane, capsys):
     assert '--lane_gate_bias=-1.0' in text and '--lane_sparsity=None' in text
 
 
-class Scaled(model.Softmax):
+class Scaled(weightings.Softmax):
     """Made up for this test: softmax of the scores times a learnt per-head factor exp(theta_h),
     theta_h starting at -log(attn_temperature)."""
     fused = False
-    settings = dict(attn_temperature=model.option(2.0, "initial softmax temperature of every head"))
+    settings = dict(attn_temperature=option(2.0, "initial softmax temperature of every head"))
 
     def __init__(self, config):
         super().__init__(config)
@@ -184,7 +186,7 @@ class Scaled(model.Softmax):
 
 @pytest.fixture
 def scaled(monkeypatch):
-    monkeypatch.setitem(model.WEIGHTINGS, 'scaled', Scaled)
+    monkeypatch.setitem(weightings.WEIGHTINGS, 'scaled', Scaled)
 
 
 def test_a_new_attention_weighting_needs_only_its_class(scaled, tmp_path, capsys, random_shards):

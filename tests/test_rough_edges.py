@@ -8,7 +8,6 @@ import shutil
 import sys
 
 import pytest
-import torch
 
 import probe
 import train

@@ -1,7 +1,7 @@
 """The mitigations study's design, declared before its runs (2026-12-07; docs/reference.md §5).
 
 The paper's question, asked of the published fixes that let an attention head do nothing
-(docs/reference.md §1.6; each a key of model.ATTENTION_VARIANTS): the ledger's C carries a
+(docs/reference.md §1.6; each a key of lab.weightings.ATTENTION_VARIANTS): the ledger's C carries a
 start-token concentration (results/trigger, Q1). If that concentration is how the ledger implements
 "do nothing", a fix that gives every head another way to do nothing should take it away; if C
 rebuilds it anyway, it is not (only) a sink.
@@ -76,6 +76,6 @@ if __name__ == '__main__':
             print('--group', f"{g}={','.join(paths)}")
         sys.exit()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-    from model import ATTENTION_VARIANTS
+    from lab.weightings import ATTENTION_VARIANTS
     for g, s, name, cfg, fix in runs():
         print(name, cfg, ' '.join(f'--{k}={v}' for k, v in ATTENTION_VARIANTS[fix].items()), f'--seed={s}')
