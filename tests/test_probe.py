@@ -430,3 +430,17 @@ def test_seq_len_longer_than_block_size_is_an_error(tmp_path, capsys, save_ckpt)
     path = save_ckpt(random_model('vanilla'), tmp_path / 'm.pt', val_shard(tmp_path / 'data'))
     assert probe.main([path, '--seq_len', '1000', '--out', str(tmp_path / 'o')]) == 2
     assert 'block_size' in capsys.readouterr().err
+
+
+def test_data_root_finds_the_dataset_of_a_checkpoint_that_records_none(tmp_path, capsys, save_ckpt):
+    """A checkpoint whose config has no data_root (trained with the default data/) is probed on the
+    dataset under --data_root, as GPT-2's built-in corpus is."""
+    root = val_shard(tmp_path / 'data')
+    path = save_ckpt(random_model('vanilla'), tmp_path / 'm.pt', root)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt['config']['data_root'] = None
+    torch.save(ckpt, path)
+    assert probe.main([path, '--out', str(tmp_path / 'o'), '--num_seqs', '2', '--seq_len', '32',
+                       '--data_root', root]) == 0
+    r = json.loads((tmp_path / 'o' / 'probe.json').read_text())['checkpoints'][0]
+    assert r['data']['shards'] == [os.path.join(root, 'builtin', 'builtin_val_000000.bin')]
