@@ -27,7 +27,8 @@ computes):
   transformers' AttentionInterface (with eager's additive masks), which is eager attention with the
   probabilities softmax(q k^T * scale + mask) computed in fp32 and handed over. q, k, v are the
   tensors the model's attention module passes to it: after RoPE and QK-norm, k and v repeated to
-  every query head under grouped-query attention.
+  every query head under grouped-query attention. When the mask hides key 0 from some queries (a
+  sliding window shorter than T), the call also gets visible0=(B, T) bool: the queries that see it.
 
 The model's own tokenizer reads --text, and the built-in corpus (lab.data.builtin_documents: this
 Python's standard library) when there is no text: windows start at the same character offsets of
@@ -318,9 +319,20 @@ def probe_attention(module, query, key, value, attention_mask, scaling=None, dro
     if state is not None and state.observer is not None:
         state.calls += 1
         if state.observer.attention:          # the fp32 probabilities, also when the model runs in bf16
-            state.observer.on_attention(layer, query, key, value, att)
+            state.observer.on_attention(layer, query, key, value, att, **key0_visibility(attention_mask, att))
     att = att.to(query.dtype)
     return torch.matmul(att, value).transpose(1, 2).contiguous(), att
+
+
+def key0_visibility(attention_mask, att):
+    """{} when every query may see key 0 (causal attention), else {'visible0': (B, T) bool}: the queries
+    whose mask allows key 0 (a sliding window shorter than T hides it from the later ones); alpha_1 is
+    averaged over those (docs/reference.md §4.6)."""
+    if attention_mask is None:
+        return {}
+    m = attention_mask[:, 0, :, 0]
+    seen = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    return {} if bool(seen.all()) else dict(visible0=seen.expand(att.shape[0], att.shape[2]))
 
 
 def register_attention():

@@ -17,8 +17,9 @@ What is measured (the names are those of docs/reference.md §4; lab/stats.py com
   start_mass = sum_c |x[0, c]| / sum_{t,c} |x[t, c]| (1/T when uniform) and start_mass_dominant =
   |x[0, c*]| / sum_t |x[t, c*]| on c* = dominant_dim, per sequence, then averaged (0 for an all-zero
   stream or channel).
-- attention, from softmax probabilities computed explicitly and reduced on the fly: alpha_1 =
-  mean_t A[t, 0] per layer and head, Sink_1 = % of (layer, head) with alpha_1 > 0.3 on the first
+- attention, from softmax probabilities computed explicitly and reduced on the fly: alpha_1 = the
+  mean of A[t, 0] over the queries that can see key 0 (all of them, unless a sliding window hides
+  it) per layer and head, Sink_1 = % of (layer, head) with alpha_1 > 0.3 on the first
   64 tokens (Gu et al.) and at the full length, ||k_0|| / mean_t
   ||k_t||, ||v_0|| / mean_t ||v_t||, mean_t cos(q_t, k_0) (q, k after QK-norm when the model has it),
   and whether each sequence's massive-activation position is its sink position.
@@ -150,7 +151,9 @@ class Measure(Observer):
             else:
                 rows[s] = (rows[s][0] + mean, torch.maximum(rows[s][1], top))
 
-    def on_attention(self, layer, q, k, v, att, extra=None):
+    def on_attention(self, layer, q, k, v, att, extra=None, visible0=None):
+        """visible0: (B, T) bool, the queries whose mask lets them see key 0 (lab/hf.py passes it for
+        sliding windows); None: every query does (causal attention)."""
         for name, t in (extra or {}).items():        # what the variant offers a head to do nothing with
             t = t.detach().float()
             acc = self.nothing.setdefault(layer, {}).setdefault(name, {})
@@ -163,8 +166,8 @@ class Measure(Observer):
         kn, vn = k.norm(dim=-1), v.norm(dim=-1)                               # (B, H, T)
         cos_qk0 = (q @ k[:, :, :1].transpose(-2, -1)).squeeze(-1) / (q.norm(dim=-1) * kn[..., :1]).clamp_min(1e-8)
         sums = dict(
-            alpha1=att[..., 0].mean(-1).sum(0),                                # (H,)
-            alpha1_prefix=att[..., :SINK_T, 0].mean(-1).sum(0),
+            alpha1=alpha1_sums(att, visible0),                                 # (H,)
+            alpha1_prefix=alpha1_sums(att[:, :, :SINK_T], None if visible0 is None else visible0[:, :SINK_T]),
             k0=(kn[..., 0] / kn.mean(-1).clamp_min(1e-30)).mean(1).sum(),
             v0=(vn[..., 0] / vn.mean(-1).clamp_min(1e-30)).mean(1).sum(),
             cos_qk0=cos_qk0.mean(-1).mean(1).sum(),
@@ -177,6 +180,18 @@ class Measure(Observer):
             acc[name] = acc.get(name, 0) + v.double().cpu()
         recv = att.sum(dim=(1, 2))                   # (B, T) attention received, summed over heads and queries
         self._recv = recv if self._recv is None else self._recv + recv
+
+
+def alpha1_sums(att, visible0=None):
+    """Per head, alpha_1 summed over sequences: A[t, 0] averaged over the queries t that can see key 0
+    (Gu et al.: the queries that attend causally to it). visible0 (B, T) bool; None: every query, as under
+    causal attention, where this is mean_t A[t, 0]; under a sliding window only the queries whose window
+    still holds position 0."""
+    a0 = att[..., 0]                                                           # (B, H, T)
+    if visible0 is None:
+        return a0.mean(-1).sum(0)
+    vis = visible0.to(a0.dtype).unsqueeze(1)                                   # (B, 1, T)
+    return ((a0 * vis).sum(-1) / vis.sum(-1).clamp_min(1)).sum(0)
 
 
 class Intervention(Observer):

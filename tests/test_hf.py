@@ -109,9 +109,10 @@ class Recorder(measure.Capture):
         super().__init__()
         self.att = {}
 
-    def on_attention(self, layer, q, k, v, att, extra=None):
+    def on_attention(self, layer, q, k, v, att, extra=None, visible0=None):
         assert q.shape == k.shape == v.shape and q.shape[1] == H      # k, v per query head (GQA repeated)
         self.att[layer] = att.detach().clone()
+        self.visible0 = visible0
 
 # -----------------------------------------------------------------------------
 # the adapter computes what transformers computes
@@ -146,13 +147,44 @@ def test_streams_inputs_logits_and_attention_equal_transformers(family):
         torch.testing.assert_close(obs.inputs[2 * i], rec[('u_attn', i)], **close)
         torch.testing.assert_close(obs.inputs[2 * i + 1], rec[('u_mlp', i)].view(N, T, D), **close)
         torch.testing.assert_close(obs.att[i], out.attentions[i], **close)   # the probabilities transformers returns
+    sees0 = torch.arange(T) < (8 if family == 'mistral' else T)   # the queries whose mask lets them see key 0
     if family == 'mistral':                                # the sliding window reached the probe's maps
         assert obs.att[0][:, :, 8:, 0].abs().max() == 0 and obs.att[0][:, :, :8, 0].min() > 0
+        assert torch.equal(obs.visible0, sees0.expand(N, T))
+    else:
+        assert obs.visible0 is None
     result, _ = measure.measure(model, x, y)
     for i in range(L):
-        want = out.attentions[i][..., 0]                   # (N, H, T): alpha_1 = mean_t A[t, 0]
+        want = out.attentions[i][..., 0][..., sees0]       # alpha_1: the mean of A[t, 0] over the queries that see key 0
         np.testing.assert_allclose(result['attention']['alpha1'][i], want.mean(-1).mean(0).numpy(), atol=1e-6)
     assert abs(result['val_loss'] - loss.item()) < 1e-5
+
+
+def test_alpha1_of_a_sliding_window_averages_the_queries_that_see_key_0():
+    """A tiny Mistral with a window of 8 at T = 42: only queries 0..7 can see position 0. alpha_1 is the mean
+    of A[t, 0] over them (Gu et al.: over the queries that attend causally to the key), checked by hand from
+    transformers' eager attention (output_attentions) and the window; the mean over all 42 queries (the
+    probe before) is 0 for 34 of them by construction and would report about 8/42 of it."""
+    lm = tiny_lm('mistral')
+    assert lm.config.sliding_window == 8
+    ref, _ = reference(lm)
+    model = hf.wrap(lm)
+    x, y = tokens(t=42)
+    with torch.no_grad():
+        out = ref(x, output_attentions=True)
+    t = torch.arange(42)
+    sees0 = (t - 0) < lm.config.sliding_window           # the window of query t holds keys t-7..t
+    result, _ = measure.measure(model, x, y)
+    a = result['attention']
+    for i in range(L):
+        a0 = out.attentions[i][..., 0].double()                                      # (N, H, T)
+        assert a0[..., ~sees0].abs().max() == 0 and a0[..., sees0].min() > 0
+        want = a0[..., sees0].mean(-1).mean(0).numpy()
+        np.testing.assert_allclose(a['alpha1'][i], want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a['alpha1_prefix'][i], want, rtol=1e-5, atol=1e-7)   # T < 64: the same queries
+        old = a0.mean(-1).mean(0).numpy()                                            # the mean over all queries
+        np.testing.assert_allclose(old, want * 8 / 42, rtol=1e-6)
+        assert old.max() < 0.1 < 0.3 < want.min()          # random weights: ~0.06 before, ~0.33 now
 
 
 @pytest.mark.parametrize('family', ['llama', 'gpt_neox', 'opt', 'gpt2', 'phi'])
