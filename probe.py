@@ -229,7 +229,7 @@ def probe_checkpoint(path, name, args, loaded=None):
         print(ckpt['notice'], file=sys.stderr, flush=True)
     N, T = x.shape
     bs = args.batch_size
-    bar = tqdm(total=n_batches(N, T, bs) * (6 if args.interventions else 1), desc=name, unit='batch', leave=False,
+    bar = tqdm(total=n_batches(N, T, bs) * (8 if args.interventions else 1), desc=name, unit='batch', leave=False,
                file=sys.stderr, disable=None)
     result, obs = measure(model, x, y, bs, args.dtype, bar, data['task'])
     r = dict(path=path, name=name, iter_num=ckpt.get('iter_num'), tokens=ckpt.get('tokens'), weights=ckpt.get('weights'),

@@ -29,6 +29,8 @@ computes):
   tensors the model's attention module passes to it: after RoPE and QK-norm, k and v repeated to
   every query head under grouped-query attention. When the mask hides key 0 from some queries (a
   sliding window shorter than T), the call also gets visible0=(B, T) bool: the queries that see it.
+- down_projections(): where each block's MLP down-projection is (DOWN_PROJ), for the super-weight
+  search.
 
 The model's own tokenizer reads --text, and the built-in corpus (lab.data.builtin_documents: this
 Python's standard library) when there is no text: windows start at the same character offsets of
@@ -75,6 +77,10 @@ FAMILIES = {
     'gpt_neox': ('gpt_neox.layers', 'attention', 'mlp', 'parallel'),
     'phi': ('model.layers', 'self_attn', 'mlp', 'parallel'),
 }
+# where each family keeps its MLP's down-projection (the nn.Linear from the 4d hidden units back to d) in a
+# decoder layer: the super-weight search (lab/measure.py) reads its input, output and weight
+DOWN_PROJ = {'llama': 'mlp.down_proj', 'mistral': 'mlp.down_proj', 'qwen2': 'mlp.down_proj', 'qwen3': 'mlp.down_proj',
+             'gpt2': 'mlp.c_proj', 'opt': 'fc2', 'gpt_neox': 'mlp.dense_4h_to_h', 'phi': 'mlp.fc2'}
 # tokens per optimiser step of public training runs whose revisions are steps (for the tokens-seen axis)
 TOKENS_PER_STEP = {r'EleutherAI/pythia-': 1024 * 2048}   # Pythia paper: 1024 sequences of 2048 tokens
 
@@ -522,6 +528,20 @@ class HFModel(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss, {}
+
+    def down_projections(self):
+        """({s = 2i + 1: block i's MLP down-projection}, None), or ({}, why not), for lab.measure's super-weight
+        search (DOWN_PROJ says where each family keeps it)."""
+        path = DOWN_PROJ.get(self.config.model_type)
+        if path is None:
+            return {}, f"{self.config.model_type}: where its MLP's down-projection is is not known (hf.DOWN_PROJ)"
+        out = {}
+        for i, block in enumerate(_get(self.lm, self.layers_path)):
+            lin = _get(block, path)
+            if not isinstance(lin, nn.Linear):
+                return {}, f"{self.config.model_type}: {path} is a {type(lin).__name__}, not an nn.Linear"
+            out[2 * i + 1] = lin
+        return out, None
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())

@@ -101,7 +101,8 @@ def report(r):
                      f"after a TRIGGER (argmax; chance 1/{data['task']['vocab_size'] - 2})")
     for name, st in r['streams'].items():
         lines += stream_lines(name, st, data['seq_len'])
-    lines += attention_lines(r) + intervention_lines(r)
+    lines += attention_lines(r) + sink_kind_lines(r['attention']) + precision_lines(r) + super_weight_lines(r)
+    lines += intervention_lines(r)
     return '\n'.join(lines)
 
 
@@ -222,19 +223,70 @@ def do_nothing_lines(r):
     return lines
 
 
+def sink_kind_lines(a):
+    """What each sink head does (docs/reference.md §4.6): its v0 ratio, the effective rank of its output, its kind."""
+    sk = a.get('sink_kinds')
+    if sk is None:
+        return []
+    th = sk['thresholds']
+    rule = (f"no-op: |v0|/|v| < {th['v0_ratio']:g}; else broadcast: effective rank of the head's output over "
+            f"positions < {th['erank']:g}; else mixed")
+    if not sk['heads']:
+        return ["", f"sink heads, what they do ({rule}): no sink head at T={a['T']}"]
+    lines = ["", f"sink heads at T={a['T']}, what they do ({rule}):",
+             " layer head   alpha_1  |v0|/|v|  eff.rank  kind"]
+    for h in sk['heads']:
+        lines.append(f"{h['layer'] + 1:6d} {h['head']:4d} {num(h['alpha1'])} {num(h['v0_ratio'])} {num(h['erank'])}  "
+                     f"{h['kind']}")
+    return lines
+
+
+def precision_lines(r):
+    """fp16 headroom of the streams (docs/reference.md §4.11)."""
+    f = r.get('fp16')
+    if not f:
+        return []
+    room = f"headroom {f['fp16_max']:g} / max|x| = {f['headroom']:.4g}" if f['headroom'] else "headroom: all zero"
+    return ["", f"fp16: largest |x| {f['max_abs']:.4g} (stream {f['stream']}, s={f['sublayer']}, seq {f['seq']}, "
+                f"position {f['position']}, channel {f['channel']}); {room}"
+                + (" -- OVERFLOWS float16" if f['headroom'] is not None and f['headroom'] < 1 else "")]
+
+
+def super_weight_lines(r):
+    """The super-weight candidates of the MLP sublayers and the chosen one (docs/reference.md §4.11)."""
+    sw = r.get('super_weight')
+    if not sw:
+        return []
+    if sw['candidates'] is None:
+        return ["", f"super weight: does not apply: {sw['note']}"]
+    lines = ["", f"super weight (Yu et al. 2024; '*': chosen): {sw['rule']}",
+             "   s layer   row  column      weight   |output|    |input|  max|input| seq position"]
+    chosen = sw['chosen']
+    for c in sw['candidates']:
+        lines.append(f"{c['sublayer']:4d} {c['sublayer'] // 2 + 1:5d} {c['row']:5d} {c['column']:7d} {num(c['weight'], 11)} "
+                     f"{num(c['out_abs'], 10)} {num(c['in_abs'], 10)} {num(c['in_max'], 11)} {c['seq']:3d} "
+                     f"{c['position']:8d}" + (' *' if c == chosen else ''))
+    return lines
+
+
 def intervention_lines(r):
     iv = r.get('interventions')
     if not iv:
         return []
     a = r['attention']
     lines = ["", "interventions (val loss on the probe windows; Sink_1 in %)",
-             f" {'name':8s} {'val_loss':>9s} {'delta':>9s} {'Sink@' + str(a['prefix_T']):>9s} "
+             f" {'name':12s} {'val_loss':>9s} {'delta':>9s} {'Sink@' + str(a['prefix_T']):>9s} "
              f"{'Sink@' + str(a['T']):>9s} {'task_acc':>9s}  target"]
     for name, v in iv.items():
-        lines.append(f" {name:8s} {num(v['val_loss'])} {num(v['delta_loss'])} {num(v['sink1_prefix'])} "
+        lines.append(f" {name:12s} {num(v['val_loss'])} {num(v['delta_loss'])} {num(v['sink1_prefix'])} "
                      f"{num(v['sink1'])} {num(v['task_acc'])}  {v['target']}")
     if iv['zero'].get('fallback'):
         lines.append(" (no massive activation: zero/mean target each sequence's top-1 entry at the top1 peak)")
+    before, after = iv['none'].get('outlier'), iv.get('super_weight', {}).get('outlier')
+    if before and after:
+        lines.append(f" super weight zeroed: stream {before['stream']} outlier ratio {before['outlier_ratio']:.4g} -> "
+                     f"{after['outlier_ratio']:.4g}, max|x| {before['max_abs']:.4g} -> {after['max_abs']:.4g}; its "
+                     f"down-projection's largest |output| {num(before['down_out_abs'], 0)} -> {num(after['down_out_abs'], 0)}")
     return lines
 
 
@@ -285,8 +337,15 @@ def comparison(results):
         add(f'[{tag}] emergence (s)', lambda r: stream(r)['summary']['emergence_sublayer'])
         add(f'[{tag}] n_massive (max)', lambda r: stream(r)['summary']['n_massive_max'])
         add(f'[{tag}] kurtosis (max)', lambda r: max(stream(r)['per_sublayer']['kurtosis']))
-    for name in ('zero', 'mean', 'soften', 'quant8', 'quant4'):
+    add('fp16 headroom (65504 / max|x|)', lambda r: r['fp16']['headroom'])
+    add('super weight (s, row, column)', lambda r: '{sublayer},{row},{column}'.format(**r['super_weight']['chosen']))
+    add('super weight value', lambda r: r['super_weight']['chosen']['weight'])
+    for kind in ('no-op', 'broadcast', 'mixed'):
+        add(f'sink heads (T=full): {kind}',
+            lambda r, kind=kind: sum(h['kind'] == kind for h in r['attention']['sink_kinds']['heads']))
+    for name in ('zero', 'mean', 'soften', 'quant8', 'quant4', 'w8a8', 'super_weight'):
         add(f'delta val loss: {name}', lambda r, name=name: r['interventions'][name]['delta_loss'])
+    add('outlier ratio: super weight zeroed', lambda r: r['interventions']['super_weight']['outlier']['outlier_ratio'])
     for name in ('zero', 'mean', 'soften'):
         add(f'Sink_1 % (T=64): {name}', lambda r, name=name: r['interventions'][name]['sink1_prefix'])
     return dict(columns=[r['name'] for r in results], rows=rows)

@@ -187,6 +187,52 @@ def test_alpha1_of_a_sliding_window_averages_the_queries_that_see_key_0():
         assert old.max() < 0.1 < 0.3 < want.min()          # random weights: ~0.06 before, ~0.33 now
 
 
+@pytest.mark.parametrize('family', FAMILIES)
+def test_super_weight_fp16_and_sink_kinds_of_every_family(family):
+    """The super-weight search reads each family's MLP down-projection (hf.DOWN_PROJ): its candidates equal
+    a computation by hand from the reference model's own down-projection; fp16 and the sink kinds are there."""
+    lm = tiny_lm(family, plant=1e4)
+    ref, _ = reference(lm)
+    model = hf.wrap(lm)
+    x, y = tokens()
+    result, obs = measure.measure(model, x, y)
+    sw = result['super_weight']
+    assert sw['note'] is None and [c['sublayer'] for c in sw['candidates']] == [1, 3]
+    layers_path = hf.layout(lm.config)[0]
+    for c in sw['candidates']:
+        block = hf._get(ref, layers_path)[c['sublayer'] // 2]
+        down = hf._get(block, hf.DOWN_PROJ[lm.config.model_type])
+        seen = {}
+        handle = down.register_forward_hook(lambda m, a, o: seen.update(inp=a[0].reshape(N, T, -1), out=o.reshape(N, T, -1)))
+        with torch.no_grad():
+            ref(x)
+        handle.remove()
+        out, inp = seen['out'].abs(), seen['inp'].abs()
+        b, t, i = np.unravel_index(int(out.argmax()), out.shape)
+        assert (c['seq'], c['position'], c['row'], c['column']) == (b, t, i, int(inp[b, t].argmax()))
+        w = down.weight if isinstance(down, torch.nn.Linear) else down.weight.T       # GPT-2's Conv1D: (in, out)
+        assert c["weight"] == pytest.approx(float(w.detach()[i, c["column"]]), rel=1e-6)
+        assert c['in_max'] == pytest.approx(float(inp.max()), rel=1e-6)
+    cap = measure.Capture()
+    with torch.no_grad():
+        model(x, observer=cap)
+    top = max(float(t.abs().max()) for t in cap.streams['h'].values())
+    f = result['fp16']
+    assert f['max_abs'] == pytest.approx(top, rel=1e-6) and f['headroom'] == pytest.approx(65504 / top, rel=1e-6)
+    if family != 'opt_post':                               # post-norm: the stream is normalised after each sublayer
+        assert f['max_abs'] > 9e3 and (f['position'], f['channel']) == (0, CH)
+    assert set(result['attention']['sink_kinds']) == {'thresholds', 'heads'}
+    assert np.array(result['attention']['erank']).shape == (L, H)
+    if family == 'opt':        # its MLP runs on (B*T, d): W8A8's one scale per sequence must not see the batch
+        losses = []
+        for bs in (1, N):
+            act = measure.QuantizedInputs(8)
+            with measure.w8a8(model, act):
+                loss, count, _, _ = measure.run_passes(model, x, y, measure.Measure(False, False, edit=act), bs)
+            losses.append(loss / count)
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 @pytest.mark.parametrize('family', ['llama', 'gpt_neox', 'opt', 'gpt2', 'phi'])
 def test_planted_outlier_is_found_at_its_position_and_channel(family):
     x, y = tokens()

@@ -250,7 +250,7 @@ def test_interventions_change_only_their_targets():
     assert torch.all(cap.inputs[EMERGE][:, 0, 5] == 0)
     assert torch.all(cap.streams['h'][EMERGE][:, POS, CH].abs() < 1e-3)   # nothing planted any more
     iv = measure.run_interventions(model, x, y, r, obs, batch_size=3)
-    assert set(iv) == {'none', 'zero', 'mean', 'soften', 'quant8', 'quant4'}
+    assert set(iv) == {'none', 'zero', 'mean', 'soften', 'quant8', 'quant4', 'w8a8', 'super_weight'}
     assert iv['none']['val_loss'] == r['val_loss']
     assert iv['mean']['val_loss'] == pytest.approx(r['val_loss'], abs=1e-4)
     assert iv['zero']['val_loss'] != r['val_loss'] and iv['soften']['val_loss'] != r['val_loss']
