@@ -65,16 +65,18 @@ from lab.trajectories import THRESHOLDS, jsonable, read_run, trajectory_text, wr
 # Data
 
 
-def val_windows(ckpt, num_seqs, seq_len, seed, doc_aligned=False):
+def val_windows(ckpt, num_seqs, seq_len, seed, doc_aligned=False, data_root=None):
     """num_seqs windows (x, y) of seq_len tokens from the validation shards of the checkpoint's
-    dataset, the same for every checkpoint trained on that dataset. The dataset's meta.json says
+    dataset, the same for every checkpoint trained on that dataset; its data_root is the one the
+    checkpoint records, else data_root (--data_root), else the default. The dataset's meta.json says
     which token starts a document and whether windows must start there (the trigger language);
     a dataset with a task (the trigger language) is recorded as data['task'], its meta.json."""
     cfg = ckpt.get('config') or {}
     if not isinstance(cfg, dict) or not cfg.get('dataset'):
         raise ValueError("the checkpoint's config names no dataset; pass --text \"...\" prompts instead")
-    paths = shard_paths(cfg['dataset'], 'val', cfg.get('data_root'))
-    meta = dataset_meta(cfg['dataset'], cfg.get('data_root')) or {}
+    root = cfg.get('data_root') or data_root
+    paths = shard_paths(cfg['dataset'], 'val', root)
+    meta = dataset_meta(cfg['dataset'], root) or {}
     doc_aligned = doc_aligned or bool(meta.get('doc_aligned'))
     bos = meta.get('bos', EOT)
     x, y = Sampler(paths, num_seqs, seq_len, seed, doc_aligned=doc_aligned, bos=bos).get(0)
@@ -208,7 +210,7 @@ def load(path, args, check_only=False):
         x, y, data = text_windows(args.text, T)
     else:
         try:
-            x, y, data = val_windows(ckpt, args.num_seqs, T, args.seed, args.doc_aligned)
+            x, y, data = val_windows(ckpt, args.num_seqs, T, args.seed, args.doc_aligned, args.data_root)
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
     if int(x.max()) >= model.config.vocab_size:
@@ -227,7 +229,7 @@ def probe_checkpoint(path, name, args, loaded=None):
         print(ckpt['notice'], file=sys.stderr, flush=True)
     N, T = x.shape
     bs = args.batch_size
-    bar = tqdm(total=n_batches(N, T, bs) * (6 if args.interventions else 1), desc=name, unit='batch', leave=False,
+    bar = tqdm(total=n_batches(N, T, bs) * (8 if args.interventions else 1), desc=name, unit='batch', leave=False,
                file=sys.stderr, disable=None)
     result, obs = measure(model, x, y, bs, args.dtype, bar, data['task'])
     r = dict(path=path, name=name, iter_num=ckpt.get('iter_num'), tokens=ckpt.get('tokens'), weights=ckpt.get('weights'),
@@ -307,8 +309,9 @@ def parse_args(argv=None):
     p.add_argument('--base_url', default=None,
                    help='mirror of huggingface.co for the GPT-2 weights (default: $LEDGER_BASE_URL, else the hub)')
     p.add_argument('--data_root', default=None,
-                   help='where GPT-2 weights are cached (<data_root>/gpt2/<name>) and the built-in corpus GPT-2 is '
-                        'probed on lives (default: $LEDGER_DATA, else data/ next to prepare.py)')
+                   help='where GPT-2 weights are cached (<data_root>/gpt2/<name>), the built-in corpus GPT-2 is '
+                        'probed on lives, and the datasets of checkpoints that record no data_root (default: '
+                        '$LEDGER_DATA, else data/ next to prepare.py)')
     p.add_argument('--trust_checkpoint', action='store_true',
                    help='load checkpoints that hold pickled Python objects (which can run code), e.g. old ones of '
                         'this repo; only for files you trust')

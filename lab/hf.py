@@ -27,7 +27,10 @@ computes):
   transformers' AttentionInterface (with eager's additive masks), which is eager attention with the
   probabilities softmax(q k^T * scale + mask) computed in fp32 and handed over. q, k, v are the
   tensors the model's attention module passes to it: after RoPE and QK-norm, k and v repeated to
-  every query head under grouped-query attention.
+  every query head under grouped-query attention. When the mask hides key 0 from some queries (a
+  sliding window shorter than T), the call also gets visible0=(B, T) bool: the queries that see it.
+- down_projections(): where each block's MLP down-projection is (DOWN_PROJ), for the super-weight
+  search.
 
 The model's own tokenizer reads --text, and the built-in corpus (lab.data.builtin_documents: this
 Python's standard library) when there is no text: windows start at the same character offsets of
@@ -76,6 +79,10 @@ FAMILIES = {
     'gpt_neox': ('gpt_neox.layers', 'attention', 'mlp', 'parallel'),
     'phi': ('model.layers', 'self_attn', 'mlp', 'parallel'),
 }
+# where each family keeps its MLP's down-projection (the nn.Linear from the 4d hidden units back to d) in a
+# decoder layer: the super-weight search (lab/measure.py) reads its input, output and weight
+DOWN_PROJ = {'llama': 'mlp.down_proj', 'mistral': 'mlp.down_proj', 'qwen2': 'mlp.down_proj', 'qwen3': 'mlp.down_proj',
+             'gpt2': 'mlp.c_proj', 'opt': 'fc2', 'gpt_neox': 'mlp.dense_4h_to_h', 'phi': 'mlp.fc2'}
 # tokens per optimiser step of public training runs whose revisions are steps (for the tokens-seen axis)
 TOKENS_PER_STEP = {r'EleutherAI/pythia-': 1024 * 2048}   # Pythia paper: 1024 sequences of 2048 tokens
 
@@ -405,9 +412,20 @@ def probe_attention(module, query, key, value, attention_mask, scaling=None, dro
     if state is not None and state.observer is not None:
         state.calls += 1
         if state.observer.attention:          # the fp32 probabilities, also when the model runs in bf16
-            state.observer.on_attention(layer, query, key, value, att)
+            state.observer.on_attention(layer, query, key, value, att, **key0_visibility(attention_mask, att))
     att = att.to(query.dtype)
     return torch.matmul(att, value).transpose(1, 2).contiguous(), att
+
+
+def key0_visibility(attention_mask, att):
+    """{} when every query may see key 0 (causal attention), else {'visible0': (B, T) bool}: the queries
+    whose mask allows key 0 (a sliding window shorter than T hides it from the later ones); alpha_1 is
+    averaged over those (docs/reference.md §4.6)."""
+    if attention_mask is None:
+        return {}
+    m = attention_mask[:, 0, :, 0]
+    seen = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    return {} if bool(seen.all()) else dict(visible0=seen.expand(att.shape[0], att.shape[2]))
 
 
 def register_attention():
@@ -597,6 +615,20 @@ class HFModel(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss, {}
+
+    def down_projections(self):
+        """({s = 2i + 1: block i's MLP down-projection}, None), or ({}, why not), for lab.measure's super-weight
+        search (DOWN_PROJ says where each family keeps it)."""
+        path = DOWN_PROJ.get(self.config.model_type)
+        if path is None:
+            return {}, f"{self.config.model_type}: where its MLP's down-projection is is not known (hf.DOWN_PROJ)"
+        out = {}
+        for i, block in enumerate(_get(self.lm, self.layers_path)):
+            lin = _get(block, path)
+            if not isinstance(lin, nn.Linear):
+                return {}, f"{self.config.model_type}: {path} is a {type(lin).__name__}, not an nn.Linear"
+            out[2 * i + 1] = lin
+        return out, None
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())

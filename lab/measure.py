@@ -17,14 +17,19 @@ What is measured (the names are those of docs/reference.md §4; lab/stats.py com
   start_mass = sum_c |x[0, c]| / sum_{t,c} |x[t, c]| (1/T when uniform) and start_mass_dominant =
   |x[0, c*]| / sum_t |x[t, c*]| on c* = dominant_dim, per sequence, then averaged (0 for an all-zero
   stream or channel).
-- attention, from softmax probabilities computed explicitly and reduced on the fly: alpha_1 =
-  mean_t A[t, 0] per layer and head, Sink_1 = % of (layer, head) with alpha_1 > 0.3 on the first
+- attention, from softmax probabilities computed explicitly and reduced on the fly: alpha_1 = the
+  mean of A[t, 0] over the queries that can see key 0 (all of them, unless a sliding window hides
+  it) per layer and head, Sink_1 = % of (layer, head) with alpha_1 > 0.3 on the first
   64 tokens (Gu et al.) and at the full length, ||k_0|| / mean_t
-  ||k_t||, ||v_0|| / mean_t ||v_t||, mean_t cos(q_t, k_0) (q, k after QK-norm when the model has it),
-  and whether each sequence's massive-activation position is its sink position.
+  ||k_t||, ||v_0|| / mean_t ||v_t|| (also per head), mean_t cos(q_t, k_0) (q, k after QK-norm when the
+  model has it), whether each sequence's massive-activation position is its sink position, and per
+  head the effective rank of its output over positions: what each sink head does (no-op, broadcast).
+- precision and super weights: the float16 headroom of the streams (65504 / max|x|), and per MLP
+  sublayer the super-weight candidate W[i*, j*] of its down-projection (Yu et al. 2024).
 - interventions (probe.py --interventions): validation loss and Sink_1 with the massive entries
-  zeroed, set to their mean, with the emergence sublayer's input softened, and with all Linear
-  weights fake-quantised to 8 and 4 bits. The model is left bitwise unchanged.
+  zeroed, set to their mean, with the emergence sublayer's input softened, with all Linear
+  weights fake-quantised to 8 and 4 bits, with W8A8 (weights and inputs at 8 bits), and with the
+  super weight zeroed (and then the decoded stream's outlier). The model is left bitwise unchanged.
 
 Sublayer s is block s // 2 (0-based), "layer" s // 2 + 1 (1-based), attention when s is even.
 Averages over sequences: alpha_1 is averaged over sequences before the 0.3 threshold; the profile
@@ -46,8 +51,8 @@ import torch.nn.functional as F
 from model import Observer
 from lab.data import task_mask
 from lab.report import residual_info, short, sublayer_name
-from lab.stats import (COND_OTHER, COND_TRIGGER, SINK_EPS, SINK_T, SublayerAccumulator, depth_structure, lower_median,
-                       outlier_ratio)
+from lab.stats import (BROADCAST_RANK, COND_OTHER, COND_TRIGGER, FP16_MAX, NOOP_V0, SINK_EPS, SINK_T,
+                       SublayerAccumulator, depth_structure, effective_rank, lower_median, outlier_ratio, sink_kind)
 
 # ----------------------------------------------------------------------------------------------
 # Observers: measure a forward pass, or change it (interventions)
@@ -56,10 +61,13 @@ from lab.stats import (COND_OTHER, COND_TRIGGER, SINK_EPS, SINK_T, SublayerAccum
 class Measure(Observer):
     """Everything the probe measures in one forward pass, reduced while the pass runs.
 
-    streams=True: a SublayerAccumulator per stream and sublayer, position-0 cosines, the massive
-    entries at each batch's first massive sublayer (the interventions' targets), and |x| of
-    sequence 0 (float16, for the heatmap). attention=True: alpha_1, key/value norms, cos(q, k_0) and
-    the attention each key receives, from explicit probabilities. alpha_1 on the first SINK_T tokens
+    streams=True (or a collection of stream names: those only): a SublayerAccumulator per stream and
+    sublayer, position-0 cosines, the massive entries at each batch's first massive sublayer (the
+    interventions' targets), and |x| of sequence 0 (float16, for the heatmap). attention=True:
+    alpha_1, key/value norms, cos(q, k_0) and the attention each key receives, from explicit
+    probabilities; heads=True also per head ||v_0|| / mean ||v_t|| and the effective rank of its
+    output (sink kinds). Inside watching_down_projections: the super-weight candidates (self.down).
+    alpha_1 on the first SINK_T tokens
     comes from the same maps: under causal attention the first 64 queries of a pass see exactly what
     a pass on x[:, :64] sees (a test checks it against such a pass). `edit` (an Intervention)
     changes the pass; what is measured is the changed pass. Call begin_batch/end_batch around each
@@ -70,9 +78,10 @@ class Measure(Observer):
     next token is an answer (trigger positions) and from all other queries after position 0.
     """
 
-    def __init__(self, streams=True, attention=True, edit=None, task=None):
+    def __init__(self, streams=True, attention=True, edit=None, task=None, heads=True):
         self.streams = streams
         self.attention = attention
+        self.heads = heads     # per head: ||v_0|| / mean ||v_t|| and the effective rank of its output
         self.edit = edit
         self.task = task
         self.n_queries = {'trigger': 0, 'other': 0}   # queries of each kind, summed over batches
@@ -84,6 +93,7 @@ class Measure(Observer):
         self.nothing = {}      # layer -> {do-nothing channel (Observer.on_attention's extra): {all|trigger|other: sums}}
         self.registers = {}    # stream -> [(sum over sequences of mean |x| per register, max |x| per register)]
         self.sink_pos = []     # per batch: argmax over keys of the attention received
+        self.down = {}         # MLP sublayer -> super-weight candidate so far (on_down_projection)
         self.n_seq = 0
         self.offset = 0
 
@@ -121,6 +131,8 @@ class Measure(Observer):
         if out:
             streams = {**streams, **out}
         for name, x in streams.items():
+            if self.streams is not True and name not in self.streams:
+                continue
             accs = self.acc.setdefault(name, [])
             if len(accs) <= s:
                 accs.append(SublayerAccumulator())
@@ -150,7 +162,9 @@ class Measure(Observer):
             else:
                 rows[s] = (rows[s][0] + mean, torch.maximum(rows[s][1], top))
 
-    def on_attention(self, layer, q, k, v, att, extra=None):
+    def on_attention(self, layer, q, k, v, att, extra=None, visible0=None):
+        """visible0: (B, T) bool, the queries whose mask lets them see key 0 (lab/hf.py passes it for
+        sliding windows); None: every query does (causal attention)."""
         for name, t in (extra or {}).items():        # what the variant offers a head to do nothing with
             t = t.detach().float()
             acc = self.nothing.setdefault(layer, {}).setdefault(name, {})
@@ -162,13 +176,16 @@ class Measure(Observer):
         q, k, v, att = q.float(), k.float(), v.float(), att.float()
         kn, vn = k.norm(dim=-1), v.norm(dim=-1)                               # (B, H, T)
         cos_qk0 = (q @ k[:, :, :1].transpose(-2, -1)).squeeze(-1) / (q.norm(dim=-1) * kn[..., :1]).clamp_min(1e-8)
+        v0 = vn[..., 0] / vn.mean(-1).clamp_min(1e-30)                         # (B, H)
         sums = dict(
-            alpha1=att[..., 0].mean(-1).sum(0),                                # (H,)
-            alpha1_prefix=att[..., :SINK_T, 0].mean(-1).sum(0),
+            alpha1=alpha1_sums(att, visible0),                                 # (H,)
+            alpha1_prefix=alpha1_sums(att[:, :, :SINK_T], None if visible0 is None else visible0[:, :SINK_T]),
             k0=(kn[..., 0] / kn.mean(-1).clamp_min(1e-30)).mean(1).sum(),
-            v0=(vn[..., 0] / vn.mean(-1).clamp_min(1e-30)).mean(1).sum(),
+            v0=v0.mean(1).sum(),
             cos_qk0=cos_qk0.mean(-1).mean(1).sum(),
         )
+        if self.heads:                                # what each head's output is over positions (sink kinds)
+            sums.update(v0_head=v0.sum(0), erank=effective_rank(att @ v).sum(0))
         if self._queries is not None:                 # conditional sink: attention on position 0 by query kind
             for kind, m in self._queries.items():
                 sums[f'sink_{kind}'] = (att[..., 0] * m.unsqueeze(1)).sum(dim=(0, 2))     # (H,)
@@ -177,6 +194,37 @@ class Measure(Observer):
             acc[name] = acc.get(name, 0) + v.double().cpu()
         recv = att.sum(dim=(1, 2))                   # (B, T) attention received, summed over heads and queries
         self._recv = recv if self._recv is None else self._recv + recv
+
+    def on_down_projection(self, s, inp, out):
+        """The super-weight search (Yu et al. 2024) at MLP sublayer s, from its down-projection's input
+        inp (B, T, 4d) and output out (B, T, d) (any layout with the batch's sequences first): the entry
+        of largest |out| over the probe set (its token and row i*), at that token the input channel j* of
+        largest |inp|, and the largest |inp| anywhere."""
+        B = self._batch
+        a = out.detach().float().abs().reshape(B, -1, out.shape[-1])
+        u = inp.detach().float().abs().reshape(B, -1, inp.shape[-1])
+        top, idx = a.reshape(-1).max(0)
+        best = self.down.get(s)
+        if best is None or float(top) > best['out_abs']:
+            b, rest = divmod(int(idx), a.shape[1] * a.shape[2])
+            t, i = divmod(rest, a.shape[2])
+            j = int(u[b, t].argmax())
+            best = dict(sublayer=s, row=i, column=j, seq=self.offset + b, position=t, out_abs=float(top),
+                        in_abs=float(u[b, t, j]), in_max=best['in_max'] if best else 0.0)
+        best['in_max'] = max(best['in_max'], float(u.max()))
+        self.down[s] = best
+
+
+def alpha1_sums(att, visible0=None):
+    """Per head, alpha_1 summed over sequences: A[t, 0] averaged over the queries t that can see key 0
+    (Gu et al.: the queries that attend causally to it). visible0 (B, T) bool; None: every query, as under
+    causal attention, where this is mean_t A[t, 0]; under a sliding window only the queries whose window
+    still holds position 0."""
+    a0 = att[..., 0]                                                           # (B, H, T)
+    if visible0 is None:
+        return a0.mean(-1).sum(0)
+    vis = visible0.to(a0.dtype).unsqueeze(1)                                   # (B, 1, T)
+    return ((a0 * vis).sum(-1) / vis.sum(-1).clamp_min(1)).sum(0)
 
 
 class Intervention(Observer):
@@ -304,7 +352,20 @@ def attention_summary(obs, n_layer):
         cos_q_k0=[float(obs.att[l]['cos_qk0']) / n for l in range(n_layer)],
         conditional=conditional_sink(obs, n_layer),
         do_nothing=do_nothing(obs, n_layer),
+        **(sink_kinds(obs, alpha1) if 'erank' in obs.att[0] else {}),
     )
+
+
+def sink_kinds(obs, alpha1):
+    """Per head ||v_0|| / mean_t ||v_t|| and the effective rank of its output over positions (means over
+    sequences), and what each sink head (alpha_1 > SINK_EPS at length T) does: stats.sink_kind."""
+    n, L = obs.n_seq, len(alpha1)
+    v0 = [(obs.att[l]['v0_head'] / n).tolist() for l in range(L)]
+    erank = [(obs.att[l]['erank'] / n).tolist() for l in range(L)]
+    heads = [dict(layer=l, head=h, alpha1=a, v0_ratio=v0[l][h], erank=erank[l][h], kind=sink_kind(v0[l][h], erank[l][h]))
+             for l, row in enumerate(alpha1) for h, a in enumerate(row) if a > SINK_EPS]
+    return dict(v0_ratio_head=v0, erank=erank,
+                sink_kinds=dict(thresholds=dict(v0_ratio=NOOP_V0, erank=BROADCAST_RANK), heads=heads))
 
 
 def do_nothing(obs, n_layer):
@@ -418,7 +479,8 @@ def measure(model, x, y=None, batch_size=None, dtype='float32', bar=None, task=N
     for a dataset with a task (task: its meta.json), the task accuracy and the conditional sink.
     Returns (result dict, the Measure observer)."""
     obs = Measure(streams=True, attention=True, task=task)
-    loss_sum, count, hits, answers = run_passes(model, x, y, obs, batch_size, dtype, bar, task)
+    with watching_down_projections(model, obs):
+        loss_sum, count, hits, answers = run_passes(model, x, y, obs, batch_size, dtype, bar, task)
     att = attention_summary(obs, model.config.n_layer)
     T = x.size(1)
     sink_pos = torch.cat(obs.sink_pos)
@@ -438,8 +500,61 @@ def measure(model, x, y=None, batch_size=None, dtype='float32', bar=None, task=N
                      cooccurrence=streams[decoded]['summary']['cooccurrence'])
     result = dict(residual=info, val_loss=loss_sum / count if count else None,
                   task_acc=hits / answers if answers else None, task_answers=answers,
-                  streams=streams, attention=attention)
+                  streams=streams, attention=attention, fp16=fp16_headroom(obs),
+                  super_weight=super_weight(model, obs, streams[decoded]))
     return result, obs
+
+
+def fp16_headroom(obs):
+    """The largest |x| over every measured stream and view, sublayer, sequence, position and channel,
+    where it is, and the float16 headroom FP16_MAX / max|x| (below 1: that entry overflows in float16)."""
+    (top, seq, pos, ch, _), name, s = max(((a.largest, name, s) for name, accs in obs.acc.items()
+                                           for s, a in enumerate(accs)), key=lambda e: e[0][0])
+    return dict(max_abs=top, stream=name, sublayer=s, seq=seq, position=pos, channel=ch, fp16_max=FP16_MAX,
+                headroom=FP16_MAX / top if top > 0 else None)
+
+
+def down_projections(model):
+    """({MLP sublayer s: its down-projection, an nn.Linear whose weight is d x 4d}, None), or ({}, why
+    there is none): ours and GPT-2 (lab/gpt2.py) have MLP.proj; lab/hf.py's wrapper knows its families'."""
+    if hasattr(model, 'down_projections'):
+        return model.down_projections()
+    subs = getattr(model, 'sublayers', None)
+    if subs is None:
+        return {}, f"{type(model).__name__} does not say where its MLP down-projections are"
+    return {s: sub.fn.proj for s, sub in enumerate(subs) if s % 2 == 1}, None
+
+
+@contextlib.contextmanager
+def watching_down_projections(model, obs):
+    """Inside the block, every forward of an MLP down-projection calls obs.on_down_projection(s, input, output)."""
+    projs, _ = down_projections(model)
+    handles = [lin.register_forward_hook(lambda m, args, out, s=s: obs.on_down_projection(s, args[0], out))
+               for s, lin in projs.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+SUPER_RULE = ("per MLP sublayer, at the token of its down-projection's largest |output| (row i*), the input "
+              "channel j* of largest |input|: W[i*, j*]; chosen: the candidate with the largest |output| among "
+              "the MLP sublayers up to the decoded stream's top1 peak (all of them if the peak comes first)")
+
+
+def super_weight(model, obs, decoded):
+    """The super-weight candidate of every MLP sublayer (Measure.on_down_projection; weight read from
+    the model now) and the chosen one, by SUPER_RULE; decoded: the decoded stream's measure() entry."""
+    projs, why = down_projections(model)
+    if why or not obs.down:
+        return dict(rule=SUPER_RULE, note=why or "no MLP down-projection ran", peak_sublayer=None,
+                    candidates=None, chosen=None)
+    cands = [dict(obs.down[s], weight=float(projs[s].weight[obs.down[s]['row'], obs.down[s]['column']]))
+             for s in sorted(obs.down)]
+    peak = int(np.argmax(decoded['per_sublayer']['top1']))
+    chosen = max([c for c in cands if c['sublayer'] <= peak] or cands, key=lambda c: c['out_abs'])
+    return dict(rule=SUPER_RULE, note=None, peak_sublayer=peak, candidates=cands, chosen=chosen)
 
 
 def stream_where(info, name):
@@ -478,24 +593,72 @@ def measure_overhead(model, idx, repeats=3):
 # Interventions
 
 
+def fake_quantize(x, bits, dim):
+    """Symmetric round-to-nearest fake quantisation with one scale per slice: q = 2^(bits-1) - 1, scale =
+    max|x| over `dim` / q, x -> clamp(round(x / scale), -q, q) * scale; computed in float32 (float64
+    stays), returned in x's dtype. An all-zero slice stays zero."""
+    f = x.to(torch.promote_types(x.dtype, torch.float32))
+    qmax = 2 ** (bits - 1) - 1
+    scale = f.abs().amax(dim=dim, keepdim=True) / qmax
+    return ((f / scale.clamp_min(1e-30)).round().clamp(-qmax, qmax) * scale).to(x.dtype)
+
+
 @contextlib.contextmanager
 def fake_quantized(model, bits):
     """All nn.Linear weights fake-quantised to `bits` (symmetric, per output channel) inside the
     block; the exact original weights are copied back afterwards, even on errors."""
-    qmax = 2 ** (bits - 1) - 1
     linears = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
     saved = {k: w.detach().clone() for k, w in linears.items()}
     try:
         with torch.no_grad():
             for w in linears.values():
-                scale = w.abs().amax(dim=1, keepdim=True).float() / qmax
-                q = (w.float() / scale.clamp_min(1e-30)).round().clamp(-qmax, qmax) * scale
-                w.copy_(q.to(w.dtype))
+                w.copy_(fake_quantize(w, bits, dim=1))
         yield model
     finally:
         with torch.no_grad():
             for k, w in linears.items():
                 w.copy_(saved[k])
+
+
+class QuantizedInputs(Observer):
+    """The activation half of W8A8: inside `applied(model)` every nn.Linear's input is fake-quantised per
+    tensor, one tensor per sequence (all of its T x d_in entries share scale = max|x| / q, as when the
+    model serves that sequence alone, so --batch_size changes nothing). As a Measure's edit it learns
+    from begin_batch how many sequences an input holds (OPT's MLP in lab/hf.py runs on (B*T, d));
+    otherwise a 3-D input's first axis is its sequences and a 2-D input is one tensor."""
+
+    def __init__(self, bits=8):
+        self.bits, self.batch = bits, None
+
+    def begin_batch(self, offset, batch, tokens=None):
+        self.batch = batch
+
+    def _hook(self, module, args):
+        x = args[0]
+        B = self.batch or (x.shape[0] if x.dim() >= 3 else 1)
+        return (fake_quantize(x.reshape(B, -1), self.bits, dim=1).reshape(x.shape),) + tuple(args[1:])
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        handles = [m.register_forward_pre_hook(self._hook) for m in model.modules() if isinstance(m, nn.Linear)]
+        try:
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+
+
+@contextlib.contextmanager
+def zeroed_weight(linear, row, column):
+    """linear.weight[row, column] = 0 inside the block; the exact value is put back afterwards."""
+    saved = linear.weight[row, column].detach().clone()
+    try:
+        with torch.no_grad():
+            linear.weight[row, column] = 0
+        yield linear
+    finally:
+        with torch.no_grad():
+            linear.weight[row, column] = saved
 
 
 def intervention_targets(result, measure_obs, soften_k=None):
@@ -554,34 +717,77 @@ def intervention_targets(result, measure_obs, soften_k=None):
     )
 
 
+@contextlib.contextmanager
+def w8a8(model, act):
+    """W8A8: weights per output channel (fake_quantized) and inputs per tensor (act, a QuantizedInputs)."""
+    with fake_quantized(model, act.bits), act.applied(model):
+        yield model
+
+
+def intervention_runs(model, targets, chosen):
+    """[(name, edit observer, target in words, context manager factory, why it does not apply)] in the
+    order of the report; chosen: the super-weight candidate (super_weight()['chosen']) or None."""
+    runs = []
+    for name in ('zero', 'mean', 'soften'):
+        edit = targets[name][0]
+        why = getattr(model, 'cannot_edit', None) and edit.entries and model.cannot_edit(edit.s)
+        runs.append((name, edit, targets[name][1], None, why or None))  # why: e.g. hf.py's parallel partial sums
+    for b in (8, 4):
+        runs.append((f'quant{b}', None, f"all nn.Linear weights fake-quantised to {b} bits (symmetric, per output "
+                     "channel)", lambda b=b: fake_quantized(model, b), None))
+    act = QuantizedInputs(8)
+    runs.append(('w8a8', act, "quant8, and every nn.Linear's input fake-quantised to 8 bits per tensor (one scale "
+                 "per sequence: max|x| / 127)", lambda: w8a8(model, act), None))
+    if chosen is None:
+        runs.append(('super_weight', None, None, None, "no super-weight candidate (see super_weight.note)"))
+    else:
+        lin = down_projections(model)[0][chosen['sublayer']]
+        runs.append(('super_weight', None, f"the super weight W[{chosen['row']}, {chosen['column']}] = "
+                     f"{chosen['weight']:.4g} of s={chosen['sublayer']}'s MLP down-projection -> 0",
+                     lambda: zeroed_weight(lin, chosen['row'], chosen['column']), None))
+    return runs
+
+
+def stream_outlier(accs, name, down=None):
+    """The outlier of one stream (its outlier_ratio, §4.2, and largest |x|) from its accumulators, and
+    down: the largest |output| of the super weight's down-projection (None: not watched)."""
+    per = [a.result() for a in accs]
+    ratio, s = outlier_ratio([p['top1_median'] for p in per], [p['rms'] for p in per])
+    return dict(stream=name, outlier_ratio=ratio, outlier_ratio_sublayer=s, max_abs=max(a.largest[0] for a in accs),
+                down_out_abs=down)
+
+
 def run_interventions(model, x, y, result, measure_obs, soften_k=None, batch_size=None,
                       dtype='float32', bar=None, task=None):
     """Validation loss, Sink_1 (full length and first 64 tokens) and the task accuracy (datasets
-    with a task) under each intervention."""
+    with a task) under each intervention; for the super weight's, also the decoded stream's outlier."""
     base_loss = result['val_loss']
     att = result['attention']
+    decoded, chosen = result['residual']['decoded'], result['super_weight']['chosen']
     out = dict(none=dict(target='unmodified model', val_loss=base_loss,
                          delta_loss=None if base_loss is None else 0.0,
-                         sink1_prefix=att['sink1_prefix'], sink1=att['sink1'], task_acc=result['task_acc']))
+                         sink1_prefix=att['sink1_prefix'], sink1=att['sink1'], task_acc=result['task_acc'],
+                         outlier=stream_outlier(measure_obs.acc[decoded], decoded,
+                                                chosen and chosen['out_abs'])))
     targets = intervention_targets(result, measure_obs, soften_k)
-    runs = [(name, targets[name][0], targets[name][1], None) for name in ('zero', 'mean', 'soften')]
-    runs += [(f'quant{b}', None, f"all nn.Linear weights fake-quantised to {b} bits (symmetric, per output channel)", b)
-             for b in (8, 4)]
-    for name, edit, target, bits in runs:
-        why = getattr(model, 'cannot_edit', None) and edit is not None and edit.entries and model.cannot_edit(edit.s)
-        if why:   # e.g. a parallel block's partial sum (hf.py): no tensor to edit, so no number either
+    for name, edit, target, applied, why in intervention_runs(model, targets, chosen):
+        if why:
             out[name] = dict(target=f"does not apply: {why}", val_loss=None, delta_loss=None, sink1_prefix=None,
-                             sink1=None, task_acc=None)
+                             sink1=None, task_acc=None, outlier=None)
             continue
-        with (fake_quantized(model, bits) if bits else contextlib.nullcontext()):
-            obs = Measure(streams=False, attention=True, edit=edit, task=task)
+        sw = name == 'super_weight'
+        obs = Measure(streams=(decoded,) if sw else False, attention=True, edit=edit, task=task, heads=False)
+        with (applied() if applied else contextlib.nullcontext()), \
+                (watching_down_projections(model, obs) if sw else contextlib.nullcontext()):
             loss_sum, count, hits, answers = run_passes(model, x, y, obs, batch_size, dtype, bar, task)
         att = attention_summary(obs, model.config.n_layer)
         loss = loss_sum / count if count else None
         out[name] = dict(target=target, val_loss=loss,
                          delta_loss=None if loss is None or base_loss is None else loss - base_loss,
                          sink1_prefix=att['sink1_prefix'], sink1=att['sink1'],
-                         task_acc=hits / answers if answers else None)
+                         task_acc=hits / answers if answers else None,
+                         outlier=stream_outlier(obs.acc[decoded], decoded, obs.down[chosen['sublayer']]['out_abs'])
+                         if sw else None)
     for name in ('zero', 'mean'):
         out[name].update({k: targets[k] for k in ('fallback', 'sublayer', 'streams', 'n_entries')})
     out['soften'].update(sublayer=targets['sublayer'], k=targets['soften_k'])

@@ -137,22 +137,26 @@ def plot_checkpoint(r, sample, out_dir):
         ax.set_ylabel('sublayer s')
         ax.set_title(f"{name}: {sname}, position 0 across depth", fontsize=9)
     save(fig, 'pos0_depth')
-    # alpha_1 layer x head, both panels on one scale from 0 to the largest value (a fixed 0..1 scale
-    # hides values of 0.03-0.08); epsilon is marked on the colour bar when in range; on small grids
-    # every cell carries its number, '*' on sink heads (alpha_1 > epsilon)
-    a = r['attention']
+    save(_alpha1_figure(plt, r['attention'], name), 'alpha1')
+    return files
+
+
+def _alpha1_figure(plt, a, name):
+    """alpha_1 layer x head at prefix_T and at T (one panel when they are equal), both on one scale from
+    0 to the largest value (a fixed 0..1 scale hides values of 0.03-0.08); epsilon is marked on the
+    colour bar when in range; on small grids every cell carries its number, '*' on sink heads."""
     top = max(float(np.max(a['alpha1_prefix'])), float(np.max(a['alpha1'])), 1e-6)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
-    for ax, key, T, sink, uniform in ((axes[0][0], 'alpha1_prefix', a['prefix_T'], a['sink1_prefix'],
-                                       a.get('uniform_alpha1_prefix')),
-                                      (axes[0][1], 'alpha1', a['T'], a['sink1'], a.get('uniform_alpha1'))):
+    panels = [('alpha1_prefix', a['prefix_T'], a['sink1_prefix'], a.get('uniform_alpha1_prefix')),
+              ('alpha1', a['T'], a['sink1'], a.get('uniform_alpha1'))]
+    if a['prefix_T'] == a['T']:                # the prefix is the whole window: one panel, not two equal ones
+        panels = panels[1:]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, T, sink, uniform) in zip(axes[0], panels):
         img = np.array(a[key])
         im = ax.imshow(img, aspect='auto', interpolation='nearest', cmap='Blues', vmin=0, vmax=top)
         bar = fig.colorbar(im, ax=ax, label='alpha_1')
         if a['epsilon'] <= top:
-            bar.ax.axhline(a['epsilon'], color='firebrick', lw=1.5)
-            bar.ax.text(1.05, a['epsilon'], 'eps', color='firebrick', fontsize=7, va='center',
-                        transform=bar.ax.get_yaxis_transform())
+            _mark_epsilon(bar, a['epsilon'], top)
         if img.size <= ALPHA1_NUMBERS:
             for (l, h), v in np.ndenumerate(img):
                 ax.text(h, l, f"{v:.2f}" + ('*' if v > a['epsilon'] else ''), ha='center', va='center',
@@ -164,8 +168,19 @@ def plot_checkpoint(r, sample, out_dir):
         if uniform is not None:
             title += f"\nuniform attention gives {uniform:.3f}" + (" (T < 64: not comparable)" if T < 64 else "")
         ax.set_title(title, fontsize=9)
-    save(fig, 'alpha1')
-    return files
+    return fig
+
+
+def _mark_epsilon(bar, eps, top):
+    """A line at epsilon on the colour bar, labelled as one of its ticks ('eps 0.3'): the ticks closer
+    than 8 % of the bar to it are dropped, so that no tick label overlaps it."""
+    bar.ax.axhline(eps, color='firebrick', lw=1.5)
+    ticks = [t for t in bar.get_ticks() if 0 <= t <= top and abs(t - eps) > 0.08 * top]
+    marks = sorted(ticks + [eps])
+    bar.set_ticks(marks, labels=[f'eps {t:g}' if t == eps else f'{t:g}' for t in marks])
+    for label in bar.ax.get_yticklabels():
+        if label.get_text().startswith('eps'):
+            label.set_color('firebrick')
 
 
 def plot_overlay(results, out_dir):

@@ -23,6 +23,10 @@ SINK_T = 64               # ... measured on the first 64 tokens; on fewer, even 
 RMS_FLOOR = 0.1           # outlier_ratio: only sublayers whose RMS is >= this x the last sublayer's can win
 COND_OTHER, COND_TRIGGER = 0.5, 0.1   # a conditional sink head: >= 0.5 of the other queries' attention
                                       # on position 0, <= 0.1 of the trigger queries' (the trigger testbed)
+NOOP_V0 = 0.3             # what a sink head does: a no-op sink when ||v_0|| / mean_t ||v_t|| < 0.3 (the value it
+BROADCAST_RANK = 2.0      # fetches is near zero), else a broadcast sink when its output over positions has an
+                          # effective rank < 2 (one vector, written to every position), else mixed
+FP16_MAX = 65504.0        # the largest finite float16: a stream entry above it overflows in fp16
 
 # what train.py logs per stream at every evaluation: lists over sublayers, then two integers
 STATS_KEYS = ('top1_median', 'kurtosis', 'feat_maxmed', 'n_massive', 'start_mass', 'start_mass_dominant',
@@ -180,6 +184,31 @@ def sublayer_stats(x):
     acc = SublayerAccumulator()
     acc.add(x)
     return acc.result()
+
+
+def effective_rank(m):
+    """exp(entropy of the normalised singular values) of each (T, n) matrix of m (..., T, n), float64
+    (Roy and Vetterli 2007): p_i = s_i / sum_j s_j, erank = exp(-sum_i p_i log p_i). 1 for a rank-1
+    matrix, n for orthogonal columns of equal norm; 0 for an all-zero matrix (nothing to rank). The
+    singular values are the square roots of the eigenvalues of the smaller Gram matrix (m^T m or m m^T)
+    in float64: batched SVD is 10-30x slower on a busy CPU, and the values below ~1e-8 x the largest
+    that the Gram matrix loses add nothing measurable to the entropy."""
+    m = m.double()
+    g = m.transpose(-2, -1) @ m if m.shape[-2] >= m.shape[-1] else m @ m.transpose(-2, -1)
+    s = torch.linalg.eigvalsh(g).clamp_min(0).sqrt()
+    total = s.sum(-1, keepdim=True)
+    p = s / total.clamp_min(1e-300)
+    h = -(p * p.clamp_min(1e-300).log()).sum(-1)
+    return torch.where(total.squeeze(-1) > 0, h.exp(), torch.zeros_like(h))
+
+
+def sink_kind(v0_ratio, erank):
+    """What a sink head does (docs/reference.md §4.6): 'no-op' when the value at position 0 is near
+    zero (v0_ratio < NOOP_V0: attending there adds almost nothing), else 'broadcast' when the head's
+    output over positions is nearly one vector (effective rank < BROADCAST_RANK), else 'mixed'."""
+    if v0_ratio < NOOP_V0:
+        return 'no-op'
+    return 'broadcast' if erank < BROADCAST_RANK else 'mixed'
 
 
 def outlier_ratio(top1_median, rms, floor=RMS_FLOOR):

@@ -110,9 +110,10 @@ class Recorder(measure.Capture):
         super().__init__()
         self.att = {}
 
-    def on_attention(self, layer, q, k, v, att, extra=None):
+    def on_attention(self, layer, q, k, v, att, extra=None, visible0=None):
         assert q.shape == k.shape == v.shape and q.shape[1] == H      # k, v per query head (GQA repeated)
         self.att[layer] = att.detach().clone()
+        self.visible0 = visible0
 
 # -----------------------------------------------------------------------------
 # the adapter computes what transformers computes
@@ -147,13 +148,90 @@ def test_streams_inputs_logits_and_attention_equal_transformers(family):
         torch.testing.assert_close(obs.inputs[2 * i], rec[('u_attn', i)], **close)
         torch.testing.assert_close(obs.inputs[2 * i + 1], rec[('u_mlp', i)].view(N, T, D), **close)
         torch.testing.assert_close(obs.att[i], out.attentions[i], **close)   # the probabilities transformers returns
+    sees0 = torch.arange(T) < (8 if family == 'mistral' else T)   # the queries whose mask lets them see key 0
     if family == 'mistral':                                # the sliding window reached the probe's maps
         assert obs.att[0][:, :, 8:, 0].abs().max() == 0 and obs.att[0][:, :, :8, 0].min() > 0
+        assert torch.equal(obs.visible0, sees0.expand(N, T))
+    else:
+        assert obs.visible0 is None
     result, _ = measure.measure(model, x, y)
     for i in range(L):
-        want = out.attentions[i][..., 0]                   # (N, H, T): alpha_1 = mean_t A[t, 0]
+        want = out.attentions[i][..., 0][..., sees0]       # alpha_1: the mean of A[t, 0] over the queries that see key 0
         np.testing.assert_allclose(result['attention']['alpha1'][i], want.mean(-1).mean(0).numpy(), atol=1e-6)
     assert abs(result['val_loss'] - loss.item()) < 1e-5
+
+
+def test_alpha1_of_a_sliding_window_averages_the_queries_that_see_key_0():
+    """A tiny Mistral with a window of 8 at T = 42: only queries 0..7 can see position 0. alpha_1 is the mean
+    of A[t, 0] over them (Gu et al.: over the queries that attend causally to the key), checked by hand from
+    transformers' eager attention (output_attentions) and the window; the mean over all 42 queries (the
+    probe before) is 0 for 34 of them by construction and would report about 8/42 of it."""
+    lm = tiny_lm('mistral')
+    assert lm.config.sliding_window == 8
+    ref, _ = reference(lm)
+    model = hf.wrap(lm)
+    x, y = tokens(t=42)
+    with torch.no_grad():
+        out = ref(x, output_attentions=True)
+    t = torch.arange(42)
+    sees0 = (t - 0) < lm.config.sliding_window           # the window of query t holds keys t-7..t
+    result, _ = measure.measure(model, x, y)
+    a = result['attention']
+    for i in range(L):
+        a0 = out.attentions[i][..., 0].double()                                      # (N, H, T)
+        assert a0[..., ~sees0].abs().max() == 0 and a0[..., sees0].min() > 0
+        want = a0[..., sees0].mean(-1).mean(0).numpy()
+        np.testing.assert_allclose(a['alpha1'][i], want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a['alpha1_prefix'][i], want, rtol=1e-5, atol=1e-7)   # T < 64: the same queries
+        old = a0.mean(-1).mean(0).numpy()                                            # the mean over all queries
+        np.testing.assert_allclose(old, want * 8 / 42, rtol=1e-6)
+        assert old.max() < 0.1 < 0.3 < want.min()          # random weights: ~0.06 before, ~0.33 now
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_super_weight_fp16_and_sink_kinds_of_every_family(family):
+    """The super-weight search reads each family's MLP down-projection (hf.DOWN_PROJ): its candidates equal
+    a computation by hand from the reference model's own down-projection; fp16 and the sink kinds are there."""
+    lm = tiny_lm(family, plant=1e4)
+    ref, _ = reference(lm)
+    model = hf.wrap(lm)
+    x, y = tokens()
+    result, obs = measure.measure(model, x, y)
+    sw = result['super_weight']
+    assert sw['note'] is None and [c['sublayer'] for c in sw['candidates']] == [1, 3]
+    layers_path = hf.layout(lm.config)[0]
+    for c in sw['candidates']:
+        block = hf._get(ref, layers_path)[c['sublayer'] // 2]
+        down = hf._get(block, hf.DOWN_PROJ[lm.config.model_type])
+        seen = {}
+        handle = down.register_forward_hook(lambda m, a, o: seen.update(inp=a[0].reshape(N, T, -1), out=o.reshape(N, T, -1)))
+        with torch.no_grad():
+            ref(x)
+        handle.remove()
+        out, inp = seen['out'].abs(), seen['inp'].abs()
+        b, t, i = np.unravel_index(int(out.argmax()), out.shape)
+        assert (c['seq'], c['position'], c['row'], c['column']) == (b, t, i, int(inp[b, t].argmax()))
+        w = down.weight if isinstance(down, torch.nn.Linear) else down.weight.T       # GPT-2's Conv1D: (in, out)
+        assert c["weight"] == pytest.approx(float(w.detach()[i, c["column"]]), rel=1e-6)
+        assert c['in_max'] == pytest.approx(float(inp.max()), rel=1e-6)
+    cap = measure.Capture()
+    with torch.no_grad():
+        model(x, observer=cap)
+    top = max(float(t.abs().max()) for t in cap.streams['h'].values())
+    f = result['fp16']
+    assert f['max_abs'] == pytest.approx(top, rel=1e-6) and f['headroom'] == pytest.approx(65504 / top, rel=1e-6)
+    if family != 'opt_post':                               # post-norm: the stream is normalised after each sublayer
+        assert f['max_abs'] > 9e3 and (f['position'], f['channel']) == (0, CH)
+    assert set(result['attention']['sink_kinds']) == {'thresholds', 'heads'}
+    assert np.array(result['attention']['erank']).shape == (L, H)
+    if family == 'opt':        # its MLP runs on (B*T, d): W8A8's one scale per sequence must not see the batch
+        losses = []
+        for bs in (1, N):
+            act = measure.QuantizedInputs(8)
+            with measure.w8a8(model, act):
+                loss, count, _, _ = measure.run_passes(model, x, y, measure.Measure(False, False, edit=act), bs)
+            losses.append(loss / count)
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 @pytest.mark.parametrize('family', ['llama', 'gpt_neox', 'opt', 'gpt2', 'phi'])

@@ -250,7 +250,7 @@ def test_interventions_change_only_their_targets():
     assert torch.all(cap.inputs[EMERGE][:, 0, 5] == 0)
     assert torch.all(cap.streams['h'][EMERGE][:, POS, CH].abs() < 1e-3)   # nothing planted any more
     iv = measure.run_interventions(model, x, y, r, obs, batch_size=3)
-    assert set(iv) == {'none', 'zero', 'mean', 'soften', 'quant8', 'quant4'}
+    assert set(iv) == {'none', 'zero', 'mean', 'soften', 'quant8', 'quant4', 'w8a8', 'super_weight'}
     assert iv['none']['val_loss'] == r['val_loss']
     assert iv['mean']['val_loss'] == pytest.approx(r['val_loss'], abs=1e-4)
     assert iv['zero']['val_loss'] != r['val_loss'] and iv['soften']['val_loss'] != r['val_loss']
@@ -379,6 +379,47 @@ def test_short_windows_carry_a_sink_warning(tmp_path, capsys, save_ckpt):
     assert a['short_T'] is False and a['sink1_prefix'] == 50.0
 
 
+def test_one_length_when_the_prefix_is_the_whole_window(tmp_path, capsys, save_ckpt):
+    """At T = 64 the prefix is the whole window: the report gives Sink_1 and the alpha_1 columns once and
+    the figure draws one panel (two at T = 96); on every colour bar 'eps 0.3' is a tick label of its own,
+    with no other tick label within 8 % of the bar."""
+    from lab import plots
+    root = val_shard(tmp_path / 'data')
+    path = save_ckpt(planted_model(), tmp_path / 'planted.pt', root)
+    for t, panels in ((64, 1), (96, 2)):
+        assert probe.main([path, '--out', str(tmp_path / f'o{t}'), '--num_seqs', '2', '--seq_len', str(t)]) == 0
+        text = capsys.readouterr().out
+        a = json.loads((tmp_path / f'o{t}' / 'probe.json').read_text())['checkpoints'][0]['attention']
+        if t == 64:
+            assert 'Sink_1 = 50.0% at T=64 (epsilon 0.3)' in text and '% at T=64, ' not in text
+            assert text.count('a1_mean@64') == 1 and '(epsilon); T=64\n' in text
+        else:
+            assert 'Sink_1 = 50.0% at T=64, 50.0% at T=96 (epsilon 0.3)' in text
+        fig = plots._alpha1_figure(plots._pyplot(), a, 'p')
+        heatmaps = [ax for ax in fig.axes if ax.images]
+        bars = [ax for ax in fig.axes if ax not in heatmaps]
+        assert len(heatmaps) == len(bars) == panels
+        for bar in bars:
+            ticks = {lab.get_text(): y for lab, y in zip(bar.get_yticklabels(), bar.get_yticks())}
+            assert ticks['eps 0.3'] == pytest.approx(0.3)
+            assert all(abs(y - 0.3) > 0.08 * bar.get_ylim()[1] for k, y in ticks.items() if k != 'eps 0.3')
+
+
+def test_conditional_sink_table_has_a_head_header():
+    from lab.report import conditional_lines
+    cs = dict(other=[[0.9, 0.1, 0.2], [0.05, 0.6, 0.7]], trigger=[[0.0, 0.3, 0.1], [0.2, 0.05, 0.5]], n_other=10,
+              n_trigger=3, heads=[[0, 0], [1, 1]], thresholds=dict(other=0.5, trigger=0.1), max_gap=0.9,
+              max_gap_head=[0, 0])
+    lines = conditional_lines(dict(conditional=cs))
+    header, rows = lines[2], lines[3:5]
+    assert header.split()[:5] == ['blk', 'layer', 'head', '0', 'head'] and header.count('head ') == 3
+    for h in range(3):                       # each header stands over its column's cells (11 wide, one space apart)
+        col = slice(12 + 12 * h, 23 + 12 * h)
+        assert header[col].strip() == f'head {h}'
+        assert [row[col].strip() for row in rows] == [f"{cs['other'][l][h]:.2f}/{cs['trigger'][l][h]:.2f}"
+                                                      + ('*' if [l, h] in cs['heads'] else '') for l in range(2)]
+
+
 def test_the_report_names_its_two_peaks(tmp_path, capsys, save_ckpt):
     """top1/median peaks where one entry stands out most from the median; peak_layer is where the
     dominant channel's mean |x| peaks. When they differ the report says they measure different things."""
@@ -430,3 +471,17 @@ def test_seq_len_longer_than_block_size_is_an_error(tmp_path, capsys, save_ckpt)
     path = save_ckpt(random_model('vanilla'), tmp_path / 'm.pt', val_shard(tmp_path / 'data'))
     assert probe.main([path, '--seq_len', '1000', '--out', str(tmp_path / 'o')]) == 2
     assert 'block_size' in capsys.readouterr().err
+
+
+def test_data_root_finds_the_dataset_of_a_checkpoint_that_records_none(tmp_path, capsys, save_ckpt):
+    """A checkpoint whose config has no data_root (trained with the default data/) is probed on the
+    dataset under --data_root, as GPT-2's built-in corpus is."""
+    root = val_shard(tmp_path / 'data')
+    path = save_ckpt(random_model('vanilla'), tmp_path / 'm.pt', root)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt['config']['data_root'] = None
+    torch.save(ckpt, path)
+    assert probe.main([path, '--out', str(tmp_path / 'o'), '--num_seqs', '2', '--seq_len', '32',
+                       '--data_root', root]) == 0
+    r = json.loads((tmp_path / 'o' / 'probe.json').read_text())['checkpoints'][0]
+    assert r['data']['shards'] == [os.path.join(root, 'builtin', 'builtin_val_000000.bin')]
