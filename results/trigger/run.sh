@@ -37,6 +37,9 @@ python probe.py $(python "$RESULTS/design.py" | awk -v o="$OUT" '{print o "/" $1
     > "$RESULTS/trajectory.txt"
 python probe.py $(python "$RESULTS/design.py" | awk -v o="$OUT" '$1 ~ /_s1$/ {print o "/" $1 "/"}') \
     --out "$OUT/trajectory" > /dev/null
+# the four models of the paper (seed 1) with the interventions: W8A8, fp16 headroom, super weights, sink kinds
+python probe.py $(printf "$OUT/%s_s1/ckpt.pt " vanilla suppress ledger ledger_hs) --interventions --num_seqs 64 \
+    --out "$OUT/measures" > "$RESULTS/measures.txt"
 cp "$OUT/trajectory_all/trajectory.json" "$OUT/trajectory/trajectory_decoded.png" "$OUT/trajectory/trajectory_loss.png" \
     "$RESULTS/"
 done=$(date +%s)
