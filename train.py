@@ -29,7 +29,6 @@ lab/runfolder.py. Exit codes: 0 done (also after Ctrl-C or SIGTERM), 2 bad confi
 import itertools
 import math
 import os
-import re
 import sys
 import textwrap
 import time
@@ -42,13 +41,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import GPT, RESIDUALS, GPTConfig, options
 from lab import runfolder
 from lab.cli import check_output_folder
-from lab.config import ConfigError, check_choices, option, parse_args, print_help
-from lab.data import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, makedirs, remove_empty, shard_paths, task_mask
+from lab.config import ConfigError, option, parse_args, print_help
+from lab.data import EOT, Sampler, dataset_meta, ensure_dataset, follow_dataset, makedirs, remove_empty, shard_paths, \
+    task_mask
 from lab.device import busy_cpu_hint, peak_flops, setup
 from lab.report import residual_info
 from lab.stats import activation_stats, gradient_stats
-from lab.training import (StopSignals, backward, configure_optimizer, format_time, rng_states, set_rng_states,
-                          update)
+from lab.training import (EVAL_SEED, StopSignals, backward, check_config, configure_optimizer, eval_batch_size,
+                          format_time, get_lr, grad_accum_steps, load_optimizer_state, model_args, penalty_weights,
+                          rng_states, set_rng_states, update)
 
 # -----------------------------------------------------------------------------
 # configuration: these keys, the model's options (model.options(): shape and variants) and the
@@ -106,8 +107,6 @@ DEFAULTS = dict(
 # The laptop demo (`python train.py`): the model's defaults except these. vocab_size None: the dataset's.
 DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, residual='ledger', vocab_size=None)
 RESUME_MAY_CHANGE = {'dropout'}  # model options that do not change the weights' shapes or meaning
-EVAL_SEED = 20240520  # eval batches are the same for every run, whatever its seed
-EVAL_TOKENS = 2048    # tokens per evaluation micro-batch (the demo's micro-batch; 2 sequences at block_size 1024)
 
 
 class NonFiniteLoss(Exception):
@@ -156,105 +155,8 @@ def load_config(argv, world_size=1):
                                   f"{key}={saved.get(key)!r}; drop it, or train into a new out_dir")
         values.update({k: v for k, v in saved.items() if k in values and k not in given})
     cfg = types.SimpleNamespace(**values)
-    validate(cfg, keys, world_size)
+    check_config(cfg, keys, world_size)
     return cfg, ckpt
-
-
-def validate(cfg, keys, world_size):
-    """Checks of single keys' choices and of several keys together; resolves the penalty weights."""
-    check_choices(cfg, keys)
-    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device):
-        raise ConfigError(f"device={cfg.device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    try:
-        GPTConfig(**{**model_args(cfg), 'vocab_size': cfg.vocab_size or 1})  # None: set from the data later
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for op in RESIDUALS.values():
-        for key, (term, opt) in op.penalties.items():
-            has = term in RESIDUALS[cfg.residual].aux
-            if getattr(cfg, key) is None:
-                setattr(cfg, key, opt.default if has else 0.0)
-            if getattr(cfg, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
-            if getattr(cfg, key) > 0 and not has:
-                raise ConfigError(f"{key}={getattr(cfg, key)} penalises {term}, but residual={cfg.residual!r} has no "
-                                  f"{term}; set {key}=0")
-    for key in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'total_batch_size'):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ('max_iters', 'warmup_iters', 'stats_seqs', 'snapshot_interval'):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.ddp_timeout <= 0:
-        raise ConfigError(f"ddp_timeout must be > 0 (minutes), got {cfg.ddp_timeout}")
-    if cfg.learning_rate <= 0:
-        raise ConfigError(f"learning_rate must be > 0, got {cfg.learning_rate}")
-    if cfg.lr_decay_iters is not None and cfg.lr_decay_iters < cfg.warmup_iters:
-        raise ConfigError(f"lr_decay_iters={cfg.lr_decay_iters} is before the end of warmup_iters={cfg.warmup_iters}")
-    grad_accum_steps(cfg, world_size)
-
-
-def model_args(cfg):
-    return {k: getattr(cfg, k) for k in options() if hasattr(cfg, k)}
-
-
-def penalty_weights(cfg):
-    """{aux term: weight} of the model's operator (its penalties, as cfg sets them)."""
-    return {term: getattr(cfg, key) for key, (term, _) in RESIDUALS[cfg.residual].penalties.items()}
-
-
-def follow_dataset(cfg, meta):
-    """Fill in what the dataset decides (its meta.json; FineWeb shards have none): vocab_size when
-    None, doc_aligned when None; refuse a vocabulary smaller than the data's, or windows longer than
-    the documents of a dataset whose windows must start at a document (the trigger language)."""
-    vocab = meta.get('vocab_size')
-    if cfg.vocab_size is None:
-        cfg.vocab_size = vocab or GPT2_META['vocab_size']
-    elif vocab and cfg.vocab_size < vocab:
-        raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the {cfg.dataset} vocabulary ({vocab} "
-                          f"tokens); drop vocab_size to take the dataset's")
-    if cfg.doc_aligned is None:
-        cfg.doc_aligned = bool(meta.get('doc_aligned', False))
-    doc_len = meta.get('doc_len')
-    if cfg.doc_aligned and doc_len and cfg.block_size + 1 > doc_len:
-        raise ConfigError(f"block_size={cfg.block_size} needs windows of {cfg.block_size + 1} tokens, but the "
-                          f"{cfg.dataset} documents are {doc_len} tokens long (rebuild them longer, e.g. "
-                          f"python prepare.py --dataset={cfg.dataset} --trigger_len={cfg.block_size}, or use "
-                          f"block_size <= {doc_len - 1})")
-
-
-def grad_accum_steps(cfg, world_size):
-    """Micro-steps per rank: total_batch_size / (batch_size * block_size * world_size), an integer >= 1."""
-    per_pass = cfg.batch_size * cfg.block_size * world_size
-    if cfg.total_batch_size % per_pass:
-        seqs = cfg.total_batch_size // cfg.block_size
-        fits_ = [b for b in range(1, seqs + 1) if seqs % (b * world_size) == 0] \
-            if cfg.total_batch_size % cfg.block_size == 0 else []
-        hint = f"; batch_size values that fit: {', '.join(map(str, fits_))}" if fits_ else ""
-        raise ConfigError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * block_size * "
-                          f"world_size = {cfg.batch_size} * {cfg.block_size} * {world_size} = {per_pass}{hint}")
-    return cfg.total_batch_size // per_pass
-
-
-def eval_batch_size(block_size):
-    """Sequences per evaluation micro-batch. It depends on block_size alone, so that a run's
-    evaluation windows (eval_iters micro-batches of these, drawn with EVAL_SEED) and hence its val
-    loss are the same whatever batch_size and number of GPUs ran it."""
-    return max(1, EVAL_TOKENS // block_size)
-
-
-def get_lr(it, cfg):
-    """Linear warmup over warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
-    min_lr = 0.1 * cfg.learning_rate if cfg.min_lr is None else cfg.min_lr
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return min_lr
-    ratio = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - min_lr)
 
 
 # -----------------------------------------------------------------------------
@@ -315,13 +217,7 @@ def setup_model(cfg, ckpt, r):
     r.iter_num, r.best_val_loss, r.val_loss, r.val_loss_iter = 0, math.inf, None, None
     if ckpt is not None:
         r.raw_model.load_state_dict(ckpt['model'])
-        hyper = [{k: v for k, v in g.items() if k != 'params'} for g in r.optimizer.param_groups]
-        try:
-            r.optimizer.load_state_dict(ckpt['optimizer'])
-        except ValueError as e:
-            raise ConfigError(f"cannot restore the optimizer ({e}); was decay_all changed?") from None
-        for group, h in zip(r.optimizer.param_groups, hyper):
-            group.update(h)  # this run's hyperparameters, the checkpoint's moments
+        load_optimizer_state(r.optimizer, ckpt['optimizer'])
         if ckpt['scaler'] and r.scaler.is_enabled():
             r.scaler.load_state_dict(ckpt['scaler'])
         set_rng_states(ckpt['rng'], r.device)
@@ -347,10 +243,7 @@ def start_run(cfg, r, resumed, replace_log=False):
                 print(f"{'overwrite' if cfg.overwrite else 'a run that stopped before its first checkpoint'}: "
                       f"removed the earlier run's {removed} from {cfg.out_dir}")
         r.created = makedirs(cfg.out_dir)
-        runfolder.remove_stale_temp_files(cfg.out_dir)
-        snapshots = os.path.join(cfg.out_dir, runfolder.SNAPSHOTS)
-        if os.path.isdir(snapshots):
-            runfolder.remove_stale_temp_files(snapshots)
+        runfolder.remove_temp_files(cfg.out_dir)
         print(textwrap.fill(' '.join(f"{k}={v!r}" for k, v in vars(cfg).items()), width=110,
                             initial_indent='config: ', subsequent_indent='    '))
         n = r.raw_model.num_params()
