@@ -42,14 +42,14 @@ from model import GPT, RESIDUALS, GPTConfig, options
 from lab import runfolder
 from lab.cli import check_output_folder
 from lab.config import ConfigError, option, parse_args, print_help
-from lab.data import EOT, Sampler, dataset_meta, ensure_dataset, follow_dataset, makedirs, remove_empty, shard_paths, \
-    task_mask
+from lab.data import (EOT, Sampler, dataset_meta, ensure_dataset, follow_dataset, makedirs, remove_empty, shard_paths,
+                      task_mask)
 from lab.device import busy_cpu_hint, peak_flops, setup
 from lab.report import residual_info
 from lab.stats import activation_stats, gradient_stats
-from lab.training import (EVAL_SEED, StopSignals, backward, check_config, configure_optimizer, eval_batch_size,
-                          format_time, get_lr, grad_accum_steps, load_optimizer_state, model_args, penalty_weights,
-                          rng_states, set_rng_states, update)
+from lab.training import (EVAL_SEED, NonFiniteLoss, StopSignals, backward, check_config, configure_optimizer,
+                          eval_batch_size, format_time, get_lr, grad_accum_steps, load_optimizer_state, model_args,
+                          penalty_weights, rng_states, set_rng_states, update)
 
 # -----------------------------------------------------------------------------
 # configuration: these keys, the model's options (model.options(): shape and variants) and the
@@ -109,10 +109,6 @@ DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, residual='led
 RESUME_MAY_CHANGE = {'dropout'}  # model options that do not change the weights' shapes or meaning
 
 
-class NonFiniteLoss(Exception):
-    """The loss became NaN or inf: exit code 3, the last good checkpoint is left alone."""
-
-
 def config_keys():
     """Every key -> option: DEFAULTS, the model's options (the demo's defaults where it differs),
     then each operator's penalty weights (default None: the operator's weight where the model has the
@@ -160,7 +156,7 @@ def load_config(argv, world_size=1):
 
 
 # -----------------------------------------------------------------------------
-# setup, evaluation, saving
+# setup: where this rank runs, its data, the model and optimizer, out_dir and the log
 
 
 def setup_device(cfg):
@@ -261,12 +257,87 @@ def start_run(cfg, r, resumed, replace_log=False):
           device=r.device, dtype=r.dtype, compile=r.compile, residual=r.residual, config=vars(cfg))
 
 
+def setup_run(cfg, ckpt, replace_log):
+    """This rank, its data, the model and optimizer, out_dir and the log's start record; and the
+    training batches: this rank's micro-steps of every step from the run's position on, the first
+    one in hand (backward fetches each next one while the device works on the current one)."""
+    r = setup_device(cfg)
+    setup_data(cfg, r)
+    setup_model(cfg, ckpt, r)
+    r.created = []
+    try:
+        start_run(cfg, r, ckpt is not None, replace_log)
+    except BaseException:                           # e.g. Ctrl-C while starting: no empty out_dir behind
+        remove_empty(r.created)
+        raise
+    r.first = r.rank * r.grad_accum                 # this rank's first micro-step in the global batch
+    r.batches = (fetch(r.train_data, it, r.first + m)
+                 for it in itertools.count(r.iter_num) for m in range(r.grad_accum))
+    r.batch, r.weights = next(r.batches), penalty_weights(cfg)
+    return r
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step
+
+
 def fetch(data, *index):
     """A batch from a Sampler; a token id >= vocab_size in the data is a one-line error (exit 2)."""
     try:
         return data.get(*index)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def step(cfg, r, stop):
+    """One optimizer step: grad_accum micro-steps per rank, gradients synced on the last; then one
+    small all-reduce: the global mean losses, and whether any rank got a Ctrl-C or a SIGTERM.
+    Returns 'sigint' or 'sigterm' when one did (the step is taken first), else None."""
+    t0, lr = time.time(), get_lr(r.iter_num, cfg)
+    for group in r.optimizer.param_groups:
+        group['lr'] = lr
+    sums, r.batch = backward(r.train_model, r.batch, lambda: next(r.batches), r.grad_accum, r.weights,
+                             list(r.residual['aux']), r.autocast, r.scaler, cfg.seed, r.iter_num, r.first,
+                             r.train_model.no_sync if r.ddp else None, r.iter_num == cfg.debug_nan_at_iter)
+    got = torch.tensor([float(name in stop.received) for name in ('SIGINT', 'SIGTERM')], device=r.device)
+    flags = torch.cat([sums / (r.grad_accum * r.world_size), got])
+    if r.ddp:
+        dist.all_reduce(flags)
+    *losses, sigint, sigterm = flags.tolist()
+    if not math.isfinite(losses[0]):
+        r.log('stop', iter=r.iter_num, reason='non-finite loss', loss=str(losses[0]))
+        raise NonFiniteLoss(f"loss is {losses[0]} at iter {r.iter_num} (ce {losses[1]}); stopped before the "
+                            f"update. " + (f"{cfg.out_dir}/ckpt.pt is left as it was" if r.master else ""))
+    update(r.raw_model, r.optimizer, r.scaler, cfg.grad_clip, set_to_none=not r.ddp)
+    r.step_times.append(time.time() - t0)
+    if r.iter_num % cfg.log_interval == 0:
+        log_step(cfg, r, losses, lr, r.step_times)
+        r.step_times = []
+    r.iter_num += 1
+    return 'sigint' if sigint else 'sigterm' if sigterm else None
+
+
+def log_step(cfg, r, losses, lr, step_times):
+    """Print and log the mean loss terms, the speed, MFU (bf16 on a known GPU) and the time left."""
+    loss, ce, *aux = losses
+    dt = sum(step_times) / len(step_times)
+    tokens_per_s = cfg.total_batch_size / dt
+    peak = peak_flops(r.device, r.dtype)
+    mfu = r.raw_model.estimate_flops_per_token() * tokens_per_s / (peak * r.world_size) if peak else None
+    evals_left = cfg.max_iters // cfg.eval_interval - (r.iter_num + 1) // cfg.eval_interval + \
+        (cfg.max_iters % cfg.eval_interval != 0)
+    eta = (cfg.max_iters - r.iter_num - 1) * dt + evals_left * r.eval_seconds
+    aux = dict(zip(r.residual['aux'], aux))
+    if r.master:
+        print(f"iter {r.iter_num}: loss {loss:.4f} (ce {ce:.4f}{''.join(f', {k} {v:.4f}' for k, v in aux.items())}), "
+              f"lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tokens_per_s:,.0f} tok/s, "
+              f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}, eta {format_time(eta)}")
+    r.log('train', iter=r.iter_num, loss=loss, ce=ce, aux=aux, lr=lr, ms_per_iter=1000 * dt, tokens_per_s=tokens_per_s,
+          mfu=mfu, tokens=(r.iter_num + 1) * cfg.total_batch_size, elapsed_s=time.time() - r.t_start)
+
+
+# -----------------------------------------------------------------------------
+# evaluate and save
 
 
 @torch.no_grad()
@@ -307,28 +378,6 @@ def evaluate(cfg, r):
     return out, stats, grads
 
 
-def save(cfg, r):
-    """ckpt.pt, atomically (rank 0; every rank waits for it): all that resuming exactly needs."""
-    if r.master:
-        runfolder.save_checkpoint(dict(
-            model=r.raw_model.state_dict(), optimizer=r.optimizer.state_dict(), scaler=r.scaler.state_dict(),
-            model_args=vars(r.gptconf), config=vars(cfg), iter_num=r.iter_num, best_val_loss=r.best_val_loss,
-            val_loss=r.val_loss, val_loss_iter=r.val_loss_iter, rng=rng_states(r.device), world_size=r.world_size,
-            tokens=r.iter_num * cfg.total_batch_size), cfg.out_dir)
-    if r.ddp:
-        dist.barrier()
-
-
-def snapshot(cfg, r):
-    """Weights only (no optimizer): small, and enough for probe.py to replay this point of the run."""
-    folder, name = os.path.join(cfg.out_dir, runfolder.SNAPSHOTS), runfolder.snapshot_name(r.iter_num)
-    if r.master and not os.path.exists(os.path.join(folder, name)):
-        os.makedirs(folder, exist_ok=True)
-        runfolder.save_checkpoint(dict(model=r.raw_model.state_dict(), model_args=vars(r.gptconf), config=vars(cfg),
-                                       iter_num=r.iter_num, tokens=r.iter_num * cfg.total_batch_size,
-                                       val_loss=r.val_loss if r.val_loss_iter == r.iter_num else None), folder, name)
-
-
 def eval_and_save(cfg, r):
     """Evaluate, log, checkpoint; True when val loss reached target_val_loss."""
     t0 = time.time()
@@ -357,23 +406,27 @@ def eval_and_save(cfg, r):
     return reached
 
 
-def log_step(cfg, r, losses, lr, step_times):
-    """Print and log the mean loss terms, the speed, MFU (bf16 on a known GPU) and the time left."""
-    loss, ce, *aux = losses
-    dt = sum(step_times) / len(step_times)
-    tokens_per_s = cfg.total_batch_size / dt
-    peak = peak_flops(r.device, r.dtype)
-    mfu = r.raw_model.estimate_flops_per_token() * tokens_per_s / (peak * r.world_size) if peak else None
-    evals_left = cfg.max_iters // cfg.eval_interval - (r.iter_num + 1) // cfg.eval_interval + \
-        (cfg.max_iters % cfg.eval_interval != 0)
-    eta = (cfg.max_iters - r.iter_num - 1) * dt + evals_left * r.eval_seconds
-    aux = dict(zip(r.residual['aux'], aux))
+def save(cfg, r):
+    """ckpt.pt, atomically (rank 0; every rank waits for it): all that resuming exactly needs."""
     if r.master:
-        print(f"iter {r.iter_num}: loss {loss:.4f} (ce {ce:.4f}{''.join(f', {k} {v:.4f}' for k, v in aux.items())}), "
-              f"lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tokens_per_s:,.0f} tok/s, "
-              f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}, eta {format_time(eta)}")
-    r.log('train', iter=r.iter_num, loss=loss, ce=ce, aux=aux, lr=lr, ms_per_iter=1000 * dt, tokens_per_s=tokens_per_s,
-          mfu=mfu, tokens=(r.iter_num + 1) * cfg.total_batch_size, elapsed_s=time.time() - r.t_start)
+        runfolder.save_checkpoint(dict(
+            model=r.raw_model.state_dict(), optimizer=r.optimizer.state_dict(), scaler=r.scaler.state_dict(),
+            model_args=vars(r.gptconf), config=vars(cfg), iter_num=r.iter_num, best_val_loss=r.best_val_loss,
+            val_loss=r.val_loss, val_loss_iter=r.val_loss_iter, rng=rng_states(r.device), world_size=r.world_size,
+            tokens=r.iter_num * cfg.total_batch_size), cfg.out_dir)
+    if r.ddp:
+        dist.barrier()
+
+
+def snapshot(cfg, r):
+    """Weights only (no optimizer): small, and enough for probe.py to replay this point of the run."""
+    folder, name = os.path.join(cfg.out_dir, runfolder.SNAPSHOTS), runfolder.snapshot_name(r.iter_num)
+    if r.master and not os.path.exists(os.path.join(folder, name)):
+        os.makedirs(folder, exist_ok=True)
+        runfolder.save_checkpoint(dict(model=r.raw_model.state_dict(), model_args=vars(r.gptconf), config=vars(cfg),
+                                       iter_num=r.iter_num, tokens=r.iter_num * cfg.total_batch_size,
+                                       val_loss=r.val_loss if r.val_loss_iter == r.iter_num else None), folder, name)
+
 
 # -----------------------------------------------------------------------------
 # training
@@ -381,20 +434,9 @@ def log_step(cfg, r, losses, lr, step_times):
 
 def train(cfg, ckpt=None, replace_log=False):
     """Run the training loop. Returns the process exit code."""
-    r = setup_device(cfg)
-    setup_data(cfg, r)
-    setup_model(cfg, ckpt, r)
-    r.created = []
-    try:
-        start_run(cfg, r, ckpt is not None, replace_log)
-    except BaseException:                           # e.g. Ctrl-C while starting: no empty out_dir behind
-        remove_empty(r.created)
-        raise
+    r = setup_run(cfg, ckpt, replace_log)
     resumed_after_eval = r.val_loss_iter == r.iter_num  # the checkpoint was written right after evaluating
-    first = r.rank * r.grad_accum                       # this rank's first micro-step in the global batch
-    batches = (fetch(r.train_data, it, first + m) for it in itertools.count(r.iter_num) for m in range(r.grad_accum))
-    batch, weights = next(batches), penalty_weights(cfg)
-    step_times, r.eval_seconds, r.t_start, reason = [], 0.0, time.time(), None
+    r.step_times, r.eval_seconds, r.t_start, reason = [], 0.0, time.time(), None
     with StopSignals(r.master) as stop:
         while True:
             last = r.iter_num >= cfg.max_iters
@@ -407,32 +449,8 @@ def train(cfg, ckpt=None, replace_log=False):
             if reason:
                 break
             resumed_after_eval = False
-
-            # one optimizer step: grad_accum micro-steps per rank, gradients synced on the last
-            t0, lr = time.time(), get_lr(r.iter_num, cfg)
-            for group in r.optimizer.param_groups:
-                group['lr'] = lr
-            sums, batch = backward(r.train_model, batch, lambda: next(batches), r.grad_accum, weights,
-                                   list(r.residual['aux']), r.autocast, r.scaler, cfg.seed, r.iter_num, first,
-                                   r.train_model.no_sync if r.ddp else None, r.iter_num == cfg.debug_nan_at_iter)
-            # one small all-reduce: the global mean losses, and whether any rank got a Ctrl-C or a SIGTERM
-            got = torch.tensor([float(name in stop.received) for name in ('SIGINT', 'SIGTERM')], device=r.device)
-            flags = torch.cat([sums / (r.grad_accum * r.world_size), got])
-            if r.ddp:
-                dist.all_reduce(flags)
-            *losses, sigint, sigterm = flags.tolist()
-            if not math.isfinite(losses[0]):
-                r.log('stop', iter=r.iter_num, reason='non-finite loss', loss=str(losses[0]))
-                raise NonFiniteLoss(f"loss is {losses[0]} at iter {r.iter_num} (ce {losses[1]}); stopped before the "
-                                    f"update. " + (f"{cfg.out_dir}/ckpt.pt is left as it was" if r.master else ""))
-            update(r.raw_model, r.optimizer, r.scaler, cfg.grad_clip, set_to_none=not r.ddp)
-            step_times.append(time.time() - t0)
-            if r.iter_num % cfg.log_interval == 0:
-                log_step(cfg, r, losses, lr, step_times)
-                step_times = []
-            r.iter_num += 1
-            if sigint or sigterm:
-                reason = 'sigint' if sigint else 'sigterm'
+            reason = step(cfg, r, stop)
+            if reason:  # a Ctrl-C or a SIGTERM on some rank: save, and stop
                 save(cfg, r)
                 if r.master:
                     print(f"{reason.upper()}: saved {cfg.out_dir}/ckpt.pt at iter {r.iter_num}; continue with "

@@ -130,6 +130,10 @@ def format_time(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class NonFiniteLoss(Exception):
+    """The loss became NaN or inf: exit code 3, the last good checkpoint is left alone."""
+
+
 class StopSignals:
     """Ctrl-C (SIGINT) and SIGTERM (preemption) ask the training loop to stop: it finishes the
     current step, saves and exits 0 (every rank agrees at the step's all-reduce). A Ctrl-C after
