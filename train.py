@@ -29,7 +29,6 @@ lab/runfolder.py. Exit codes: 0 done (also after Ctrl-C or SIGTERM), 2 bad confi
 import itertools
 import math
 import os
-import re
 import sys
 import textwrap
 import time
@@ -42,13 +41,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import GPT, RESIDUALS, GPTConfig, options
 from lab import runfolder
 from lab.cli import check_output_folder
-from lab.config import ConfigError, check_choices, option, parse_args, print_help
-from lab.data import EOT, GPT2_META, Sampler, dataset_meta, ensure_dataset, makedirs, remove_empty, shard_paths, task_mask
+from lab.config import ConfigError, option, parse_args, print_help
+from lab.data import (EOT, Sampler, dataset_meta, ensure_dataset, follow_dataset, makedirs, remove_empty, shard_paths,
+                      task_mask)
 from lab.device import busy_cpu_hint, peak_flops, setup
 from lab.report import residual_info
 from lab.stats import activation_stats, gradient_stats
-from lab.training import (StopSignals, backward, configure_optimizer, format_time, rng_states, set_rng_states,
-                          update)
+from lab.training import (EVAL_SEED, NonFiniteLoss, StopSignals, backward, check_config, configure_optimizer,
+                          eval_batch_size, format_time, get_lr, grad_accum_steps, load_optimizer_state, model_args,
+                          penalty_weights, rng_states, set_rng_states, update)
 
 # -----------------------------------------------------------------------------
 # configuration: these keys, the model's options (model.options(): shape and variants) and the
@@ -106,12 +107,6 @@ DEFAULTS = dict(
 # The laptop demo (`python train.py`): the model's defaults except these. vocab_size None: the dataset's.
 DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, residual='ledger', vocab_size=None)
 RESUME_MAY_CHANGE = {'dropout'}  # model options that do not change the weights' shapes or meaning
-EVAL_SEED = 20240520  # eval batches are the same for every run, whatever its seed
-EVAL_TOKENS = 2048    # tokens per evaluation micro-batch (the demo's micro-batch; 2 sequences at block_size 1024)
-
-
-class NonFiniteLoss(Exception):
-    """The loss became NaN or inf: exit code 3, the last good checkpoint is left alone."""
 
 
 def config_keys():
@@ -156,109 +151,12 @@ def load_config(argv, world_size=1):
                                   f"{key}={saved.get(key)!r}; drop it, or train into a new out_dir")
         values.update({k: v for k, v in saved.items() if k in values and k not in given})
     cfg = types.SimpleNamespace(**values)
-    validate(cfg, keys, world_size)
+    check_config(cfg, keys, world_size)
     return cfg, ckpt
 
 
-def validate(cfg, keys, world_size):
-    """Checks of single keys' choices and of several keys together; resolves the penalty weights."""
-    check_choices(cfg, keys)
-    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device):
-        raise ConfigError(f"device={cfg.device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    try:
-        GPTConfig(**{**model_args(cfg), 'vocab_size': cfg.vocab_size or 1})  # None: set from the data later
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for op in RESIDUALS.values():
-        for key, (term, opt) in op.penalties.items():
-            has = term in RESIDUALS[cfg.residual].aux
-            if getattr(cfg, key) is None:
-                setattr(cfg, key, opt.default if has else 0.0)
-            if getattr(cfg, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
-            if getattr(cfg, key) > 0 and not has:
-                raise ConfigError(f"{key}={getattr(cfg, key)} penalises {term}, but residual={cfg.residual!r} has no "
-                                  f"{term}; set {key}=0")
-    for key in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'total_batch_size'):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ('max_iters', 'warmup_iters', 'stats_seqs', 'snapshot_interval'):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.ddp_timeout <= 0:
-        raise ConfigError(f"ddp_timeout must be > 0 (minutes), got {cfg.ddp_timeout}")
-    if cfg.learning_rate <= 0:
-        raise ConfigError(f"learning_rate must be > 0, got {cfg.learning_rate}")
-    if cfg.lr_decay_iters is not None and cfg.lr_decay_iters < cfg.warmup_iters:
-        raise ConfigError(f"lr_decay_iters={cfg.lr_decay_iters} is before the end of warmup_iters={cfg.warmup_iters}")
-    grad_accum_steps(cfg, world_size)
-
-
-def model_args(cfg):
-    return {k: getattr(cfg, k) for k in options() if hasattr(cfg, k)}
-
-
-def penalty_weights(cfg):
-    """{aux term: weight} of the model's operator (its penalties, as cfg sets them)."""
-    return {term: getattr(cfg, key) for key, (term, _) in RESIDUALS[cfg.residual].penalties.items()}
-
-
-def follow_dataset(cfg, meta):
-    """Fill in what the dataset decides (its meta.json; FineWeb shards have none): vocab_size when
-    None, doc_aligned when None; refuse a vocabulary smaller than the data's, or windows longer than
-    the documents of a dataset whose windows must start at a document (the trigger language)."""
-    vocab = meta.get('vocab_size')
-    if cfg.vocab_size is None:
-        cfg.vocab_size = vocab or GPT2_META['vocab_size']
-    elif vocab and cfg.vocab_size < vocab:
-        raise ConfigError(f"vocab_size={cfg.vocab_size} is smaller than the {cfg.dataset} vocabulary ({vocab} "
-                          f"tokens); drop vocab_size to take the dataset's")
-    if cfg.doc_aligned is None:
-        cfg.doc_aligned = bool(meta.get('doc_aligned', False))
-    doc_len = meta.get('doc_len')
-    if cfg.doc_aligned and doc_len and cfg.block_size + 1 > doc_len:
-        raise ConfigError(f"block_size={cfg.block_size} needs windows of {cfg.block_size + 1} tokens, but the "
-                          f"{cfg.dataset} documents are {doc_len} tokens long (rebuild them longer, e.g. "
-                          f"python prepare.py --dataset={cfg.dataset} --trigger_len={cfg.block_size}, or use "
-                          f"block_size <= {doc_len - 1})")
-
-
-def grad_accum_steps(cfg, world_size):
-    """Micro-steps per rank: total_batch_size / (batch_size * block_size * world_size), an integer >= 1."""
-    per_pass = cfg.batch_size * cfg.block_size * world_size
-    if cfg.total_batch_size % per_pass:
-        seqs = cfg.total_batch_size // cfg.block_size
-        fits_ = [b for b in range(1, seqs + 1) if seqs % (b * world_size) == 0] \
-            if cfg.total_batch_size % cfg.block_size == 0 else []
-        hint = f"; batch_size values that fit: {', '.join(map(str, fits_))}" if fits_ else ""
-        raise ConfigError(f"total_batch_size={cfg.total_batch_size} is not a multiple of batch_size * block_size * "
-                          f"world_size = {cfg.batch_size} * {cfg.block_size} * {world_size} = {per_pass}{hint}")
-    return cfg.total_batch_size // per_pass
-
-
-def eval_batch_size(block_size):
-    """Sequences per evaluation micro-batch. It depends on block_size alone, so that a run's
-    evaluation windows (eval_iters micro-batches of these, drawn with EVAL_SEED) and hence its val
-    loss are the same whatever batch_size and number of GPUs ran it."""
-    return max(1, EVAL_TOKENS // block_size)
-
-
-def get_lr(it, cfg):
-    """Linear warmup over warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    decay_iters = cfg.max_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
-    min_lr = 0.1 * cfg.learning_rate if cfg.min_lr is None else cfg.min_lr
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return min_lr
-    ratio = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - min_lr)
-
-
 # -----------------------------------------------------------------------------
-# setup, evaluation, saving
+# setup: where this rank runs, its data, the model and optimizer, out_dir and the log
 
 
 def setup_device(cfg):
@@ -315,13 +213,7 @@ def setup_model(cfg, ckpt, r):
     r.iter_num, r.best_val_loss, r.val_loss, r.val_loss_iter = 0, math.inf, None, None
     if ckpt is not None:
         r.raw_model.load_state_dict(ckpt['model'])
-        hyper = [{k: v for k, v in g.items() if k != 'params'} for g in r.optimizer.param_groups]
-        try:
-            r.optimizer.load_state_dict(ckpt['optimizer'])
-        except ValueError as e:
-            raise ConfigError(f"cannot restore the optimizer ({e}); was decay_all changed?") from None
-        for group, h in zip(r.optimizer.param_groups, hyper):
-            group.update(h)  # this run's hyperparameters, the checkpoint's moments
+        load_optimizer_state(r.optimizer, ckpt['optimizer'])
         if ckpt['scaler'] and r.scaler.is_enabled():
             r.scaler.load_state_dict(ckpt['scaler'])
         set_rng_states(ckpt['rng'], r.device)
@@ -347,10 +239,7 @@ def start_run(cfg, r, resumed, replace_log=False):
                 print(f"{'overwrite' if cfg.overwrite else 'a run that stopped before its first checkpoint'}: "
                       f"removed the earlier run's {removed} from {cfg.out_dir}")
         r.created = makedirs(cfg.out_dir)
-        runfolder.remove_stale_temp_files(cfg.out_dir)
-        snapshots = os.path.join(cfg.out_dir, runfolder.SNAPSHOTS)
-        if os.path.isdir(snapshots):
-            runfolder.remove_stale_temp_files(snapshots)
+        runfolder.remove_temp_files(cfg.out_dir)
         print(textwrap.fill(' '.join(f"{k}={v!r}" for k, v in vars(cfg).items()), width=110,
                             initial_indent='config: ', subsequent_indent='    '))
         n = r.raw_model.num_params()
@@ -368,12 +257,87 @@ def start_run(cfg, r, resumed, replace_log=False):
           device=r.device, dtype=r.dtype, compile=r.compile, residual=r.residual, config=vars(cfg))
 
 
+def setup_run(cfg, ckpt, replace_log):
+    """This rank, its data, the model and optimizer, out_dir and the log's start record; and the
+    training batches: this rank's micro-steps of every step from the run's position on, the first
+    one in hand (backward fetches each next one while the device works on the current one)."""
+    r = setup_device(cfg)
+    setup_data(cfg, r)
+    setup_model(cfg, ckpt, r)
+    r.created = []
+    try:
+        start_run(cfg, r, ckpt is not None, replace_log)
+    except BaseException:                           # e.g. Ctrl-C while starting: no empty out_dir behind
+        remove_empty(r.created)
+        raise
+    r.first = r.rank * r.grad_accum                 # this rank's first micro-step in the global batch
+    r.batches = (fetch(r.train_data, it, r.first + m)
+                 for it in itertools.count(r.iter_num) for m in range(r.grad_accum))
+    r.batch, r.weights = next(r.batches), penalty_weights(cfg)
+    return r
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step
+
+
 def fetch(data, *index):
     """A batch from a Sampler; a token id >= vocab_size in the data is a one-line error (exit 2)."""
     try:
         return data.get(*index)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def step(cfg, r, stop):
+    """One optimizer step: grad_accum micro-steps per rank, gradients synced on the last; then one
+    small all-reduce: the global mean losses, and whether any rank got a Ctrl-C or a SIGTERM.
+    Returns 'sigint' or 'sigterm' when one did (the step is taken first), else None."""
+    t0, lr = time.time(), get_lr(r.iter_num, cfg)
+    for group in r.optimizer.param_groups:
+        group['lr'] = lr
+    sums, r.batch = backward(r.train_model, r.batch, lambda: next(r.batches), r.grad_accum, r.weights,
+                             list(r.residual['aux']), r.autocast, r.scaler, cfg.seed, r.iter_num, r.first,
+                             r.train_model.no_sync if r.ddp else None, r.iter_num == cfg.debug_nan_at_iter)
+    got = torch.tensor([float(name in stop.received) for name in ('SIGINT', 'SIGTERM')], device=r.device)
+    flags = torch.cat([sums / (r.grad_accum * r.world_size), got])
+    if r.ddp:
+        dist.all_reduce(flags)
+    *losses, sigint, sigterm = flags.tolist()
+    if not math.isfinite(losses[0]):
+        r.log('stop', iter=r.iter_num, reason='non-finite loss', loss=str(losses[0]))
+        raise NonFiniteLoss(f"loss is {losses[0]} at iter {r.iter_num} (ce {losses[1]}); stopped before the "
+                            f"update. " + (f"{cfg.out_dir}/ckpt.pt is left as it was" if r.master else ""))
+    update(r.raw_model, r.optimizer, r.scaler, cfg.grad_clip, set_to_none=not r.ddp)
+    r.step_times.append(time.time() - t0)
+    if r.iter_num % cfg.log_interval == 0:
+        log_step(cfg, r, losses, lr, r.step_times)
+        r.step_times = []
+    r.iter_num += 1
+    return 'sigint' if sigint else 'sigterm' if sigterm else None
+
+
+def log_step(cfg, r, losses, lr, step_times):
+    """Print and log the mean loss terms, the speed, MFU (bf16 on a known GPU) and the time left."""
+    loss, ce, *aux = losses
+    dt = sum(step_times) / len(step_times)
+    tokens_per_s = cfg.total_batch_size / dt
+    peak = peak_flops(r.device, r.dtype)
+    mfu = r.raw_model.estimate_flops_per_token() * tokens_per_s / (peak * r.world_size) if peak else None
+    evals_left = cfg.max_iters // cfg.eval_interval - (r.iter_num + 1) // cfg.eval_interval + \
+        (cfg.max_iters % cfg.eval_interval != 0)
+    eta = (cfg.max_iters - r.iter_num - 1) * dt + evals_left * r.eval_seconds
+    aux = dict(zip(r.residual['aux'], aux))
+    if r.master:
+        print(f"iter {r.iter_num}: loss {loss:.4f} (ce {ce:.4f}{''.join(f', {k} {v:.4f}' for k, v in aux.items())}), "
+              f"lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tokens_per_s:,.0f} tok/s, "
+              f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}, eta {format_time(eta)}")
+    r.log('train', iter=r.iter_num, loss=loss, ce=ce, aux=aux, lr=lr, ms_per_iter=1000 * dt, tokens_per_s=tokens_per_s,
+          mfu=mfu, tokens=(r.iter_num + 1) * cfg.total_batch_size, elapsed_s=time.time() - r.t_start)
+
+
+# -----------------------------------------------------------------------------
+# evaluate and save
 
 
 @torch.no_grad()
@@ -414,28 +378,6 @@ def evaluate(cfg, r):
     return out, stats, grads
 
 
-def save(cfg, r):
-    """ckpt.pt, atomically (rank 0; every rank waits for it): all that resuming exactly needs."""
-    if r.master:
-        runfolder.save_checkpoint(dict(
-            model=r.raw_model.state_dict(), optimizer=r.optimizer.state_dict(), scaler=r.scaler.state_dict(),
-            model_args=vars(r.gptconf), config=vars(cfg), iter_num=r.iter_num, best_val_loss=r.best_val_loss,
-            val_loss=r.val_loss, val_loss_iter=r.val_loss_iter, rng=rng_states(r.device), world_size=r.world_size,
-            tokens=r.iter_num * cfg.total_batch_size), cfg.out_dir)
-    if r.ddp:
-        dist.barrier()
-
-
-def snapshot(cfg, r):
-    """Weights only (no optimizer): small, and enough for probe.py to replay this point of the run."""
-    folder, name = os.path.join(cfg.out_dir, runfolder.SNAPSHOTS), runfolder.snapshot_name(r.iter_num)
-    if r.master and not os.path.exists(os.path.join(folder, name)):
-        os.makedirs(folder, exist_ok=True)
-        runfolder.save_checkpoint(dict(model=r.raw_model.state_dict(), model_args=vars(r.gptconf), config=vars(cfg),
-                                       iter_num=r.iter_num, tokens=r.iter_num * cfg.total_batch_size,
-                                       val_loss=r.val_loss if r.val_loss_iter == r.iter_num else None), folder, name)
-
-
 def eval_and_save(cfg, r):
     """Evaluate, log, checkpoint; True when val loss reached target_val_loss."""
     t0 = time.time()
@@ -464,23 +406,27 @@ def eval_and_save(cfg, r):
     return reached
 
 
-def log_step(cfg, r, losses, lr, step_times):
-    """Print and log the mean loss terms, the speed, MFU (bf16 on a known GPU) and the time left."""
-    loss, ce, *aux = losses
-    dt = sum(step_times) / len(step_times)
-    tokens_per_s = cfg.total_batch_size / dt
-    peak = peak_flops(r.device, r.dtype)
-    mfu = r.raw_model.estimate_flops_per_token() * tokens_per_s / (peak * r.world_size) if peak else None
-    evals_left = cfg.max_iters // cfg.eval_interval - (r.iter_num + 1) // cfg.eval_interval + \
-        (cfg.max_iters % cfg.eval_interval != 0)
-    eta = (cfg.max_iters - r.iter_num - 1) * dt + evals_left * r.eval_seconds
-    aux = dict(zip(r.residual['aux'], aux))
+def save(cfg, r):
+    """ckpt.pt, atomically (rank 0; every rank waits for it): all that resuming exactly needs."""
     if r.master:
-        print(f"iter {r.iter_num}: loss {loss:.4f} (ce {ce:.4f}{''.join(f', {k} {v:.4f}' for k, v in aux.items())}), "
-              f"lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tokens_per_s:,.0f} tok/s, "
-              f"mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}, eta {format_time(eta)}")
-    r.log('train', iter=r.iter_num, loss=loss, ce=ce, aux=aux, lr=lr, ms_per_iter=1000 * dt, tokens_per_s=tokens_per_s,
-          mfu=mfu, tokens=(r.iter_num + 1) * cfg.total_batch_size, elapsed_s=time.time() - r.t_start)
+        runfolder.save_checkpoint(dict(
+            model=r.raw_model.state_dict(), optimizer=r.optimizer.state_dict(), scaler=r.scaler.state_dict(),
+            model_args=vars(r.gptconf), config=vars(cfg), iter_num=r.iter_num, best_val_loss=r.best_val_loss,
+            val_loss=r.val_loss, val_loss_iter=r.val_loss_iter, rng=rng_states(r.device), world_size=r.world_size,
+            tokens=r.iter_num * cfg.total_batch_size), cfg.out_dir)
+    if r.ddp:
+        dist.barrier()
+
+
+def snapshot(cfg, r):
+    """Weights only (no optimizer): small, and enough for probe.py to replay this point of the run."""
+    folder, name = os.path.join(cfg.out_dir, runfolder.SNAPSHOTS), runfolder.snapshot_name(r.iter_num)
+    if r.master and not os.path.exists(os.path.join(folder, name)):
+        os.makedirs(folder, exist_ok=True)
+        runfolder.save_checkpoint(dict(model=r.raw_model.state_dict(), model_args=vars(r.gptconf), config=vars(cfg),
+                                       iter_num=r.iter_num, tokens=r.iter_num * cfg.total_batch_size,
+                                       val_loss=r.val_loss if r.val_loss_iter == r.iter_num else None), folder, name)
+
 
 # -----------------------------------------------------------------------------
 # training
@@ -488,20 +434,9 @@ def log_step(cfg, r, losses, lr, step_times):
 
 def train(cfg, ckpt=None, replace_log=False):
     """Run the training loop. Returns the process exit code."""
-    r = setup_device(cfg)
-    setup_data(cfg, r)
-    setup_model(cfg, ckpt, r)
-    r.created = []
-    try:
-        start_run(cfg, r, ckpt is not None, replace_log)
-    except BaseException:                           # e.g. Ctrl-C while starting: no empty out_dir behind
-        remove_empty(r.created)
-        raise
+    r = setup_run(cfg, ckpt, replace_log)
     resumed_after_eval = r.val_loss_iter == r.iter_num  # the checkpoint was written right after evaluating
-    first = r.rank * r.grad_accum                       # this rank's first micro-step in the global batch
-    batches = (fetch(r.train_data, it, first + m) for it in itertools.count(r.iter_num) for m in range(r.grad_accum))
-    batch, weights = next(batches), penalty_weights(cfg)
-    step_times, r.eval_seconds, r.t_start, reason = [], 0.0, time.time(), None
+    r.step_times, r.eval_seconds, r.t_start, reason = [], 0.0, time.time(), None
     with StopSignals(r.master) as stop:
         while True:
             last = r.iter_num >= cfg.max_iters
@@ -514,32 +449,8 @@ def train(cfg, ckpt=None, replace_log=False):
             if reason:
                 break
             resumed_after_eval = False
-
-            # one optimizer step: grad_accum micro-steps per rank, gradients synced on the last
-            t0, lr = time.time(), get_lr(r.iter_num, cfg)
-            for group in r.optimizer.param_groups:
-                group['lr'] = lr
-            sums, batch = backward(r.train_model, batch, lambda: next(batches), r.grad_accum, weights,
-                                   list(r.residual['aux']), r.autocast, r.scaler, cfg.seed, r.iter_num, first,
-                                   r.train_model.no_sync if r.ddp else None, r.iter_num == cfg.debug_nan_at_iter)
-            # one small all-reduce: the global mean losses, and whether any rank got a Ctrl-C or a SIGTERM
-            got = torch.tensor([float(name in stop.received) for name in ('SIGINT', 'SIGTERM')], device=r.device)
-            flags = torch.cat([sums / (r.grad_accum * r.world_size), got])
-            if r.ddp:
-                dist.all_reduce(flags)
-            *losses, sigint, sigterm = flags.tolist()
-            if not math.isfinite(losses[0]):
-                r.log('stop', iter=r.iter_num, reason='non-finite loss', loss=str(losses[0]))
-                raise NonFiniteLoss(f"loss is {losses[0]} at iter {r.iter_num} (ce {losses[1]}); stopped before the "
-                                    f"update. " + (f"{cfg.out_dir}/ckpt.pt is left as it was" if r.master else ""))
-            update(r.raw_model, r.optimizer, r.scaler, cfg.grad_clip, set_to_none=not r.ddp)
-            step_times.append(time.time() - t0)
-            if r.iter_num % cfg.log_interval == 0:
-                log_step(cfg, r, losses, lr, step_times)
-                step_times = []
-            r.iter_num += 1
-            if sigint or sigterm:
-                reason = 'sigint' if sigint else 'sigterm'
+            reason = step(cfg, r, stop)
+            if reason:  # a Ctrl-C or a SIGTERM on some rank: save, and stop
                 save(cfg, r)
                 if r.master:
                     print(f"{reason.upper()}: saved {cfg.out_dir}/ckpt.pt at iter {r.iter_num}; continue with "

@@ -282,6 +282,27 @@ def dataset_meta(dataset, data_root=None):
     return meta
 
 
+def follow_dataset(cfg, meta):
+    """Fill in what the dataset decides (its meta.json; FineWeb shards have none): vocab_size when
+    None, doc_aligned when None; refuse (ValueError, one line) a vocabulary smaller than the data's,
+    or windows longer than the documents of a dataset whose windows must start at a document (the
+    trigger language). cfg: train.py's config."""
+    vocab = meta.get('vocab_size')
+    if cfg.vocab_size is None:
+        cfg.vocab_size = vocab or GPT2_META['vocab_size']
+    elif vocab and cfg.vocab_size < vocab:
+        raise ValueError(f"vocab_size={cfg.vocab_size} is smaller than the {cfg.dataset} vocabulary ({vocab} "
+                         f"tokens); drop vocab_size to take the dataset's")
+    if cfg.doc_aligned is None:
+        cfg.doc_aligned = bool(meta.get('doc_aligned', False))
+    doc_len = meta.get('doc_len')
+    if cfg.doc_aligned and doc_len and cfg.block_size + 1 > doc_len:
+        raise ValueError(f"block_size={cfg.block_size} needs windows of {cfg.block_size + 1} tokens, but the "
+                         f"{cfg.dataset} documents are {doc_len} tokens long (rebuild them longer, e.g. "
+                         f"python prepare.py --dataset={cfg.dataset} --trigger_len={cfg.block_size}, or use "
+                         f"block_size <= {doc_len - 1})")
+
+
 def summary(dataset, data_root, seconds):
     """One line: files, tokens and time of a prepared dataset."""
     counts = {split: [check_shard(p) for p in shard_paths(dataset, split, data_root)] for split in ('train', 'val')}

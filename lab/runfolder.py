@@ -101,12 +101,9 @@ def remove_run(out_dir):
     found = run_files(out_dir)
     for f in found:
         os.remove(f)
-    snapshots = os.path.join(out_dir, SNAPSHOTS)
-    if os.path.isdir(snapshots):
-        remove_stale_temp_files(snapshots)
-        with contextlib.suppress(OSError):
-            os.rmdir(snapshots)  # only when nothing else is in it
-    remove_stale_temp_files(out_dir)
+    remove_temp_files(out_dir)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.join(out_dir, SNAPSHOTS))  # only when it is there and nothing else is in it
     return describe_run_files(found)
 
 
@@ -143,6 +140,14 @@ def remove_stale_temp_files(out_dir):
         if f.startswith('.') and '.pt.' in f and f.endswith('.tmp'):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(out_dir, f))
+
+
+def remove_temp_files(out_dir):
+    """The temp files of saves killed midway, in out_dir and in its snapshots/ (before a run writes there)."""
+    remove_stale_temp_files(out_dir)
+    snapshots = os.path.join(out_dir, SNAPSHOTS)
+    if os.path.isdir(snapshots):
+        remove_stale_temp_files(snapshots)
 
 
 def heal_log(path):

@@ -68,6 +68,27 @@ def read_run(path, name):
     counts them). Keys a log from before they were logged lacks are None, and listed in `missing`.
     """
     log = os.path.join(path, LOG) if os.path.isdir(path) else path
+    start, n_starts, evals, cut = read_evals(log)
+    iters = sorted(evals)
+    tokens = [it * evals[it][1]['total_batch_size'] for it in iters]
+    cfg = start[1]
+    info = start[2] or {}
+    run = dict(name=name, path=path, log=log, cut_line=cut, residual=cfg.get('residual'),
+               decoded=info.get('decoded', LEGACY_DECODED.get(cfg.get('residual'))), starts=n_starts,
+               total_batch_size=cfg['total_batch_size'], seq_len=cfg.get('block_size'),
+               iters=iters, tokens=tokens,
+               val_loss=[evals[it][0].get('val_loss') for it in iters], val_aux=read_val_aux(evals, iters),
+               val_task_acc=[evals[it][0].get('val_task_acc') for it in iters], grads=read_grads(evals, iters),
+               streams={})
+    for sname in evals[iters[0]][0]['stats']:
+        run['streams'][sname] = stream_trajectory(iters, tokens, [evals[it][0]['stats'][sname] for it in iters])
+    return run
+
+
+def read_evals(log):
+    """(the last start event as (line, config, residual info), the number of start events,
+    {iter: (its last eval event, the config of the start event before it)}, the cut line or None),
+    checked: one run, one model, every eval after a start event and with activation statistics."""
     start, n_starts, evals, shape = None, 0, {}, None
     events, cut = read_log(log)
     for line, ev in events:
@@ -96,10 +117,45 @@ def read_run(path, name):
     if not evals:
         raise ValueError(f"{log}: no eval events (train.py logs one every eval_interval steps: has the run "
                          f"evaluated yet?)")
-    iters = sorted(evals)
-    tokens = [it * evals[it][1]['total_batch_size'] for it in iters]
-    cfg = start[1]
-    info = start[2] or {}
+    return start, n_starts, evals, cut
+
+
+def stream_trajectory(iters, tokens, rows):
+    """One stream's trajectory from its stats at each eval (rows): the statistics, their first
+    crossings of THRESHOLDS, the dominant channel's history, and the keys the log lacks."""
+
+    def at_peak(key):
+        vals = [r[key][r['peak_layer']] if isinstance(r.get(key), list) and isinstance(r.get('peak_layer'), int)
+                and 0 <= r['peak_layer'] < len(r[key]) else None for r in rows]
+        return vals if any(v is not None for v in vals) else None
+
+    def scalar(key):
+        vals = [r.get(key) for r in rows]
+        return vals if any(v is not None for v in vals) else None
+
+    ratio = [r['top1_median'] for r in rows]
+    st = dict(
+        n_sublayers=len(ratio[0]),
+        top1_median=ratio,
+        top1_median_max=[max(r) for r in ratio],
+        top1_median_max_sublayer=[int(np.argmax(r)) for r in ratio],
+        n_massive_total=[sum(r['n_massive']) for r in rows],
+        kurtosis_max=[max(r['kurtosis']) for r in rows],
+        start_mass=at_peak('start_mass'),
+        start_mass_dominant=at_peak('start_mass_dominant'),
+        dominant_dim=scalar('dominant_dim'),
+        peak_layer=scalar('peak_layer'),
+    )
+    st['crossings'] = first_crossings(iters, tokens, st['top1_median_max'])
+    st['dominant'] = channel_history(iters, tokens, st['dominant_dim'])
+    st['missing'] = [k for k in NEWER_KEYS if not any(k in r for r in rows)]
+    st['partial'] = [k for k in NEWER_KEYS if k not in st['missing'] and not all(k in r for r in rows)]
+    return st
+
+
+def read_val_aux(evals, iters):
+    """{aux term: its val value per eval (None where an eval lacks it)}; logs from before the start
+    event described the operator have the one aux term as val_commit."""
     aux = {}
     for i, it in enumerate(iters):
         ev = evals[it][0]
@@ -107,44 +163,7 @@ def read_run(path, name):
             ({'commit_rate': ev['val_commit']} if ev.get('val_commit') is not None else {})
         for k, v in values.items():
             aux.setdefault(k, [None] * len(iters))[i] = v
-    run = dict(name=name, path=path, log=log, cut_line=cut, residual=cfg.get('residual'),
-               decoded=info.get('decoded', LEGACY_DECODED.get(cfg.get('residual'))), starts=n_starts,
-               total_batch_size=cfg['total_batch_size'], seq_len=cfg.get('block_size'),
-               iters=iters, tokens=tokens,
-               val_loss=[evals[it][0].get('val_loss') for it in iters], val_aux=aux,
-               val_task_acc=[evals[it][0].get('val_task_acc') for it in iters], grads=read_grads(evals, iters),
-               streams={})
-    for sname in evals[iters[0]][0]['stats']:
-        rows = [evals[it][0]['stats'][sname] for it in iters]
-
-        def at_peak(key):
-            vals = [r[key][r['peak_layer']] if isinstance(r.get(key), list) and isinstance(r.get('peak_layer'), int)
-                    and 0 <= r['peak_layer'] < len(r[key]) else None for r in rows]
-            return vals if any(v is not None for v in vals) else None
-
-        def scalar(key):
-            vals = [r.get(key) for r in rows]
-            return vals if any(v is not None for v in vals) else None
-
-        ratio = [r['top1_median'] for r in rows]
-        st = dict(
-            n_sublayers=len(ratio[0]),
-            top1_median=ratio,
-            top1_median_max=[max(r) for r in ratio],
-            top1_median_max_sublayer=[int(np.argmax(r)) for r in ratio],
-            n_massive_total=[sum(r['n_massive']) for r in rows],
-            kurtosis_max=[max(r['kurtosis']) for r in rows],
-            start_mass=at_peak('start_mass'),
-            start_mass_dominant=at_peak('start_mass_dominant'),
-            dominant_dim=scalar('dominant_dim'),
-            peak_layer=scalar('peak_layer'),
-        )
-        st['crossings'] = first_crossings(iters, tokens, st['top1_median_max'])
-        st['dominant'] = channel_history(iters, tokens, st['dominant_dim'])
-        st['missing'] = [k for k in NEWER_KEYS if not any(k in r for r in rows)]
-        st['partial'] = [k for k in NEWER_KEYS if k not in st['missing'] and not all(k in r for r in rows)]
-        run['streams'][sname] = st
-    return run
+    return aux
 
 
 def read_grads(evals, iters):

@@ -22,7 +22,7 @@ import torch
 
 import train
 from lab.stats import STATS_KEYS
-from lab import runfolder
+from lab import runfolder, training
 from lab.config import read_config_file
 from lab.device import busy_cpu_hint, peak_flops
 from lab.runfolder import load_model, read_checkpoint
@@ -184,7 +184,7 @@ def test_the_parameter_matched_vanilla_is_within_3_percent_of_the_ledger(root):
     ledger, _ = train.load_config([os.path.join(root, 'config', 'trigger_ledger.py')])
     differ = {k for k, v in vars(wide).items() if getattr(plain, k) != v}
     assert differ == {'n_embd', 'out_dir'} and wide.n_embd == 140
-    n = {c.residual + str(c.n_embd): GPT(GPTConfig(**{**train.model_args(c), 'vocab_size': 34})).num_params()
+    n = {c.residual + str(c.n_embd): GPT(GPTConfig(**{**training.model_args(c), 'vocab_size': 34})).num_params()
          for c in (wide, ledger)}
     assert n == {'vanilla140': 963_340, 'ledger128': 974_984}
 
@@ -214,11 +214,11 @@ def test_preset_matches_the_reference(name, root):
     assert not cfg.tie_embeddings and not cfg.scaled_init and cfg.norm == 'rmsnorm' and cfg.dropout == 0.0
     if residual == 'ledger':
         assert (cfg.ledger_rank, cfg.commit_bias_first, cfg.commit_bias_last, cfg.decode_mix) == (64, -4.0, 4.0, 0.0)
-    assert train.get_lr(steps, cfg) == pytest.approx(3e-5)
+    assert training.get_lr(steps, cfg) == pytest.approx(3e-5)
     for world_size in (1, 2, 4, 8):  # the preset's batch_size fits any of these GPU counts
-        assert train.grad_accum_steps(cfg, world_size) * cfg.batch_size * world_size == seqs
+        assert training.grad_accum_steps(cfg, world_size) * cfg.batch_size * world_size == seqs
     with torch.device('meta'):
-        model = GPT(GPTConfig(**train.model_args(cfg)))
+        model = GPT(GPTConfig(**training.model_args(cfg)))
     assert len(model.sublayers) == 2 * L
     assert model.wte.weight.shape == (50257, d) and model.lm_head.weight.shape == (50257, d)
     assert model.sublayers[0].fn.qkv.weight.shape == (3 * d, d)
@@ -228,13 +228,13 @@ def test_preset_matches_the_reference(name, root):
 
 def test_lr_schedule():
     cfg, _ = train.load_config(['--learning_rate=1.0', '--min_lr=0.1', '--warmup_iters=10', '--max_iters=110'])
-    assert train.get_lr(0, cfg) == pytest.approx(1 / 11)
-    assert train.get_lr(9, cfg) == pytest.approx(10 / 11)
-    assert train.get_lr(10, cfg) == pytest.approx(1.0)
-    assert train.get_lr(60, cfg) == pytest.approx(0.55)
-    assert train.get_lr(110, cfg) == pytest.approx(0.1)
-    assert train.get_lr(10**6, cfg) == pytest.approx(0.1)
-    lrs = [train.get_lr(i, cfg) for i in range(10, 111)]
+    assert training.get_lr(0, cfg) == pytest.approx(1 / 11)
+    assert training.get_lr(9, cfg) == pytest.approx(10 / 11)
+    assert training.get_lr(10, cfg) == pytest.approx(1.0)
+    assert training.get_lr(60, cfg) == pytest.approx(0.55)
+    assert training.get_lr(110, cfg) == pytest.approx(0.1)
+    assert training.get_lr(10**6, cfg) == pytest.approx(0.1)
+    lrs = [training.get_lr(i, cfg) for i in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 # -----------------------------------------------------------------------------
@@ -624,7 +624,7 @@ def in_process():
 def test_eval_windows_do_not_depend_on_batch_size_or_world_size(data_root, tmp_path, root, env, in_process, capsys):
     """The evaluation at step 0 gives the same bits at batch_size 1, 2 and 4 (same total_batch_size)
     and on 2 ranks (gloo), for both splits and the aux terms; and it is the mean CE over eval_iters
-    micro-batches of train.eval_batch_size(block_size) windows drawn with EVAL_SEED, recomputed here."""
+    micro-batches of lab.training.eval_batch_size(block_size) windows drawn with EVAL_SEED, recomputed here."""
     from lab.data import Sampler
     args = dict(max_iters=0, eval_iters=3, stats_seqs=0)   # 3 micro-batches: 2 on rank 0, 1 on rank 1
     env = dict(env, GLOO_SOCKET_IFNAME=os.environ.get('GLOO_SOCKET_IFNAME', 'lo'))
@@ -644,10 +644,11 @@ def test_eval_windows_do_not_depend_on_batch_size_or_world_size(data_root, tmp_p
 
     cfg, _ = train.load_config(tiny(data_root, tmp_path / 'x', **args))
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**train.model_args(cfg))).eval()
-    val = Sampler([os.path.join(data_root, 'text', 'text_val_000000.bin')], train.eval_batch_size(32), 32,
-                  train.EVAL_SEED)
-    assert train.eval_batch_size(32) == 64 and train.eval_batch_size(1024) == 2 and train.eval_batch_size(4096) == 1
+    model = GPT(GPTConfig(**training.model_args(cfg))).eval()
+    val = Sampler([os.path.join(data_root, 'text', 'text_val_000000.bin')], training.eval_batch_size(32), 32,
+                  training.EVAL_SEED)
+    assert training.eval_batch_size(32) == 64 and training.eval_batch_size(1024) == 2 and \
+        training.eval_batch_size(4096) == 1
     with torch.no_grad():
         ce = [model(*val.get(j))[1].item() for j in range(3)]
     assert evals['b4']['val_loss'] == pytest.approx(sum(ce) / 3, rel=1e-12)
