@@ -382,13 +382,15 @@ def _plot_grads(plt, runs, colours, out_dir, x):
 # Groups of runs (seeds)
 
 
-def plot_groups(groups, out_dir, metrics=None, name='groups.png', title='groups'):
+def plot_groups(groups, out_dir, metrics=None, name='groups.png', title='groups', brackets=None):
     """One panel per metric (all, or the given ones): every run as a dot and each group's centre on the
     metric's scale (black square: the mean +- sample std; on the log scales, drawn on a log axis, the
     geometric mean x/÷ the geometric std); a group with no measured value is not drawn in that panel.
     A bracket joins two groups whose permutation p, Holm-adjusted over the metrics of the pair
     (p_perm_holm), is below groups['methods']['alpha']: exploration, not a study's verdict. With more
-    than BRACKET_GROUPS groups the pairs are too many to draw (the text report and probe.json carry them)."""
+    than BRACKET_GROUPS groups the pairs are too many to draw (the text report and probe.json carry them).
+    brackets {metric: [(a, b, text)]}: a study's declared tests instead (lab.study), whatever their p,
+    and no other bracket: a figure of a study marks what the study tested, nothing else."""
     plt = _pyplot()
     chosen = [(m, st) for m, st in groups['metrics'].items() if (metrics is None or m in metrics)
               and any(g['n'] for g in st['per_group'].values())]
@@ -401,18 +403,27 @@ def plot_groups(groups, out_dir, metrics=None, name='groups.png', title='groups'
     fig, axes = plt.subplots(nrow, ncol, figsize=(width * ncol, height * nrow), squeeze=False, layout='constrained')
     colours = dict(zip(names, _colours(len(names))))
     for ax, (metric, st) in zip(axes.flat, chosen):
-        _group_panel(ax, metric, st, names, colours, alpha, many)
+        marks = _significant_pairs(st, alpha, many) if brackets is None else brackets.get(metric, [])
+        _group_panel(ax, metric, st, names, colours, marks, many)
     for ax in list(axes.flat)[len(chosen):]:
         ax.axis('off')
-    pairs = (f"{len(names)} groups: the pairs' tests are in the text report and probe.json" if many else
+    pairs = ("brackets: the study's primary tests, permutation p Holm-adjusted over its primary family"
+             if brackets is not None else
+             f"{len(names)} groups: the pairs' tests are in the text report and probe.json" if many else
              f"* : permutation p < {alpha}, Holm-adjusted over the metrics of that pair (exploration)")
     fig.suptitle(f"{title}: runs (dots), each group's centre and spread (black; log axes: geometric); {pairs}",
                  fontsize=10)
     return [_save(fig, os.path.join(out_dir, name))]
 
 
-def _group_panel(ax, metric, st, names, colours, alpha, many):
-    """One metric's panel of plot_groups."""
+def _significant_pairs(st, alpha, many):
+    """[(a, b, text)]: the pairs of one metric whose p_perm_holm is below alpha (exploration)."""
+    return [] if many else [(pr['a'], pr['b'], f"* p_holm {pr['p_perm_holm']:.2g}") for pr in st['pairs']
+                            if pr.get('p_perm_holm') is not None and pr['p_perm_holm'] < alpha]
+
+
+def _group_panel(ax, metric, st, names, colours, marks, many):
+    """One metric's panel of plot_groups; marks [(a, b, text)]: the brackets to draw."""
     log = st.get('scale', 'raw') != 'raw'
     drawn = [g for g in names if st['per_group'][g]['n']]
     x = {g: i for i, g in enumerate(drawn)}
@@ -438,12 +449,12 @@ def _group_panel(ax, metric, st, names, colours, alpha, many):
     span = (np.log10(top / bottom) if log else (top - bottom)) or 1.0
     up = (lambda y, k: y * 10 ** (k * span)) if log else (lambda y, k: y + k * span)
     level = up(top, 0.08)
-    for pr in ([] if many else st['pairs']):
-        if pr.get('p_perm_holm') is None or pr['p_perm_holm'] >= alpha or pr['a'] not in x or pr['b'] not in x:
+    for a, b, text in marks:
+        if a not in x or b not in x:
             continue
-        xa, xb = x[pr['a']], x[pr['b']]
+        xa, xb = x[a], x[b]
         ax.plot([xa, xa, xb, xb], [up(level, -0.03), level, level, up(level, -0.03)], color='black', lw=0.8)
-        ax.text((xa + xb) / 2, level, f"* p_holm {pr['p_perm_holm']:.2g}", ha='center', va='bottom', fontsize=7)
+        ax.text((xa + xb) / 2, level, text, ha='center', va='bottom', fontsize=7)
         level = up(level, 0.14)
     ax.set_ylim(up(bottom, -0.08), up(level, 0.04))
     ax.set_xticks(range(len(drawn)))

@@ -8,7 +8,8 @@ A study's table, findings and figure, generated from its declared design and the
 table.md: per group the centre and spread of the headline metrics (mean +- sample std; geometric
 mean x/ geometric std on the log scales). findings.md: lab.study's analysis: the primary endpoints
 tested as the design declared them, the verdict by rule, then every other metric as an estimate
-for the design's pairs. study.png: the primary metrics per group, every run a dot.
+for the design's pairs. study.png: the primary metrics per group, every run a dot, and a bracket
+for each primary test (only those) with its adjusted p and verdict.
 """
 import importlib.util
 import json
@@ -86,8 +87,12 @@ def main(folder):
     with open(os.path.join(folder, 'findings.md'), 'w') as f:
         f.write(study.findings_text(title, design, analysis, {m: label(m) for m in g['metrics']}))
     metrics = list(dict.fromkeys(m for _, m, _, _, _ in design.PRIMARY))
+    brackets = {}
+    for r in analysis['primary']:
+        brackets.setdefault(r['metric'], []).append(
+            (r['a'], r['b'], f"{r['question']}: p_holm {G.fmt(r['p_holm'])}, {r['verdict']}"))
     plot_groups(g, folder, metrics=metrics + (['task_acc'] if 'task_acc' not in metrics else []), name='study.png',
-                title=f"{title}: the primary metrics")
+                title=f"{title}: the primary metrics", brackets=brackets)
 
 
 if __name__ == '__main__':

@@ -83,3 +83,33 @@ def test_power_by_the_t_approximation():
     p = study.power(10, 6, 0.05)
     assert 0.2 < p[1.0] < 0.35 and 0.55 < p[1.5] < 0.75 and p[2.0] > 0.85
     assert study.power(1, 6, 0.05) == {}
+
+
+def test_the_study_figure_marks_the_primary_tests_and_nothing_else(tmp_path, monkeypatch):
+    """results/study.py on the committed trigger study: findings.md is the committed one byte for
+    byte, and study.png has one bracket per primary (its question, family-wide Holm p and verdict),
+    none for the other pairs (which a figure of a study must not mark as tested)."""
+    import importlib.util
+    import os
+    import shutil
+    from lab import plots
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+    tmp_path = tmp_path / 'trigger'         # the study is named after its folder
+    tmp_path.mkdir()
+    for name in ('design.py', 'probe.json'):
+        shutil.copy(os.path.join(root, 'results', 'trigger', name), tmp_path / name)
+    texts = []
+
+    def keep(fig, path):
+        texts.extend(t.get_text() for ax in fig.axes for t in ax.texts)
+        plots._pyplot().close(fig)
+        return path
+    monkeypatch.setattr(plots, '_save', keep)
+    spec = importlib.util.spec_from_file_location('study_script', os.path.join(root, 'results', 'study.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(str(tmp_path))
+    assert (tmp_path / 'findings.md').read_text() == open(os.path.join(root, 'results', 'trigger', 'findings.md')).read()
+    design = script.load_design(str(tmp_path))
+    assert sorted(t.split(':')[0] for t in texts) == sorted(q for q, *_ in design.PRIMARY)
+    assert all(('shown' in t) and 'p_holm' in t for t in texts)
