@@ -216,3 +216,15 @@ def test_a_new_attention_weighting_needs_only_its_class(scaled, tmp_path, capsys
     assert bench.main(['--residuals=vanilla', '--attention=softmax', '--attn_softmax=scaled', '--n_layer=1',
                        '--n_head=2', '--n_embd=16', '--block_size=8', '--batch_size=2', '--warmup=1', '--steps=1',
                        '--device=cpu']) == 0
+
+
+def test_a_vanilla_subclass_is_reported_under_its_own_name(monkeypatch):
+    """The label comes from the config, not from the class it inherits: a fork's Vanilla subclass is
+    not reported as 'vanilla' (post-norm stays a suffix of its own name)."""
+    class Scaled(model.Vanilla):
+        """Made up for this test."""
+    monkeypatch.setitem(model.RESIDUALS, 'scaled_vanilla', Scaled)
+    from lab.report import model_kind
+    assert model_kind({'residual': 'scaled_vanilla'}) == 'scaled_vanilla'
+    assert model_kind({'residual': 'scaled_vanilla', 'norm_position': 'post'}) == 'scaled_vanilla post-norm'
+    assert residual_info('scaled_vanilla')['name'] == 'scaled_vanilla'
