@@ -113,3 +113,40 @@ def test_the_study_figure_marks_the_primary_tests_and_nothing_else(tmp_path, mon
     design = script.load_design(str(tmp_path))
     assert sorted(t.split(':')[0] for t in texts) == sorted(q for q, *_ in design.PRIMARY)
     assert all(('shown' in t) and 'p_holm' in t for t in texts)
+
+
+@pytest.mark.parametrize('name', ['trigger', 'mitigations'])
+def test_each_declared_design_is_one_the_analysis_and_the_probe_can_run(name):
+    """Before a study's runs finish: its design names only groups that it trains (or takes from
+    results/trigger), its runs are one per group and seed in a folder of their own, its primaries
+    read metrics the probe compares on the scale the design says, and lab.study analyses it into
+    findings with one verdict per primary (on made-up values for every group)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+    path = os.path.join(root, 'results', name, 'design.py')
+    spec = importlib.util.spec_from_file_location(f'design_{name}', path)
+    design = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(design)
+    listed = subprocess.run([sys.executable, path], capture_output=True, text=True, check=True).stdout.split('\n')
+    folders = [line.split()[0] for line in listed if line]
+    assert len(folders) == len(set(folders)) and all(os.path.exists(os.path.join(root, line.split()[1]))
+                                                      for line in listed if line)
+    args = subprocess.run([sys.executable, path, '--groups', 'OUT', 'BASE'], capture_output=True, text=True,
+                          check=True).stdout.split()
+    names = [a.split('=')[0] for a in args if a != '--group']
+    primary_groups = {g for _, _, _, a, b in design.PRIMARY for g in (a, b)}
+    assert primary_groups <= set(names) and len(design.PRIMARY) <= 6
+    for _, metric, scale, _, _ in design.PRIMARY:
+        short = metric.partition('] ')[2]
+        table = groups.STREAM_METRICS if short else groups.MODEL_METRICS
+        assert table[short or metric][0] == scale, metric
+    rng = np.random.default_rng(0)
+    values = {g: {m: list(rng.lognormal(size=10)) for _, m, _, _, _ in design.PRIMARY} for g in names}
+    analysis = study.analyse(design, values, {})
+    assert [r['question'] for r in analysis['primary']] == [q for q, *_ in design.PRIMARY]
+    assert all(r['verdict'] in ('not shown',) or r['verdict'].startswith('shown (') for r in analysis['primary'])
+    text = study.findings_text(name, design, analysis)
+    assert text.count('**shown') + text.count('**not shown**') == len(design.PRIMARY)
