@@ -9,8 +9,9 @@ JSON and returns the paths of the PNGs it wrote.
 - plot_overlay: several checkpoints' decoded stream vs sublayer (coloured by order when many).
 - plot_trajectories: training runs' log.jsonl statistics against tokens seen, one colour per run,
   and a (step x sublayer) heatmap of top1/median per run.
-- plot_groups: groups of runs (seeds): mean +- sample std with each run as a dot, and brackets
-  over the differences with a Holm-adjusted Welch p below 0.05.
+- plot_groups: groups of runs (seeds): each run a dot, each group's centre and spread on the
+  metric's scale, and brackets: over the pairs whose permutation p, Holm-adjusted within the pair,
+  is below 0.05 (probe.py --group, exploration), or over a study's declared tests only.
 """
 
 import os
