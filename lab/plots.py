@@ -15,6 +15,7 @@ JSON and returns the paths of the PNGs it wrote.
 """
 
 import os
+import textwrap
 
 import numpy as np
 
@@ -412,8 +413,8 @@ def plot_groups(groups, out_dir, metrics=None, name='groups.png', title='groups'
              if brackets is not None else
              f"{len(names)} groups: the pairs' tests are in the text report and probe.json" if many else
              f"* : permutation p < {alpha}, Holm-adjusted over the metrics of that pair (exploration)")
-    fig.suptitle(f"{title}: runs (dots), each group's centre and spread (black; log axes: geometric); {pairs}",
-                 fontsize=10)
+    text = f"{title}: runs (dots), each group's centre and spread (black; log axes: geometric); {pairs}"
+    fig.suptitle(textwrap.fill(text, int(13 * width * ncol)), fontsize=10)   # ~13 characters an inch at 10 pt
     return [_save(fig, os.path.join(out_dir, name))]
 
 
