@@ -85,19 +85,20 @@ def test_power_by_the_t_approximation():
     assert study.power(1, 6, 0.05) == {}
 
 
-def test_the_study_figure_marks_the_primary_tests_and_nothing_else(tmp_path, monkeypatch):
-    """results/study.py on the committed trigger study: findings.md is the committed one byte for
-    byte, and study.png has one bracket per primary (its question, family-wide Holm p and verdict),
-    none for the other pairs (which a figure of a study must not mark as tested)."""
+@pytest.mark.parametrize('name', ['trigger', 'mitigations'])
+def test_the_study_figure_marks_the_primary_tests_and_nothing_else(name, tmp_path, monkeypatch):
+    """results/study.py on each committed study: findings.md is the committed one byte for byte, and
+    study.png has one bracket per primary (its question, family-wide Holm p and verdict), none for
+    the other pairs (which a figure of a study must not mark as tested)."""
     import importlib.util
     import os
     import shutil
     from lab import plots
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
-    tmp_path = tmp_path / 'trigger'         # the study is named after its folder
+    tmp_path = tmp_path / name              # the study is named after its folder
     tmp_path.mkdir()
-    for name in ('design.py', 'probe.json'):
-        shutil.copy(os.path.join(root, 'results', 'trigger', name), tmp_path / name)
+    for file in ('design.py', 'probe.json'):
+        shutil.copy(os.path.join(root, 'results', name, file), tmp_path / file)
     texts = []
 
     def keep(fig, path):
@@ -109,7 +110,7 @@ def test_the_study_figure_marks_the_primary_tests_and_nothing_else(tmp_path, mon
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.main(str(tmp_path))
-    assert (tmp_path / 'findings.md').read_text() == open(os.path.join(root, 'results', 'trigger', 'findings.md')).read()
+    assert (tmp_path / 'findings.md').read_text() == open(os.path.join(root, 'results', name, 'findings.md')).read()
     design = script.load_design(str(tmp_path))
     assert sorted(t.split(':')[0] for t in texts) == sorted(q for q, *_ in design.PRIMARY)
     assert all(('shown' in t) and 'p_holm' in t for t in texts)
