@@ -456,7 +456,8 @@ def _group_panel(ax, metric, st, names, colours, marks, many):
             continue
         xa, xb = x[a], x[b]
         ax.plot([xa, xa, xb, xb], [up(level, -0.03), level, level, up(level, -0.03)], color='black', lw=0.8)
-        ax.text((xa + xb) / 2, level, text, ha='center', va='bottom', fontsize=7)
+        left = min(xa, xb) == 0                 # a label centred over the first column runs into the y axis
+        ax.text(-0.4 if left else (xa + xb) / 2, level, text, ha='left' if left else 'center', va='bottom', fontsize=7)
         level = up(level, 0.14)
     ax.set_ylim(up(bottom, -0.08), up(level, 0.04))
     ax.set_xticks(range(len(drawn)))
