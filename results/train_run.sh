@@ -13,3 +13,9 @@ train_run() {
     echo "trained $dir"
 }
 export -f train_run
+
+# train_design DESIGN OUT: every run that DESIGN (a results/*/design.py) lists, one per line as
+# "name config flags...", trained (or resumed, or left as it is) into OUT/name, JOBS at a time.
+train_design() {
+    python "$1" | OUT="$2" xargs -P "${JOBS:-2}" -L 1 bash -c 'train_run "$OUT/$1" "${@:2}"' _
+}

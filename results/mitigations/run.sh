@@ -20,14 +20,9 @@ export OMP_NUM_THREADS=1 OUT
 start=$(date +%s)
 python prepare.py --dataset=trigger                  # offline, under a second; the same bytes every time
 source results/train_run.sh
-train_one() {  # name config flags...
-    local name=$1 cfg=$2; shift 2
-    train_run "$OUT/$name" "$cfg" "$@"
-}
-export -f train_one
 # the baselines are the trigger study's runs: trained only if missing, its results/ left as they are
-python results/trigger/design.py | OUT="$BASE" xargs -P "$JOBS" -L 1 bash -c 'train_one "$@"' _
-python "$RESULTS/design.py" | xargs -P "$JOBS" -L 1 bash -c 'train_one "$@"' _
+train_design results/trigger/design.py "$BASE"
+train_design "$RESULTS/design.py" "$OUT"
 trained=$(date +%s)
 
 # every run probed on the same 256 validation documents, then the study's analysis (results/study.py)
