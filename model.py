@@ -268,8 +268,9 @@ class Ledger(Residual):
     def gates(self, u, y):
         """be, bw, k, G(y) and c, from one batched product for the down-projections of Ew, Ww, Kw (of
         u) and G (of y), with w.u as one more column, and one for their four up-projections: on a
-        GPU, thin matmuls cost a launch each (on a CPU the stacked copies cost more than they save;
-        the GPU's count is the one pinned, tests/test_kernels.py). The weights keep their names."""
+        GPU, thin matmuls cost a launch each, so this count is the one pinned (tests/test_kernels.py).
+        A CPU at small widths would rather have separate matmuls, but no arrangement brings it near
+        the FLOP ratio there (docs/usage.md, Benchmark; results/bench/). The weights keep their names."""
         B, T, d = u.shape
         maps = (self.erase, self.write_gate, self.key, self.g)
         z = torch.stack((u, u, u, y)).view(4, B * T, d)

@@ -62,3 +62,15 @@ def test_shown_is_said_only_where_findings_say_it():
             assert verdicts.get((study, q)) == verdict, (title, q, verdict)
             said += 1
     assert said, "no verdict found in the README's results sections: the check above checked nothing"
+
+
+def test_the_cpu_cost_in_the_usage_guide_is_the_committed_benchmark():
+    """The ledger's CPU step ratios quoted in docs/usage.md (Benchmark) are those of results/bench/cpu.txt,
+    which results/bench/run.sh regenerates: every decimal number of that paragraph is in the file."""
+    text = open(os.path.join(ROOT, 'docs', 'usage.md')).read()
+    start = text.index('What a ledger step costs on a CPU')
+    paragraph = text[start:text.index('\n\n', start)]
+    quoted = {n for n in numbers(paragraph) if '.' in n}
+    assert len(quoted) >= 6                      # three shapes, each a time ratio and a FLOP ratio
+    measured = numbers(open(os.path.join(ROOT, 'results', 'bench', 'cpu.txt')).read())
+    assert quoted <= measured, f"numbers that results/bench/cpu.txt does not hold: {sorted(quoted - measured)}"
