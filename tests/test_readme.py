@@ -74,3 +74,13 @@ def test_the_cpu_cost_in_the_usage_guide_is_the_committed_benchmark():
     assert len(quoted) >= 6                      # three shapes, each a time ratio and a FLOP ratio
     measured = numbers(open(os.path.join(ROOT, 'results', 'bench', 'cpu.txt')).read())
     assert quoted <= measured, f"numbers that results/bench/cpu.txt does not hold: {sorted(quoted - measured)}"
+
+
+def test_the_quickstart_times_are_the_measured_ones():
+    """Every time the README states as 'NmSSs' (the demo, the testbed line) is one that
+    results/demo/run.sh measured into results/demo/times.txt."""
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    stated = set(re.findall(r'\b\d+m\d\ds\b', readme))
+    assert len(stated) >= 2
+    measured = set(re.findall(r'\b\d+m\d\ds\b', open(os.path.join(ROOT, 'results', 'demo', 'times.txt')).read()))
+    assert stated <= measured, f"times the README states that results/demo/times.txt does not hold: {sorted(stated - measured)}"
